@@ -31,5 +31,6 @@ def buffer_address(obj: Buffer) -> tuple[int, int]:
 
 def page_aligned_memory(size: int) -> mmap.mmap:
     """Anonymous, zero-filled, page-aligned host memory of ``size`` bytes (for guest RAM)."""
-    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
-                     prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    return mmap.mmap(
+        -1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot=mmap.PROT_READ | mmap.PROT_WRITE
+    )

@@ -91,7 +91,9 @@ def backend() -> HvBackend:
             if name == "auto":
                 choices = available_backends()
                 if not choices:
-                    raise HvError(HV_UNSUPPORTED, "backend", "no hvf, no usable /dev/kvm, no unicorn")
+                    raise HvError(
+                        HV_UNSUPPORTED, "backend", "no hvf, no usable /dev/kvm, no unicorn"
+                    )
                 name = choices[0]
             _backend = _load(name)
     return _backend

@@ -1,0 +1,1671 @@
+"""The Hypervisor.framework API on Linux KVM.
+
+Theory of operation
+-------------------
+KVM *is* the framework here: same calls, same return codes, exits described through
+``hv_vmx_vcpu_read_vmcs``. What KVM lacks, this module builds:
+
+* **Threads.** A vCPU belongs to the thread that created it. Owner-only calls from another
+  thread raise ``HvError(HV_BAD_ARGUMENT)``: on the framework a vCPU id is resolved in the
+  calling thread's context, so from any other thread it names no vCPU, exactly like an unknown
+  id. ``hv_vcpu_interrupt`` is the one cross-thread call.
+* **Kicks.** Each owner thread blocks ``KICK_SIGNAL``; ``KVM_SET_SIGNAL_MASK`` unblocks it only
+  inside ``KVM_RUN``. A kick sets the vCPU's stop flag and sends the signal to the thread: inside
+  the guest, KVM_RUN returns EINTR; outside, the signal stays pending and the next KVM_RUN returns
+  at once. Either way no kick is lost. The flag is checked before each entry as well.
+* **Deadlines.** ``hv_vcpu_run_until`` arms a per-thread ``timer_create`` timer that sends the same
+  signal at the deadline; mach_absolute_time is CLOCK_MONOTONIC in nanoseconds (timebase 1/1).
+* **VMCS.** Guest-state fields are views of KVM's register state, cached once per exit
+  (``KVM_GET_REGS``/``SREGS``/``DEBUGREGS``/``VCPU_EVENTS``) and written back once before the next
+  entry. Controls are kept here and turned into KVM settings: the exception bitmap (#BP, #DB)
+  and MTF become ``KVM_SET_GUEST_DEBUG``, interrupt-window exiting becomes
+  ``request_interrupt_window``, the entry interruption info becomes ``KVM_INTERRUPT``,
+  ``KVM_NMI`` or an injected exception. Exit fields are computed from ``kvm_run``.
+* **The framework's instruction-exit contract.** On I/O, HLT, RDMSR and WRMSR exits RIP points at
+  the instruction and VMCS_RO_VMEXIT_INSTR_LEN gives its length; the VMM writes results and
+  advances RIP. Where KVM would complete the instruction itself on re-entry, this module rewinds
+  or feeds KVM so that the net effect is exactly what the VMM asked for.
+* **MMIO.** KVM decodes accesses to unmapped or read-only memory. Such exits are reported as
+  exit 48 with GPA and access bits, plus the extension fields GDBSTUB_VMCS_MMIO_DECODED /
+  _SIZE / _DATA: KVM completes the instruction, the VMM supplies the value of a read.
+* **MSR permissions.** A KVM MSR filter (default deny) sends every guest RDMSR/WRMSR that is not
+  native on all vCPUs of a space to user space; the backend completes the ones this vCPU may
+  access and reports the others as exits 31/32, as the framework does.
+* **Address spaces.** Each space is its own KVM VM; ``hv_vcpu_set_space`` moves a vCPU by
+  creating it in the other VM on the owner thread and transferring its whole state.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import signal
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..buffers import Buffer, buffer_address
+from . import constants as C
+from . import kvm_abi as K
+from .errors import HvError
+from .posix import ThreadTimer, ioctl
+
+KICK_SIGNAL = signal.SIGRTMIN + 4
+"""Signal used to kick a vCPU thread out of KVM_RUN (blocked outside KVM_RUN)."""
+
+PAGE = 4096
+_FOREVER = C.HV_DEADLINE_FOREVER
+
+# Order of segments in VMCS encodings (ES, CS, SS, DS, FS, GS, LDTR, TR) and in kvm_sregs.
+_VMCS_SEGMENTS = ("es", "cs", "ss", "ds", "fs", "gs", "ldt", "tr")
+
+_GPR_FIELDS = {
+    C.HV_X86_RIP: "rip",
+    C.HV_X86_RFLAGS: "rflags",
+    C.HV_X86_RAX: "rax",
+    C.HV_X86_RCX: "rcx",
+    C.HV_X86_RDX: "rdx",
+    C.HV_X86_RBX: "rbx",
+    C.HV_X86_RSI: "rsi",
+    C.HV_X86_RDI: "rdi",
+    C.HV_X86_RSP: "rsp",
+    C.HV_X86_RBP: "rbp",
+    C.HV_X86_R8: "r8",
+    C.HV_X86_R9: "r9",
+    C.HV_X86_R10: "r10",
+    C.HV_X86_R11: "r11",
+    C.HV_X86_R12: "r12",
+    C.HV_X86_R13: "r13",
+    C.HV_X86_R14: "r14",
+    C.HV_X86_R15: "r15",
+}
+_SELECTOR_REGS = {
+    C.HV_X86_CS: "cs",
+    C.HV_X86_SS: "ss",
+    C.HV_X86_DS: "ds",
+    C.HV_X86_ES: "es",
+    C.HV_X86_FS: "fs",
+    C.HV_X86_GS: "gs",
+    C.HV_X86_LDTR: "ldt",
+    C.HV_X86_TR: "tr",
+}
+
+# VMX capability images (low 32 bits: must be one; high 32 bits: may be one) of what this
+# backend implements. Default-one bits follow the Intel SDM; I/O always exits on KVM.
+_PIN_MUST = 0x16 | C.PIN_BASED_INTR | C.PIN_BASED_NMI
+_PIN_MAY = _PIN_MUST | C.PIN_BASED_VIRTUAL_NMI | C.PIN_BASED_PREEMPTION_TIMER
+_PROC_MUST = 0x0401E172 | C.CPU_BASED_UNCOND_IO | C.CPU_BASED_SECONDARY_CTLS
+_PROC_MAY = _PROC_MUST | C.CPU_BASED_IRQ_WND | C.CPU_BASED_HLT | C.CPU_BASED_MTF
+_PROC2_MUST = C.CPU_BASED2_EPT | C.CPU_BASED2_UNRESTRICTED
+_PROC2_MAY = _PROC2_MUST | C.CPU_BASED2_RDTSCP | C.CPU_BASED2_INVPCID | C.CPU_BASED2_XSAVES_XRSTORS
+_ENTRY_MUST = 0x11FF
+_ENTRY_MAY = _ENTRY_MUST | C.VMENTRY_GUEST_IA32E | C.VMENTRY_LOAD_EFER | C.VMENTRY_LOAD_IA32_PAT
+_EXIT_MUST = 0x36DFF
+_EXIT_MAY = _EXIT_MUST | C.VMEXIT_SAVE_EFER | C.VMEXIT_LOAD_EFER | C.VMEXIT_SAVE_IA32_PAT
+
+_CAPABILITIES = {
+    C.HV_VMX_CAP_PINBASED: _PIN_MUST | _PIN_MAY << 32,
+    C.HV_VMX_CAP_PROCBASED: _PROC_MUST | _PROC_MAY << 32,
+    C.HV_VMX_CAP_PROCBASED2: _PROC2_MUST | _PROC2_MAY << 32,
+    C.HV_VMX_CAP_ENTRY: _ENTRY_MUST | _ENTRY_MAY << 32,
+    C.HV_VMX_CAP_EXIT: _EXIT_MUST | _EXIT_MAY << 32,
+    C.HV_VMX_CAP_PREEMPTION_TIMER: 5,
+    C.HV_VMX_CAP_CR0_FIXED0: 0x80000021,
+    C.HV_VMX_CAP_CR0_FIXED1: 0xFFFFFFFF,
+    C.HV_VMX_CAP_CR4_FIXED0: 0x2000,
+    C.HV_VMX_CAP_CR4_FIXED1: 0x1767FF,
+}
+_CAPABILITIES[C.HV_VMX_CAP_TRUE_PINBASED] = _CAPABILITIES[C.HV_VMX_CAP_PINBASED]
+_CAPABILITIES[C.HV_VMX_CAP_TRUE_PROCBASED] = _CAPABILITIES[C.HV_VMX_CAP_PROCBASED]
+_CAPABILITIES[C.HV_VMX_CAP_TRUE_ENTRY] = _CAPABILITIES[C.HV_VMX_CAP_ENTRY]
+_CAPABILITIES[C.HV_VMX_CAP_TRUE_EXIT] = _CAPABILITIES[C.HV_VMX_CAP_EXIT]
+
+# MSRs that live in kvm_sregs; reads and writes go through the register cache.
+_SREGS_MSRS = {C.MSR_EFER, C.MSR_FSBASE, C.MSR_GSBASE, C.MSR_IA32_APIC_BASE}
+# MSR ranges covered by the filter bitmaps (base, count).
+_FILTER_BLOCKS = ((0x00000000, 0x2000), (0xC0000000, 0x2000), (0xC0010000, 0x2000))
+_MSR_LIMIT = 0xFFFFFFFF
+
+
+def _bad(call: str, detail: str) -> HvError:
+    return HvError(C.HV_BAD_ARGUMENT, call, detail)
+
+
+def _seg_ar(seg: K.KvmSegment) -> int:
+    return (
+        seg.type
+        | seg.s << 4
+        | seg.dpl << 5
+        | seg.present << 7
+        | seg.avl << 12
+        | seg.l << 13
+        | seg.db << 14
+        | seg.g << 15
+        | seg.unusable << 16
+    )
+
+
+def _set_seg_ar(seg: K.KvmSegment, ar: int) -> None:
+    seg.type = ar & 0xF
+    seg.s = ar >> 4 & 1
+    seg.dpl = ar >> 5 & 3
+    seg.present = ar >> 7 & 1
+    seg.avl = ar >> 12 & 1
+    seg.l = ar >> 13 & 1
+    seg.db = ar >> 14 & 1
+    seg.g = ar >> 15 & 1
+    seg.unusable = ar >> 16 & 1
+
+
+@dataclass
+class _Region:
+    """One mapped range of a guest-physical address space."""
+
+    gpa: int
+    size: int
+    uva: int
+    flags: int
+    keep: object = None
+
+
+@dataclass
+class _Space:
+    """A guest-physical address space: one KVM VM."""
+
+    asid: int
+    vm_fd: int
+    regions: list[_Region] = field(default_factory=list)
+    slots: dict[tuple[int, int, int, int], int] = field(default_factory=dict)
+    free_slot: int = 0
+    filter_bitmaps: list[Any] = field(default_factory=list)
+
+
+class _Vcpu:
+    """Per-vCPU state: fd, kvm_run, register cache, VMCS controls, exit fields."""
+
+    def __init__(self, vid: int, space: _Space, fd: int, run: mmap.mmap) -> None:
+        self.vid = vid
+        self.space = space
+        self.fd = fd
+        self.run = run
+        self.owner = threading.get_ident()
+        self.destroyed = False
+        self.kick = threading.Event()
+        self.timer: ThreadTimer | None = None
+        self.exec_ns = 0
+        self.regs = K.KvmRegs()
+        self.sregs = K.KvmSregs()
+        self.dregs = K.KvmDebugregs()
+        self.events = K.KvmVcpuEvents()
+        # cache state per struct: 0 = not fetched, 1 = clean, 2 = dirty
+        self.state = {"regs": 0, "sregs": 0, "dregs": 0, "events": 0}
+        self.controls: dict[int, int] = {
+            C.VMCS_CTRL_PIN_BASED: _PIN_MUST,
+            C.VMCS_CTRL_CPU_BASED: _PROC_MUST,
+            C.VMCS_CTRL_CPU_BASED2: _PROC2_MUST,
+            C.VMCS_CTRL_VMENTRY_CONTROLS: _ENTRY_MUST,
+            C.VMCS_CTRL_VMEXIT_CONTROLS: _EXIT_MUST,
+            C.VMCS_CTRL_EXC_BITMAP: 0,
+            C.VMCS_CTRL_VMENTRY_IRQ_INFO: 0,
+            C.VMCS_CTRL_VMENTRY_EXC_ERROR: 0,
+            C.VMCS_CTRL_VMENTRY_INSTR_LEN: 0,
+            C.VMCS_CTRL_TPR_THRESHOLD: 0,
+            C.VMCS_CTRL_CR0_MASK: 0,
+            C.VMCS_CTRL_CR4_MASK: 0,
+            C.VMCS_CTRL_CR0_SHADOW: 0,
+            C.VMCS_CTRL_CR4_SHADOW: 0,
+            C.VMCS_CTRL_PF_ERROR_MASK: 0,
+            C.VMCS_CTRL_PF_ERROR_MATCH: 0,
+            C.VMCS_GUEST_DEBUG_EXC: 0,
+            C.VMCS_GUEST_LINK_POINTER: (1 << 64) - 1,
+            C.VMCS_GUEST_ACTIVITY_STATE: C.GUEST_ACTIVITY_ACTIVE,
+        }
+        self.exit: dict[int, int] = {C.VMCS_RO_EXIT_REASON: 0}
+        self.guest_debug_dirty = True
+        self.msr_perm: dict[int, int] = {}  # msr -> HV_MSR_READ|WRITE the guest may do natively
+        self.managed: set[int] = set()
+        # completion owed to KVM for the last exit: ("msr", rip) / ("in", rax) / ("mmio", 0)
+        self.pending: tuple[str, int] | None = None
+        self.pending_tsc: tuple[int, int] | None = None  # (tsc value, monotonic ns when set)
+        self.xlate_cache: dict[tuple[int, int, int, int], int] = {}
+
+
+class KvmBackend:
+    """``gdbstub.hv`` on /dev/kvm (see the module docstring)."""
+
+    name = "kvm"
+
+    def __init__(self) -> None:
+        try:
+            self._kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise HvError(C.HV_NO_DEVICE, "hv_vm_create", f"/dev/kvm: {exc.strerror}") from exc
+        if ioctl(self._kvm, K.KVM_GET_API_VERSION) != 12:
+            raise HvError(C.HV_UNSUPPORTED, "hv_vm_create", "KVM API version is not 12")
+        self._run_size = ioctl(self._kvm, K.KVM_GET_VCPU_MMAP_SIZE)
+        self._cpuid = K.KvmCpuid2()
+        self._cpuid.nent = K.CPUID_MAX_ENTRIES
+        ioctl(self._kvm, K.KVM_GET_SUPPORTED_CPUID, self._cpuid)
+        self._xsave_size = self._compute_xsave_size()
+        self._msr_index = self._read_msr_index_list()
+        self._lock = threading.RLock()
+        self._spaces: dict[int, _Space] = {}
+        self._vcpus: dict[int, _Vcpu] = {}
+        self._next_vcpu = 0
+        self._next_space = 1
+        self._tsc_khz = 0
+        self._habits: dict[str, bool] | None = None
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _compute_xsave_size(self) -> int:
+        for i in range(self._cpuid.nent):
+            entry = self._cpuid.entries[i]
+            if entry.function == 0xD and entry.index == 0:
+                return max(int(entry.ecx), 576)
+        return 512
+
+    def _read_msr_index_list(self) -> list[int]:
+        class _List(ctypes.Structure):
+            _fields_ = [("nmsrs", ctypes.c_uint32), ("indices", ctypes.c_uint32 * 1024)]
+
+        lst = _List()
+        lst.nmsrs = 1024
+        try:
+            ioctl(self._kvm, K.KVM_GET_MSR_INDEX_LIST, lst)
+        except OSError:
+            return []
+        return [int(lst.indices[i]) for i in range(lst.nmsrs)]
+
+    def _space0(self, call: str) -> _Space:
+        space = self._spaces.get(0)
+        if space is None:
+            raise HvError(C.HV_ERROR, call, "no VM: call hv_vm_create first")
+        return space
+
+    def _space(self, asid: int, call: str) -> _Space:
+        self._space0(call)
+        space = self._spaces.get(asid)
+        if space is None:
+            raise _bad(call, f"unknown address space {asid}")
+        return space
+
+    def _vcpu(self, vid: int, call: str) -> _Vcpu:
+        vcpu = self._vcpus.get(vid)
+        if vcpu is None or vcpu.destroyed:
+            raise _bad(call, f"no vCPU {vid}")
+        if vcpu.owner != threading.get_ident():
+            raise _bad(call, f"vCPU {vid} belongs to another thread")
+        return vcpu
+
+    def _new_vm(self) -> int:
+        vm_fd = ioctl(self._kvm, K.KVM_CREATE_VM, 0)
+        try:
+            ioctl(vm_fd, K.KVM_SET_TSS_ADDR, 0xFFFBD000)
+        except OSError:
+            pass
+        if ioctl(self._kvm, K.KVM_CHECK_EXTENSION, K.KVM_CAP_X86_USER_SPACE_MSR) and ioctl(
+            self._kvm, K.KVM_CHECK_EXTENSION, K.KVM_CAP_X86_MSR_FILTER
+        ):
+            cap = K.KvmEnableCap()
+            cap.cap = K.KVM_CAP_X86_USER_SPACE_MSR
+            cap.args[0] = K.KVM_MSR_EXIT_REASON_FILTER
+            ioctl(vm_fd, K.KVM_ENABLE_CAP, cap)
+        return vm_fd
+
+    # --- VM ------------------------------------------------------------------------------------
+
+    def hv_capability(self, cap: int) -> int:
+        if cap == C.HV_CAP_VCPUMAX:
+            value = ioctl(self._kvm, K.KVM_CHECK_EXTENSION, K.KVM_CAP_MAX_VCPUS)
+            return value or ioctl(self._kvm, K.KVM_CHECK_EXTENSION, K.KVM_CAP_NR_VCPUS) or 4
+        if cap == C.HV_CAP_ADDRSPACEMAX:
+            return 8
+        raise _bad("hv_capability", f"unknown capability {cap}")
+
+    def hv_vm_create(self, flags: int) -> None:
+        with self._lock:
+            if self._spaces:
+                raise HvError(C.HV_BUSY, "hv_vm_create", "this process already has a VM")
+            if flags & ~0x7FF:
+                raise _bad("hv_vm_create", f"unknown flags 0x{flags:x}")
+            self._spaces[0] = _Space(0, self._new_vm())
+            self._update_msr_filter(self._spaces[0])
+            self._next_vcpu = 0
+            self._next_space = 1
+
+    def hv_vm_destroy(self) -> None:
+        with self._lock:
+            self._space0("hv_vm_destroy")
+            if any(not v.destroyed for v in self._vcpus.values()):
+                raise HvError(C.HV_BUSY, "hv_vm_destroy", "vCPUs still exist")
+            for space in self._spaces.values():
+                os.close(space.vm_fd)
+            self._spaces.clear()
+            self._vcpus.clear()
+
+    # --- memory ----------------------------------------------------------------------------------
+
+    def hv_vm_map(self, uva: Buffer | int, gpa: int, size: int, flags: int) -> None:
+        self.hv_vm_map_space(0, uva, gpa, size, flags, call="hv_vm_map")
+
+    def hv_vm_unmap(self, gpa: int, size: int) -> None:
+        self.hv_vm_unmap_space(0, gpa, size, call="hv_vm_unmap")
+
+    def hv_vm_protect(self, gpa: int, size: int, flags: int) -> None:
+        self.hv_vm_protect_space(0, gpa, size, flags, call="hv_vm_protect")
+
+    @staticmethod
+    def _check_range(call: str, gpa: int, size: int, flags: int) -> None:
+        if size <= 0 or size % PAGE or gpa < 0 or gpa % PAGE or gpa + size > 1 << 52:
+            raise _bad(call, f"range 0x{gpa:x}+0x{size:x} is not page-aligned or out of range")
+        if flags & ~(C.HV_MEMORY_READ | C.HV_MEMORY_WRITE | C.HV_MEMORY_EXEC | C.HV_MEMORY_UEXEC):
+            raise _bad(call, f"unknown memory flags 0x{flags:x}")
+
+    def hv_vm_map_space(
+        self,
+        asid: int,
+        uva: Buffer | int,
+        gpa: int,
+        size: int,
+        flags: int,
+        call: str = "hv_vm_map_space",
+    ) -> None:
+        self._check_range(call, gpa, size, flags)
+        if isinstance(uva, int):
+            address, keep = uva, None
+            if address <= 0 or address % PAGE:
+                raise _bad(call, f"host address 0x{address:x} is not page-aligned")
+        else:
+            try:
+                address, length = buffer_address(uva)
+            except (TypeError, ValueError) as exc:
+                raise _bad(call, f"host memory: {exc}") from exc
+            if address % PAGE:
+                raise _bad(call, "host memory is not page-aligned (use hv_vm_allocate)")
+            if length < size:
+                raise _bad(call, f"host memory holds 0x{length:x} bytes, map wants 0x{size:x}")
+            keep = uva
+        with self._lock:
+            space = self._space(asid, call)
+            for region in space.regions:
+                if gpa < region.gpa + region.size and region.gpa < gpa + size:
+                    raise _bad(call, f"0x{gpa:x}+0x{size:x} overlaps a mapping at 0x{region.gpa:x}")
+            space.regions.append(_Region(gpa, size, address, flags, keep))
+            space.regions.sort(key=lambda r: r.gpa)
+            self._sync_slots(space, call)
+
+    def _split(self, space: _Space, gpa: int, size: int, call: str) -> list[_Region]:
+        """Split regions at gpa and gpa+size; return the regions inside (all must be mapped)."""
+        end = gpa + size
+        pieces: list[_Region] = []
+        for region in space.regions:
+            cuts = sorted(
+                {region.gpa, region.gpa + region.size}
+                | {c for c in (gpa, end) if region.gpa < c < region.gpa + region.size}
+            )
+            for lo, hi in zip(cuts, cuts[1:], strict=False):
+                pieces.append(
+                    _Region(lo, hi - lo, region.uva + (lo - region.gpa), region.flags, region.keep)
+                )
+        space.regions = pieces
+        inside = [r for r in pieces if r.gpa >= gpa and r.gpa + r.size <= end]
+        covered = sum(r.size for r in inside)
+        if covered != size:
+            raise _bad(call, f"0x{gpa:x}+0x{size:x} is not entirely mapped")
+        return inside
+
+    def hv_vm_unmap_space(
+        self, asid: int, gpa: int, size: int, call: str = "hv_vm_unmap_space"
+    ) -> None:
+        self._check_range(call, gpa, size, 0)
+        with self._lock:
+            space = self._space(asid, call)
+            saved = list(space.regions)
+            try:
+                inside = self._split(space, gpa, size, call)
+            except HvError:
+                space.regions = saved
+                raise
+            space.regions = [r for r in space.regions if r not in inside]
+            self._sync_slots(space, call)
+
+    def hv_vm_protect_space(
+        self, asid: int, gpa: int, size: int, flags: int, call: str = "hv_vm_protect_space"
+    ) -> None:
+        self._check_range(call, gpa, size, flags)
+        with self._lock:
+            space = self._space(asid, call)
+            saved = list(space.regions)
+            try:
+                inside = self._split(space, gpa, size, call)
+            except HvError:
+                space.regions = saved
+                raise
+            for region in inside:
+                region.flags = flags
+            self._sync_slots(space, call)
+
+    def _sync_slots(self, space: _Space, call: str) -> None:
+        """Make KVM's memory slots match the region list (merge, then diff)."""
+        wanted: list[tuple[int, int, int, int]] = []
+        for region in space.regions:
+            if not region.flags & C.HV_MEMORY_READ:
+                continue  # no slot: every access exits (as an MMIO exit)
+            kflags = 0 if region.flags & C.HV_MEMORY_WRITE else K.KVM_MEM_READONLY
+            if wanted:
+                g, s, u, f = wanted[-1]
+                if g + s == region.gpa and u + s == region.uva and f == kflags:
+                    wanted[-1] = (g, s + region.size, u, f)
+                    continue
+            wanted.append((region.gpa, region.size, region.uva, kflags))
+        wanted_set = set(wanted)
+        for key in [k for k in space.slots if k not in wanted_set]:
+            self._set_slot(space, space.slots.pop(key), key[0], 0, 0, 0)
+        for key in wanted:
+            if key not in space.slots:
+                slot = self._alloc_slot(space)
+                try:
+                    self._set_slot(space, slot, *key)
+                except OSError as exc:
+                    raise HvError(C.HV_ERROR, call, f"KVM memory slot: {exc.strerror}") from exc
+                space.slots[key] = slot
+        for vcpu in self._vcpus.values():
+            vcpu.xlate_cache.clear()
+
+    @staticmethod
+    def _alloc_slot(space: _Space) -> int:
+        used = set(space.slots.values())
+        slot = 0
+        while slot in used:
+            slot += 1
+        return slot
+
+    @staticmethod
+    def _set_slot(space: _Space, slot: int, gpa: int, size: int, uva: int, kflags: int) -> None:
+        region = K.KvmUserspaceMemoryRegion()
+        region.slot = slot
+        region.flags = kflags
+        region.guest_phys_addr = gpa
+        region.memory_size = size
+        region.userspace_addr = uva
+        ioctl(space.vm_fd, K.KVM_SET_USER_MEMORY_REGION, region)
+
+    def _host_address(self, space: _Space, gpa: int) -> tuple[int, int] | None:
+        """Host address of ``gpa`` and the bytes left in its region (any permission)."""
+        for region in space.regions:
+            if region.gpa <= gpa < region.gpa + region.size:
+                return region.uva + (gpa - region.gpa), region.gpa + region.size - gpa
+        return None
+
+    # --- address spaces ----------------------------------------------------------------------------
+
+    def hv_vm_space_create(self) -> int:
+        with self._lock:
+            self._space0("hv_vm_space_create")
+            if len(self._spaces) >= self.hv_capability(C.HV_CAP_ADDRSPACEMAX):
+                raise HvError(C.HV_NO_RESOURCES, "hv_vm_space_create", "too many address spaces")
+            asid = self._next_space
+            self._next_space += 1
+            self._spaces[asid] = _Space(asid, self._new_vm())
+            self._update_msr_filter(self._spaces[asid])
+            return asid
+
+    def hv_vm_space_destroy(self, asid: int) -> None:
+        with self._lock:
+            if asid == C.HV_VM_SPACE_DEFAULT:
+                raise _bad("hv_vm_space_destroy", "the default address space cannot be destroyed")
+            space = self._space(asid, "hv_vm_space_destroy")
+            if any(v.space is space and not v.destroyed for v in self._vcpus.values()):
+                raise HvError(C.HV_BUSY, "hv_vm_space_destroy", f"a vCPU is in space {asid}")
+            os.close(space.vm_fd)
+            del self._spaces[asid]
+
+    def hv_vcpu_set_space(self, vcpu_id: int, asid: int) -> None:
+        vcpu = self._vcpu(vcpu_id, "hv_vcpu_set_space")
+        with self._lock:
+            target = self._space(asid, "hv_vcpu_set_space")
+        if target is vcpu.space:
+            return
+        self._flush(vcpu)
+        state = self._save_state(vcpu)
+        fd, run = self._create_kvm_vcpu(target, vcpu.vid)
+        os.close(vcpu.fd)
+        vcpu.run.close()
+        old = vcpu.space
+        vcpu.fd, vcpu.run, vcpu.space = fd, run, target
+        self._setup_kvm_vcpu(vcpu)
+        self._restore_state(vcpu, state)
+        vcpu.xlate_cache.clear()
+        with self._lock:
+            self._update_msr_filter(old)
+            self._update_msr_filter(target)
+
+    def _save_state(self, vcpu: _Vcpu) -> dict[str, Any]:
+        xsave = K.KvmXsave()
+        ioctl(vcpu.fd, K.KVM_GET_XSAVE, xsave)
+        xcrs = K.KvmXcrs()
+        ioctl(vcpu.fd, K.KVM_GET_XCRS, xcrs)
+        events = K.KvmVcpuEvents()
+        ioctl(vcpu.fd, K.KVM_GET_VCPU_EVENTS, events)
+        msrs = self._read_all_msrs(vcpu)
+        return {"xsave": xsave, "xcrs": xcrs, "events": events, "msrs": msrs}
+
+    def _read_all_msrs(self, vcpu: _Vcpu) -> list[tuple[int, int]]:
+        values: list[tuple[int, int]] = []
+        for index in self._msr_index:
+            try:
+                values.append((index, self._get_msr(vcpu, index)))
+            except HvError:
+                continue
+        return values
+
+    def _restore_state(self, vcpu: _Vcpu, state: dict[str, Any]) -> None:
+        for index, value in state["msrs"]:
+            if index not in _SREGS_MSRS:
+                try:
+                    self._set_msr(vcpu, index, value)
+                except HvError:
+                    pass
+        ioctl(vcpu.fd, K.KVM_SET_XCRS, state["xcrs"])
+        ioctl(vcpu.fd, K.KVM_SET_XSAVE, state["xsave"])
+        ioctl(vcpu.fd, K.KVM_SET_SREGS, vcpu.sregs)
+        ioctl(vcpu.fd, K.KVM_SET_REGS, vcpu.regs)
+        ioctl(vcpu.fd, K.KVM_SET_DEBUGREGS, vcpu.dregs)
+        ioctl(vcpu.fd, K.KVM_SET_VCPU_EVENTS, state["events"])
+        vcpu.guest_debug_dirty = True
+
+    # --- vCPU lifecycle ----------------------------------------------------------------------------
+
+    def _create_kvm_vcpu(self, space: _Space, vid: int) -> tuple[int, mmap.mmap]:
+        fd = ioctl(space.vm_fd, K.KVM_CREATE_VCPU, vid)
+        run = mmap.mmap(fd, self._run_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        ioctl(fd, K.KVM_SET_CPUID2, self._cpuid)
+        return fd, run
+
+    def _setup_kvm_vcpu(self, vcpu: _Vcpu) -> None:
+        """Signal mask for kicks: KICK_SIGNAL blocked in the thread, open inside KVM_RUN."""
+        current = signal.pthread_sigmask(signal.SIG_BLOCK, {KICK_SIGNAL})
+        mask = 0
+        for sig in current:
+            if sig != KICK_SIGNAL:
+                mask |= 1 << (int(sig) - 1)
+
+        class _SigMask(ctypes.Structure):
+            _fields_ = [("len", ctypes.c_uint32), ("sigset", ctypes.c_uint64)]
+
+        ioctl(vcpu.fd, K.KVM_SET_SIGNAL_MASK, _SigMask(8, mask))
+
+    def hv_vcpu_create(self, flags: int) -> int:
+        if flags & ~(C.HV_VCPU_ACCEL_RDPMC | C.HV_VCPU_TSC_RELATIVE):
+            raise _bad("hv_vcpu_create", f"unknown flags 0x{flags:x}")
+        with self._lock:
+            space = self._space0("hv_vcpu_create")
+            vid = self._next_vcpu
+            try:
+                fd, run = self._create_kvm_vcpu(space, vid)
+            except OSError as exc:
+                raise HvError(C.HV_NO_RESOURCES, "hv_vcpu_create", exc.strerror or "") from exc
+            self._next_vcpu += 1
+            vcpu = _Vcpu(vid, space, fd, run)
+            self._vcpus[vid] = vcpu
+        self._setup_kvm_vcpu(vcpu)
+        with self._lock:
+            self._update_msr_filter(space)
+        return vid
+
+    def hv_vcpu_destroy(self, vid: int) -> None:
+        vcpu = self._vcpu(vid, "hv_vcpu_destroy")
+        vcpu.destroyed = True
+        if vcpu.timer is not None:
+            vcpu.timer.close()
+        vcpu.run.close()
+        os.close(vcpu.fd)
+        with self._lock:
+            self._update_msr_filter(vcpu.space)
+
+    # --- register cache ----------------------------------------------------------------------------
+
+    def _get(self, vcpu: _Vcpu, what: str) -> Any:
+        if vcpu.state[what] == 0:
+            struct_, request = {
+                "regs": (vcpu.regs, K.KVM_GET_REGS),
+                "sregs": (vcpu.sregs, K.KVM_GET_SREGS),
+                "dregs": (vcpu.dregs, K.KVM_GET_DEBUGREGS),
+                "events": (vcpu.events, K.KVM_GET_VCPU_EVENTS),
+            }[what]
+            ioctl(vcpu.fd, request, struct_)
+            vcpu.state[what] = 1
+        return {"regs": vcpu.regs, "sregs": vcpu.sregs, "dregs": vcpu.dregs, "events": vcpu.events}[
+            what
+        ]
+
+    def _dirty(self, vcpu: _Vcpu, what: str) -> Any:
+        obj = self._get(vcpu, what)
+        vcpu.state[what] = 2
+        return obj
+
+    def _flush(self, vcpu: _Vcpu) -> None:
+        """Write back dirty cached state (once, before an entry or on hv_vcpu_flush)."""
+        state = vcpu.state
+        if state["sregs"] == 2:
+            ioctl(vcpu.fd, K.KVM_SET_SREGS, vcpu.sregs)
+            state["sregs"] = 1
+        if state["regs"] == 2:
+            ioctl(vcpu.fd, K.KVM_SET_REGS, vcpu.regs)
+            state["regs"] = 1
+        if state["dregs"] == 2:
+            ioctl(vcpu.fd, K.KVM_SET_DEBUGREGS, vcpu.dregs)
+            state["dregs"] = 1
+        if state["events"] == 2:
+            vcpu.events.flags = K.KVM_VCPUEVENT_VALID_SHADOW
+            ioctl(vcpu.fd, K.KVM_SET_VCPU_EVENTS, vcpu.events)
+            state["events"] = 1
+
+    def _invalidate(self, vcpu: _Vcpu) -> None:
+        for key in vcpu.state:
+            vcpu.state[key] = 0
+
+    def hv_vcpu_flush(self, vid: int) -> None:
+        self._flush(self._vcpu(vid, "hv_vcpu_flush"))
+
+    def hv_vcpu_invalidate_tlb(self, vid: int) -> None:
+        vcpu = self._vcpu(vid, "hv_vcpu_invalidate_tlb")
+        # KVM flushes the guest TLB and resets its MMU context when the sregs are written.
+        self._dirty(vcpu, "sregs")
+        vcpu.xlate_cache.clear()
+
+    # --- registers ---------------------------------------------------------------------------------
+
+    def hv_vcpu_read_register(self, vid: int, reg: int) -> int:
+        vcpu = self._vcpu(vid, "hv_vcpu_read_register")
+        name = _GPR_FIELDS.get(reg)
+        if name is not None:
+            return int(getattr(self._get(vcpu, "regs"), name))
+        if reg in _SELECTOR_REGS:
+            return int(getattr(self._get(vcpu, "sregs"), _SELECTOR_REGS[reg]).selector)
+        sregs = self._get(vcpu, "sregs") if reg < C.HV_X86_DR0 or reg == C.HV_X86_TPR else None
+        if sregs is not None:
+            simple = {
+                C.HV_X86_IDT_BASE: lambda: sregs.idt.base,
+                C.HV_X86_IDT_LIMIT: lambda: sregs.idt.limit,
+                C.HV_X86_GDT_BASE: lambda: sregs.gdt.base,
+                C.HV_X86_GDT_LIMIT: lambda: sregs.gdt.limit,
+                C.HV_X86_LDT_BASE: lambda: sregs.ldt.base,
+                C.HV_X86_LDT_LIMIT: lambda: sregs.ldt.limit,
+                C.HV_X86_LDT_AR: lambda: _seg_ar(sregs.ldt),
+                C.HV_X86_TSS_BASE: lambda: sregs.tr.base,
+                C.HV_X86_TSS_LIMIT: lambda: sregs.tr.limit,
+                C.HV_X86_TSS_AR: lambda: _seg_ar(sregs.tr),
+                C.HV_X86_CR0: lambda: sregs.cr0,
+                C.HV_X86_CR1: lambda: 0,
+                C.HV_X86_CR2: lambda: sregs.cr2,
+                C.HV_X86_CR3: lambda: sregs.cr3,
+                C.HV_X86_CR4: lambda: sregs.cr4,
+                C.HV_X86_TPR: lambda: sregs.cr8 << 4,
+            }
+            if reg in simple:
+                return int(simple[reg]())
+        if C.HV_X86_DR0 <= reg <= C.HV_X86_DR7:
+            dregs = self._get(vcpu, "dregs")
+            index = reg - C.HV_X86_DR0
+            if index < 4:
+                return int(dregs.db[index])
+            return int(dregs.dr6 if index in (4, 6) else dregs.dr7)
+        if reg == C.HV_X86_XCR0:
+            xcrs = K.KvmXcrs()
+            ioctl(vcpu.fd, K.KVM_GET_XCRS, xcrs)
+            for i in range(xcrs.nr_xcrs):
+                if xcrs.xcrs[i].xcr == 0:
+                    return int(xcrs.xcrs[i].value)
+            return 1
+        raise _bad("hv_vcpu_read_register", f"unknown register {reg}")
+
+    def hv_vcpu_write_register(self, vid: int, reg: int, value: int) -> None:
+        vcpu = self._vcpu(vid, "hv_vcpu_write_register")
+        if not 0 <= value < 1 << 64:
+            raise _bad("hv_vcpu_write_register", f"value {value:#x} does not fit 64 bits")
+        name = _GPR_FIELDS.get(reg)
+        if name is not None:
+            setattr(self._dirty(vcpu, "regs"), name, value)
+            return
+        if reg in _SELECTOR_REGS:
+            getattr(self._dirty(vcpu, "sregs"), _SELECTOR_REGS[reg]).selector = value & 0xFFFF
+            return
+        if reg < C.HV_X86_DR0 or reg == C.HV_X86_TPR:
+            sregs = self._dirty(vcpu, "sregs")
+            setters: dict[int, Callable[[], None]] = {
+                C.HV_X86_IDT_BASE: lambda: setattr(sregs.idt, "base", value),
+                C.HV_X86_IDT_LIMIT: lambda: setattr(sregs.idt, "limit", value & 0xFFFF),
+                C.HV_X86_GDT_BASE: lambda: setattr(sregs.gdt, "base", value),
+                C.HV_X86_GDT_LIMIT: lambda: setattr(sregs.gdt, "limit", value & 0xFFFF),
+                C.HV_X86_LDT_BASE: lambda: setattr(sregs.ldt, "base", value),
+                C.HV_X86_LDT_LIMIT: lambda: setattr(sregs.ldt, "limit", value & 0xFFFFFFFF),
+                C.HV_X86_LDT_AR: lambda: _set_seg_ar(sregs.ldt, value),
+                C.HV_X86_TSS_BASE: lambda: setattr(sregs.tr, "base", value),
+                C.HV_X86_TSS_LIMIT: lambda: setattr(sregs.tr, "limit", value & 0xFFFFFFFF),
+                C.HV_X86_TSS_AR: lambda: _set_seg_ar(sregs.tr, value),
+                C.HV_X86_CR0: lambda: setattr(sregs, "cr0", value),
+                C.HV_X86_CR1: lambda: None,
+                C.HV_X86_CR2: lambda: setattr(sregs, "cr2", value),
+                C.HV_X86_CR3: lambda: setattr(sregs, "cr3", value),
+                C.HV_X86_CR4: lambda: setattr(sregs, "cr4", value),
+                C.HV_X86_TPR: lambda: setattr(sregs, "cr8", (value >> 4) & 0xF),
+            }
+            setters[reg]()
+            vcpu.xlate_cache.clear()
+            return
+        if C.HV_X86_DR0 <= reg <= C.HV_X86_DR7:
+            dregs = self._dirty(vcpu, "dregs")
+            index = reg - C.HV_X86_DR0
+            if index < 4:
+                dregs.db[index] = value
+            elif index in (4, 6):
+                dregs.dr6 = value
+            else:
+                dregs.dr7 = value
+            vcpu.guest_debug_dirty = True
+            return
+        if reg == C.HV_X86_XCR0:
+            xcrs = K.KvmXcrs()
+            xcrs.nr_xcrs = 1
+            xcrs.xcrs[0].xcr = 0
+            xcrs.xcrs[0].value = value
+            try:
+                ioctl(vcpu.fd, K.KVM_SET_XCRS, xcrs)
+            except OSError as exc:
+                raise _bad("hv_vcpu_write_register", f"XCR0 {value:#x}: {exc.strerror}") from exc
+            return
+        raise _bad("hv_vcpu_write_register", f"unknown register {reg}")
+
+    # --- fpstate ---------------------------------------------------------------------------------------
+
+    def _check_fp_buffer(self, call: str, buffer: Buffer, size: int) -> memoryview:
+        try:
+            view = memoryview(buffer).cast("B")
+        except TypeError as exc:
+            raise _bad(call, f"buffer: {exc}") from exc
+        if size < self._xsave_size or size > len(view):
+            raise _bad(
+                call,
+                f"fpstate needs {self._xsave_size} bytes, got size {size} "
+                f"with a buffer of {len(view)}",
+            )
+        return view
+
+    def hv_vcpu_read_fpstate(self, vid: int, buffer: Buffer, size: int) -> None:
+        vcpu = self._vcpu(vid, "hv_vcpu_read_fpstate")
+        view = self._check_fp_buffer("hv_vcpu_read_fpstate", buffer, size)
+        if view.readonly:
+            raise _bad("hv_vcpu_read_fpstate", "buffer is read-only")
+        xsave = K.KvmXsave()
+        ioctl(vcpu.fd, K.KVM_GET_XSAVE, xsave)
+        count = min(size, ctypes.sizeof(xsave))
+        view[:count] = bytes(xsave)[:count]
+
+    def hv_vcpu_write_fpstate(self, vid: int, buffer: Buffer, size: int) -> None:
+        vcpu = self._vcpu(vid, "hv_vcpu_write_fpstate")
+        view = self._check_fp_buffer("hv_vcpu_write_fpstate", buffer, size)
+        xsave = K.KvmXsave()
+        count = min(size, ctypes.sizeof(xsave))
+        ctypes.memmove(xsave.region, bytes(view[:count]), count)
+        try:
+            ioctl(vcpu.fd, K.KVM_SET_XSAVE, xsave)
+        except OSError as exc:
+            raise _bad("hv_vcpu_write_fpstate", f"invalid XSAVE image: {exc.strerror}") from exc
+
+    # --- MSRs ---------------------------------------------------------------------------------------------
+
+    def _get_msr(self, vcpu: _Vcpu, index: int) -> int:
+        msrs: Any = K.kvm_msrs(1)
+        msrs.entries[0].index = index
+        if ioctl(vcpu.fd, K.KVM_GET_MSRS, msrs) != 1:
+            raise _bad("hv_vcpu_read_msr", f"MSR 0x{index:x} is not readable")
+        return int(msrs.entries[0].data)
+
+    def _set_msr(self, vcpu: _Vcpu, index: int, value: int) -> None:
+        msrs: Any = K.kvm_msrs(1)
+        msrs.entries[0].index = index
+        msrs.entries[0].data = value
+        if ioctl(vcpu.fd, K.KVM_SET_MSRS, msrs) != 1:
+            raise _bad("hv_vcpu_write_msr", f"MSR 0x{index:x} refused value 0x{value:x}")
+
+    def _apply_pending_tsc(self, vcpu: _Vcpu) -> None:
+        if vcpu.pending_tsc is not None:
+            tsc, when = vcpu.pending_tsc
+            vcpu.pending_tsc = None
+            if not self._tsc_khz:
+                try:
+                    self._tsc_khz = ioctl(vcpu.fd, K.KVM_GET_TSC_KHZ)
+                except OSError:
+                    self._tsc_khz = 1_000_000
+            elapsed = time.monotonic_ns() - when
+            self._set_msr(vcpu, C.MSR_TSC, (tsc + elapsed * self._tsc_khz // 1_000_000) % (1 << 64))
+
+    def hv_vcpu_read_msr(self, vid: int, msr: int) -> int:
+        vcpu = self._vcpu(vid, "hv_vcpu_read_msr")
+        if not 0 <= msr <= _MSR_LIMIT:
+            raise _bad("hv_vcpu_read_msr", f"MSR {msr:#x} out of range")
+        if msr in _SREGS_MSRS:
+            sregs = self._get(vcpu, "sregs")
+            return int(
+                {
+                    C.MSR_EFER: sregs.efer,
+                    C.MSR_FSBASE: sregs.fs.base,
+                    C.MSR_GSBASE: sregs.gs.base,
+                    C.MSR_IA32_APIC_BASE: sregs.apic_base,
+                }[msr]
+            )
+        if msr == C.MSR_TSC:
+            self._apply_pending_tsc(vcpu)
+        return self._get_msr(vcpu, msr)
+
+    def hv_vcpu_write_msr(self, vid: int, msr: int, value: int) -> None:
+        vcpu = self._vcpu(vid, "hv_vcpu_write_msr")
+        if not 0 <= msr <= _MSR_LIMIT or not 0 <= value < 1 << 64:
+            raise _bad("hv_vcpu_write_msr", f"MSR {msr:#x} / value out of range")
+        if msr in _SREGS_MSRS:
+            sregs = self._dirty(vcpu, "sregs")
+            if msr == C.MSR_EFER:
+                sregs.efer = value
+            elif msr == C.MSR_FSBASE:
+                sregs.fs.base = value
+            elif msr == C.MSR_GSBASE:
+                sregs.gs.base = value
+            else:
+                sregs.apic_base = value
+            return
+        if msr == C.MSR_TSC:
+            vcpu.pending_tsc = None
+        self._set_msr(vcpu, msr, value)
+
+    def hv_vcpu_enable_native_msr(self, vid: int, msr: int, enable: bool) -> None:
+        vcpu = self._vcpu(vid, "hv_vcpu_enable_native_msr")
+        if not 0 <= msr <= _MSR_LIMIT:
+            raise _bad("hv_vcpu_enable_native_msr", f"MSR {msr:#x} out of range")
+        if enable:
+            vcpu.msr_perm[msr] = C.HV_MSR_READ | C.HV_MSR_WRITE
+        else:
+            vcpu.msr_perm.pop(msr, None)
+        with self._lock:
+            self._update_msr_filter(vcpu.space)
+
+    def hv_vcpu_enable_managed_msr(self, vid: int, msr: int, enable: bool) -> None:
+        vcpu = self._vcpu(vid, "hv_vcpu_enable_managed_msr")
+        if not 0 <= msr <= _MSR_LIMIT:
+            raise _bad("hv_vcpu_enable_managed_msr", f"MSR {msr:#x} out of range")
+        if enable:
+            vcpu.managed.add(msr)
+        else:
+            vcpu.managed.discard(msr)
+            vcpu.msr_perm.pop(msr, None)
+        with self._lock:
+            self._update_msr_filter(vcpu.space)
+
+    def hv_vcpu_set_msr_access(self, vid: int, msr: int, flags: int) -> None:
+        vcpu = self._vcpu(vid, "hv_vcpu_set_msr_access")
+        if msr not in vcpu.managed:
+            raise _bad("hv_vcpu_set_msr_access", f"MSR {msr:#x} is not managed on this vCPU")
+        if flags & ~(C.HV_MSR_READ | C.HV_MSR_WRITE):
+            raise _bad("hv_vcpu_set_msr_access", f"unknown flags {flags:#x}")
+        if flags:
+            vcpu.msr_perm[msr] = flags
+        else:
+            vcpu.msr_perm.pop(msr, None)
+        with self._lock:
+            self._update_msr_filter(vcpu.space)
+
+    def _update_msr_filter(self, space: _Space) -> None:
+        """Allow natively only what every vCPU of the space may access; deny the rest."""
+        members = [v for v in self._vcpus.values() if v.space is space and not v.destroyed]
+        flt = K.KvmMsrFilter()
+        flt.flags = K.KVM_MSR_FILTER_DEFAULT_DENY
+        bitmaps: list[Any] = []
+        index = 0
+        for base, count in _FILTER_BLOCKS:
+            for kind, bit in (
+                (K.KVM_MSR_FILTER_READ, C.HV_MSR_READ),
+                (K.KVM_MSR_FILTER_WRITE, C.HV_MSR_WRITE),
+            ):
+                bitmap = (ctypes.c_uint8 * (count // 8))()
+                any_set = False
+                if members:
+                    for msr in members[0].msr_perm:
+                        if base <= msr < base + count and all(
+                            v.msr_perm.get(msr, 0) & bit for v in members
+                        ):
+                            offset = msr - base
+                            bitmap[offset // 8] |= 1 << (offset % 8)
+                            any_set = True
+                if not any_set:
+                    continue
+                rng = flt.ranges[index]
+                rng.flags = kind
+                rng.nmsrs = count
+                rng.base = base
+                rng.bitmap = ctypes.cast(bitmap, ctypes.c_void_p)
+                bitmaps.append(bitmap)
+                index += 1
+        try:
+            ioctl(space.vm_fd, K.KVM_X86_SET_MSR_FILTER, flt)
+        except OSError:
+            return  # host without MSR filtering: guest MSR accesses are KVM's
+        space.filter_bitmaps = bitmaps
+
+    # --- TSC and time --------------------------------------------------------------------------------
+
+    def hv_vm_sync_tsc(self, tsc: int) -> None:
+        if not 0 <= tsc < 1 << 64:
+            raise _bad("hv_vm_sync_tsc", "TSC value out of range")
+        self._space0("hv_vm_sync_tsc")
+        now = time.monotonic_ns()
+        with self._lock:
+            for vcpu in self._vcpus.values():
+                if not vcpu.destroyed:
+                    vcpu.pending_tsc = (tsc, now)
+
+    def hv_vcpu_get_exec_time(self, vid: int) -> int:
+        return self._vcpu(vid, "hv_vcpu_get_exec_time").exec_ns
+
+    def mach_absolute_time(self) -> int:
+        return time.monotonic_ns()
+
+    def mach_timebase_info(self) -> tuple[int, int]:
+        return (1, 1)
+
+    def hv_vmx_read_capability(self, field_: int) -> int:
+        value = _CAPABILITIES.get(field_)
+        if value is None:
+            raise HvError(C.HV_UNSUPPORTED, "hv_vmx_read_capability", f"capability {field_}")
+        return value
+
+    # --- VMCS -----------------------------------------------------------------------------------------
+
+    def hv_vmx_vcpu_read_vmcs(self, vid: int, field_: int) -> int:
+        vcpu = self._vcpu(vid, "hv_vmx_vcpu_read_vmcs")
+        if field_ in _EXIT_FIELDS:
+            return vcpu.exit.get(field_, 0)
+        guest = self._guest_field(vcpu, field_, None)
+        if guest is not None:
+            return guest
+        if field_ in vcpu.controls:
+            value = vcpu.controls[field_]
+            if field_ == C.VMCS_CTRL_VMENTRY_CONTROLS:
+                lma = self._get(vcpu, "sregs").efer & C.EFER_LMA
+                value = value | C.VMENTRY_GUEST_IA32E if lma else value & ~C.VMENTRY_GUEST_IA32E
+            return value
+        raise self._field_error("hv_vmx_vcpu_read_vmcs", field_)
+
+    @staticmethod
+    def _field_error(call: str, field_: int) -> HvError:
+        name = C.VMCS_FIELD_NAMES.get(field_)
+        if name is None:
+            return _bad(call, f"0x{field_:x} is not a VMCS field")
+        return HvError(C.HV_UNSUPPORTED, call, f"{name} is not available on the kvm backend")
+
+    def hv_vmx_vcpu_write_vmcs(self, vid: int, field_: int, value: int) -> None:
+        vcpu = self._vcpu(vid, "hv_vmx_vcpu_write_vmcs")
+        if not 0 <= value < 1 << 64:
+            raise _bad("hv_vmx_vcpu_write_vmcs", "value out of range")
+        if field_ == C.GDBSTUB_VMCS_MMIO_DATA:
+            vcpu.exit[field_] = value
+            return
+        if self._guest_field(vcpu, field_, value) is not None:
+            return
+        if field_ in vcpu.controls and field_ not in (C.VMCS_GUEST_ACTIVITY_STATE,):
+            vcpu.controls[field_] = value
+            if field_ in (C.VMCS_CTRL_EXC_BITMAP, C.VMCS_CTRL_CPU_BASED):
+                vcpu.guest_debug_dirty = True
+            return
+        if field_ == C.VMCS_GUEST_ACTIVITY_STATE:
+            if value not in (0, 1, 2, 3):
+                raise _bad("hv_vmx_vcpu_write_vmcs", f"activity state {value}")
+            vcpu.controls[field_] = value
+            return
+        raise self._field_error("hv_vmx_vcpu_write_vmcs", field_)
+
+    def _guest_field(self, vcpu: _Vcpu, field_: int, value: int | None) -> int | None:
+        """Read (value None) or write a guest-state field kept in KVM state; None if not one."""
+        where = _GUEST_FIELDS.get(field_)
+        if where is None:
+            return None
+        kind, name, attr = where
+        if kind == "msr":
+            if value is None:
+                return self._get_msr(vcpu, int(name))
+            self._set_msr(vcpu, int(name), value)
+            return value
+        if kind == "intr":
+            return self._interruptibility(vcpu, value)
+        obj = self._get(vcpu, kind) if value is None else self._dirty(vcpu, kind)
+        if name:
+            obj = getattr(obj, str(name))
+        if value is None:
+            return _seg_ar(obj) if attr == "ar" else int(getattr(obj, attr))
+        if attr == "ar":
+            _set_seg_ar(obj, value)
+        else:
+            width = {"selector": 0xFFFF, "limit": 0xFFFFFFFF}.get(attr, (1 << 64) - 1)
+            if kind == "sregs" and name in ("gdt", "idt") and attr == "limit":
+                width = 0xFFFF
+            setattr(obj, attr, value & width)
+        if kind == "dregs":
+            vcpu.guest_debug_dirty = True
+        vcpu.xlate_cache.clear()
+        return value
+
+    def _interruptibility(self, vcpu: _Vcpu, value: int | None) -> int:
+        events = self._get(vcpu, "events") if value is None else self._dirty(vcpu, "events")
+        if value is None:
+            shadow = events.interrupt.shadow
+            result = C.GUEST_INTRBILITY_STI_BLOCKING if shadow & K.KVM_X86_SHADOW_INT_STI else 0
+            if shadow & K.KVM_X86_SHADOW_INT_MOV_SS:
+                result |= C.GUEST_INTRBILITY_MOVSS_BLOCKING
+            if events.nmi.masked:
+                result |= C.GUEST_INTRBILITY_NMI_BLOCKING
+            return result
+        shadow = K.KVM_X86_SHADOW_INT_STI if value & C.GUEST_INTRBILITY_STI_BLOCKING else 0
+        if value & C.GUEST_INTRBILITY_MOVSS_BLOCKING:
+            shadow |= K.KVM_X86_SHADOW_INT_MOV_SS
+        events.interrupt.shadow = shadow
+        events.nmi.masked = 1 if value & C.GUEST_INTRBILITY_NMI_BLOCKING else 0
+        return value
+
+    # --- running --------------------------------------------------------------------------------------
+
+    def hv_vcpu_interrupt(self, vids: list[int]) -> None:
+        targets = []
+        for vid in vids:
+            vcpu = self._vcpus.get(vid)
+            if vcpu is None or vcpu.destroyed:
+                raise _bad("hv_vcpu_interrupt", f"no vCPU {vid}")
+            targets.append(vcpu)
+        for vcpu in targets:
+            vcpu.kick.set()
+            try:
+                signal.pthread_kill(vcpu.owner, KICK_SIGNAL)
+            except (ProcessLookupError, OSError):
+                pass
+
+    def hv_vcpu_run(self, vid: int) -> None:
+        self._run(self._vcpu(vid, "hv_vcpu_run"), None, any_exit=True)
+
+    def hv_vcpu_run_until(self, vid: int, deadline: int) -> None:
+        vcpu = self._vcpu(vid, "hv_vcpu_run_until")
+        if not 0 <= deadline <= _FOREVER:
+            raise _bad("hv_vcpu_run_until", "deadline out of range")
+        self._run(vcpu, None if deadline == _FOREVER else deadline, any_exit=False)
+
+    def _set_exit(self, vcpu: _Vcpu, reason: int, **fields: int) -> None:
+        vcpu.exit = {C.VMCS_RO_EXIT_REASON: reason}
+        names = {
+            "qual": C.VMCS_RO_EXIT_QUALIFIC,
+            "length": C.VMCS_RO_VMEXIT_INSTR_LEN,
+            "gpa": C.VMCS_GUEST_PHYSICAL_ADDRESS,
+            "gla": C.VMCS_RO_GUEST_LIN_ADDR,
+            "irq_info": C.VMCS_RO_VMEXIT_IRQ_INFO,
+            "irq_error": C.VMCS_RO_VMEXIT_IRQ_ERROR,
+            "idt_info": C.VMCS_RO_IDT_VECTOR_INFO,
+            "mmio_data": C.GDBSTUB_VMCS_MMIO_DATA,
+            "mmio_size": C.GDBSTUB_VMCS_MMIO_SIZE,
+            "mmio_decoded": C.GDBSTUB_VMCS_MMIO_DECODED,
+            "instr_error": C.VMCS_RO_INSTR_ERROR,
+        }
+        for key, value in fields.items():
+            vcpu.exit[names[key]] = value
+
+    def _prepare_entry(self, vcpu: _Vcpu) -> None:
+        """Turn cached state, controls and owed completions into KVM state before KVM_RUN."""
+        run = vcpu.run
+        if vcpu.pending is not None:
+            kind, value = vcpu.pending
+            vcpu.pending = None
+            if kind == "msr":
+                regs = self._get(vcpu, "regs")
+                if vcpu.exit.get(C.VMCS_RO_EXIT_REASON) == C.VMX_REASON_RDMSR:
+                    data = (regs.rdx & 0xFFFFFFFF) << 32 | (regs.rax & 0xFFFFFFFF)
+                    struct.pack_into("<Q", run, K.RUN_MSR_DATA, data)
+                info = vcpu.controls[C.VMCS_CTRL_VMENTRY_IRQ_INFO]
+                if info & C.IRQ_INFO_VALID and info & 0xFF == C.IDT_GP:
+                    run[K.RUN_MSR_ERROR] = 1  # KVM injects the #GP the VMM asked for
+                    vcpu.controls[C.VMCS_CTRL_VMENTRY_IRQ_INFO] = 0
+                else:
+                    run[K.RUN_MSR_ERROR] = 0
+                    # KVM skips the instruction on re-entry: rewind what the VMM advanced.
+                    self._dirty(vcpu, "regs").rip = (regs.rip - 2) % (1 << 64)
+            elif kind == "in":
+                if vcpu.state["regs"]:
+                    size = run[K.RUN_IO_SIZE]
+                    offset = struct.unpack_from("<Q", run, K.RUN_IO_DATA_OFFSET)[0]
+                    rax = self._get(vcpu, "regs").rax
+                    run[offset : offset + size] = (rax & ((1 << (8 * size)) - 1)).to_bytes(
+                        size, "little"
+                    )
+            elif kind == "mmio":
+                size = struct.unpack_from("<I", run, K.RUN_MMIO_LEN)[0]
+                if not run[K.RUN_MMIO_IS_WRITE] and 0 < size <= 8:
+                    data = vcpu.exit.get(C.GDBSTUB_VMCS_MMIO_DATA, 0) & ((1 << (8 * size)) - 1)
+                    run[K.RUN_MMIO_DATA : K.RUN_MMIO_DATA + size] = data.to_bytes(size, "little")
+        self._apply_pending_tsc(vcpu)
+        info = vcpu.controls[C.VMCS_CTRL_VMENTRY_IRQ_INFO]
+        if info & C.IRQ_INFO_VALID:
+            self._inject(vcpu, info)
+            vcpu.controls[C.VMCS_CTRL_VMENTRY_IRQ_INFO] = info & ~C.IRQ_INFO_VALID
+        if vcpu.guest_debug_dirty:
+            self._apply_guest_debug(vcpu)
+        self._flush(vcpu)
+        run[K.RUN_REQUEST_INTERRUPT_WINDOW] = (
+            1 if vcpu.controls[C.VMCS_CTRL_CPU_BASED] & C.CPU_BASED_IRQ_WND else 0
+        )
+
+    def _inject(self, vcpu: _Vcpu, info: int) -> None:
+        vector, kind = info & 0xFF, info & C.IRQ_INFO_TYPE_MASK
+        if kind == C.IRQ_INFO_EXT_IRQ:
+            self._flush(vcpu)
+            ioctl(vcpu.fd, K.KVM_INTERRUPT, ctypes.c_uint32(vector))
+        elif kind == C.IRQ_INFO_NMI:
+            ioctl(vcpu.fd, K.KVM_NMI)
+        elif kind == C.IRQ_INFO_SOFT_EXC and vector == C.IDT_BP:
+            self._apply_guest_debug(vcpu, extra=K.KVM_GUESTDBG_INJECT_BP)
+            vcpu.guest_debug_dirty = True
+        else:
+            events = self._dirty(vcpu, "events")
+            if kind == C.IRQ_INFO_SOFT_IRQ:
+                events.interrupt.injected = 1
+                events.interrupt.nr = vector
+                events.interrupt.soft = 1
+            else:
+                events.exception.injected = 1
+                events.exception.nr = vector
+                events.exception.has_error_code = 1 if info & C.IRQ_INFO_ERROR_VALID else 0
+                events.exception.error_code = (
+                    vcpu.controls[C.VMCS_CTRL_VMENTRY_EXC_ERROR] & 0xFFFFFFFF
+                )
+
+    def _apply_guest_debug(self, vcpu: _Vcpu, extra: int = 0) -> None:
+        dbg = K.KvmGuestDebug()
+        bitmap = vcpu.controls[C.VMCS_CTRL_EXC_BITMAP]
+        control = extra
+        if bitmap & 1 << C.IDT_BP:
+            control |= K.KVM_GUESTDBG_USE_SW_BP
+        if bitmap & 1 << C.IDT_DB:
+            dregs = self._get(vcpu, "dregs")
+            control |= K.KVM_GUESTDBG_USE_HW_BP
+            for i in range(4):
+                dbg.debugreg[i] = dregs.db[i]
+            dbg.debugreg[7] = dregs.dr7
+        if vcpu.controls[C.VMCS_CTRL_CPU_BASED] & C.CPU_BASED_MTF:
+            control |= K.KVM_GUESTDBG_SINGLESTEP
+        if control:
+            control |= K.KVM_GUESTDBG_ENABLE
+        dbg.control = control
+        ioctl(vcpu.fd, K.KVM_SET_GUEST_DEBUG, dbg)
+        vcpu.guest_debug_dirty = False
+
+    def _drain_kick_signal(self) -> None:
+        while signal.sigtimedwait({KICK_SIGNAL}, 0) is not None:
+            pass
+
+    def _run(self, vcpu: _Vcpu, deadline: int | None, *, any_exit: bool) -> None:
+        if vcpu.kick.is_set():
+            vcpu.kick.clear()
+            self._drain_kick_signal()
+            self._set_exit(vcpu, C.VMX_REASON_IRQ)
+            return
+        if deadline is not None:
+            if time.monotonic_ns() >= deadline:
+                self._set_exit(vcpu, C.VMX_REASON_VMX_TIMER_EXPIRED)
+                return
+            if vcpu.timer is None:
+                vcpu.timer = ThreadTimer(KICK_SIGNAL)
+            vcpu.timer.arm(deadline)
+        try:
+            while True:
+                if vcpu.controls[C.VMCS_GUEST_ACTIVITY_STATE] == C.GUEST_ACTIVITY_HLT:
+                    if not vcpu.controls[C.VMCS_CTRL_VMENTRY_IRQ_INFO] & C.IRQ_INFO_VALID:
+                        self._halt_wait(vcpu, deadline)
+                        return
+                    vcpu.controls[C.VMCS_GUEST_ACTIVITY_STATE] = C.GUEST_ACTIVITY_ACTIVE
+                self._prepare_entry(vcpu)
+                if self._enter(vcpu, deadline, any_exit):
+                    return
+        finally:
+            if deadline is not None and vcpu.timer is not None:
+                vcpu.timer.disarm()
+
+    def _halt_wait(self, vcpu: _Vcpu, deadline: int | None) -> None:
+        """A halted vCPU without HLT exiting waits for a kick or its deadline (no guest time)."""
+        timeout = None if deadline is None else max(0.0, (deadline - time.monotonic_ns()) / 1e9)
+        if vcpu.kick.wait(timeout):
+            vcpu.kick.clear()
+            self._drain_kick_signal()
+            self._set_exit(vcpu, C.VMX_REASON_IRQ)
+        else:
+            self._set_exit(vcpu, C.VMX_REASON_VMX_TIMER_EXPIRED)
+
+    def _enter(self, vcpu: _Vcpu, deadline: int | None, any_exit: bool) -> bool:
+        """One KVM_RUN; True when an exit for the caller has been recorded."""
+        run = vcpu.run
+        start = time.thread_time_ns()
+        try:
+            ioctl(vcpu.fd, K.KVM_RUN)
+            interrupted = False
+        except OSError as exc:
+            if exc.errno not in (4, 11):  # EINTR, EAGAIN
+                self._invalidate(vcpu)
+                self._set_exit(
+                    vcpu,
+                    C.VMX_EXIT_REASON_FAILED_ENTRY | C.VMX_REASON_VMENTRY_GUEST,
+                    qual=exc.errno or 0,
+                )
+                return True
+            interrupted = True
+        vcpu.exec_ns += time.thread_time_ns() - start
+        self._invalidate(vcpu)
+        reason = struct.unpack_from("<I", run, K.RUN_EXIT_REASON)[0]
+        if interrupted or reason == K.KVM_EXIT_INTR:
+            self._drain_kick_signal()
+            if vcpu.kick.is_set():
+                vcpu.kick.clear()
+                self._set_exit(vcpu, C.VMX_REASON_IRQ)
+                return True
+            if deadline is not None and time.monotonic_ns() >= deadline:
+                self._set_exit(vcpu, C.VMX_REASON_VMX_TIMER_EXPIRED)
+                return True
+            if any_exit:
+                self._set_exit(vcpu, C.VMX_REASON_IRQ)
+                return True
+            return False
+        handler = _EXIT_HANDLERS.get(reason)
+        if handler is None:
+            self._set_exit(
+                vcpu, C.VMX_EXIT_REASON_FAILED_ENTRY | C.VMX_REASON_VMENTRY_GUEST, qual=reason
+            )
+            return True
+        return handler(self, vcpu)
+
+    # --- exit decoding -----------------------------------------------------------------------------
+
+    def _linear_to_host(self, vcpu: _Vcpu, linear: int) -> int | None:
+        """Host address of guest-linear ``linear`` through KVM_TRANSLATE (cached per paging state)."""
+        sregs = self._get(vcpu, "sregs")
+        page = linear & ~0xFFF
+        key = (sregs.cr0, sregs.cr3, sregs.cr4, page)
+        gpa_page = vcpu.xlate_cache.get(key)
+        if gpa_page is None:
+
+            class _Translation(ctypes.Structure):
+                _fields_ = [
+                    ("linear", ctypes.c_uint64),
+                    ("physical", ctypes.c_uint64),
+                    ("valid", ctypes.c_uint8),
+                    ("writeable", ctypes.c_uint8),
+                    ("usermode", ctypes.c_uint8),
+                    ("pad", ctypes.c_uint8 * 5),
+                ]
+
+            tr = _Translation(page)
+            try:
+                ioctl(vcpu.fd, 0xC018AE85, tr)  # KVM_TRANSLATE
+            except OSError:
+                return None
+            if not tr.valid:
+                return None
+            gpa_page = int(tr.physical) & ~0xFFF
+            vcpu.xlate_cache[key] = gpa_page
+        host = self._host_address(vcpu.space, gpa_page | (linear & 0xFFF))
+        return None if host is None else host[0]
+
+    def _read_linear(self, vcpu: _Vcpu, linear: int, count: int) -> bytes:
+        """Up to ``count`` guest bytes at guest-linear ``linear`` (stops at an unmapped page)."""
+        out = b""
+        while len(out) < count:
+            address = (linear + len(out)) % (1 << 64)
+            host = self._linear_to_host(vcpu, address)
+            if host is None:
+                break
+            chunk = min(count - len(out), 0x1000 - (address & 0xFFF))
+            out += ctypes.string_at(host, chunk)
+        return out
+
+    def _locate_instruction(
+        self, vcpu: _Vcpu, matches: Callable[[bytes], int], kind: str
+    ) -> tuple[int, int, bool]:
+        """Find the instruction an exit is about: ``(start rip, length, completed by KVM)``.
+
+        KVM leaves RIP at the instruction on VMX but has already executed some instructions
+        (OUT, HLT...) when it emulated them. ``matches(code)`` returns the length of the
+        instruction at the start of ``code`` if it is one that could cause this exit, else 0.
+        When both "at RIP" and "just before RIP" fit, the host's probed habit decides.
+        """
+        regs = self._get(vcpu, "regs")
+        linear = (self._get(vcpu, "sregs").cs.base + regs.rip) % (1 << 64)
+        window = self._read_linear(vcpu, linear - 15, 30) if linear >= 15 else b""
+        at_code = window[15:] if len(window) == 30 else self._read_linear(vcpu, linear, 15)
+        at_len = matches(at_code)
+        before = [n for n in range(1, 16) if len(window) == 30 and matches(window[15 - n :]) == n]
+        if at_len and (not before or not self._completes_before_exit(kind)):
+            return int(regs.rip), at_len, False
+        if before:
+            return (regs.rip - before[0]) % (1 << 64), before[0], True
+        return int(regs.rip), at_len or 1, False
+
+    def _completes_before_exit(self, kind: str) -> bool:
+        """Whether this host's KVM finishes a ``kind`` instruction before the exit (probed once)."""
+        if self._habits is None:
+            self._habits = _probe_habits()
+        return self._habits.get(kind, False)
+
+    def _exit_io(self, vcpu: _Vcpu) -> bool:
+        run = vcpu.run
+        direction = run[K.RUN_IO_DIRECTION]
+        size = run[K.RUN_IO_SIZE]
+        port = struct.unpack_from("<H", run, K.RUN_IO_PORT)[0]
+        regs = self._get(vcpu, "regs")
+        dx = regs.rdx & 0xFFFF
+        is_in_exit = direction == K.KVM_EXIT_IO_IN
+
+        def matches(code: bytes) -> int:
+            length, op, operand = _decode_io(code)
+            if op is None or (op in _IN_OPCODES) != is_in_exit:
+                return 0
+            return length if (operand if op in _IMM_OPCODES else dx) == port else 0
+
+        rip, length, completed = self._locate_instruction(
+            vcpu, matches, "in" if is_in_exit else "out"
+        )
+        if completed:
+            self._dirty(vcpu, "regs").rip = rip  # the framework reports RIP at the instruction
+        code = self._read_linear(vcpu, (self._get(vcpu, "sregs").cs.base + rip) % (1 << 64), length)
+        _, op, _ = _decode_io(code)
+        qual = (size - 1) | port << C.EXIT_QUAL_IO_PORT_SHIFT
+        if is_in_exit:
+            qual |= C.EXIT_QUAL_IO_IN
+            vcpu.pending = ("in", 0)
+        if op in (0x6C, 0x6D, 0x6E, 0x6F):
+            qual |= C.EXIT_QUAL_IO_STRING
+            if any(b in (0xF2, 0xF3) for b in code[: length - 1]):
+                qual |= C.EXIT_QUAL_IO_REP
+        self._set_exit(vcpu, C.VMX_REASON_IO, qual=qual, length=length)
+        vcpu.exit[C.VMCS_RO_IO_RCX] = regs.rcx
+        vcpu.exit[C.VMCS_RO_IO_RSI] = regs.rsi
+        vcpu.exit[C.VMCS_RO_IO_RDI] = regs.rdi
+        vcpu.exit[C.VMCS_RO_IO_RIP] = rip
+        return True
+
+    def _exit_hlt(self, vcpu: _Vcpu) -> bool:
+        rip, _, completed = self._locate_instruction(
+            vcpu, lambda code: 1 if code[:1] == b"\xf4" else 0, "hlt"
+        )
+        if vcpu.controls[C.VMCS_CTRL_CPU_BASED] & C.CPU_BASED_HLT:
+            if completed:
+                self._dirty(vcpu, "regs").rip = rip  # the framework reports RIP at the HLT
+            self._set_exit(vcpu, C.VMX_REASON_HLT, length=1)
+            return True
+        if not completed:
+            self._dirty(vcpu, "regs").rip = (rip + 1) % (1 << 64)
+        vcpu.controls[C.VMCS_GUEST_ACTIVITY_STATE] = C.GUEST_ACTIVITY_HLT
+        return False
+
+    def _exit_mmio(self, vcpu: _Vcpu) -> bool:
+        run = vcpu.run
+        gpa = struct.unpack_from("<Q", run, K.RUN_MMIO_PHYS_ADDR)[0]
+        size = struct.unpack_from("<I", run, K.RUN_MMIO_LEN)[0]
+        is_write = run[K.RUN_MMIO_IS_WRITE]
+        host = self._host_address(vcpu.space, gpa)
+        perm = 0
+        if host is not None:
+            for region in vcpu.space.regions:
+                if region.gpa <= gpa < region.gpa + region.size:
+                    perm = region.flags
+        qual = C.EPT_VIOLATION_DATA_WRITE if is_write else C.EPT_VIOLATION_DATA_READ
+        if perm & C.HV_MEMORY_READ:
+            qual |= C.EPT_VIOLATION_GPA_READABLE
+        if perm & C.HV_MEMORY_WRITE:
+            qual |= C.EPT_VIOLATION_GPA_WRITEABLE
+        if perm & C.HV_MEMORY_EXEC:
+            qual |= C.EPT_VIOLATION_GPA_EXECUTABLE
+        data = (
+            int.from_bytes(bytes(run[K.RUN_MMIO_DATA : K.RUN_MMIO_DATA + min(size, 8)]), "little")
+            if is_write
+            else 0
+        )
+        self._set_exit(
+            vcpu,
+            C.VMX_REASON_EPT_VIOLATION,
+            qual=qual,
+            gpa=gpa,
+            mmio_size=size,
+            mmio_data=data,
+            mmio_decoded=1,
+        )
+        vcpu.pending = ("mmio", 0)
+        return True
+
+    def _exit_debug(self, vcpu: _Vcpu) -> bool:
+        run = vcpu.run
+        exception = struct.unpack_from("<I", run, K.RUN_DEBUG_EXCEPTION)[0]
+        dr6 = struct.unpack_from("<Q", run, K.RUN_DEBUG_DR6)[0]
+        stepping = vcpu.controls[C.VMCS_CTRL_CPU_BASED] & C.CPU_BASED_MTF
+        if exception == C.IDT_DB and stepping and dr6 & C.DR6_BS and not dr6 & 0xF:
+            self._set_exit(vcpu, C.VMX_REASON_MTF)
+            return True
+        if exception == C.IDT_BP:
+            self._set_exit(
+                vcpu,
+                C.VMX_REASON_EXC_NMI,
+                length=1,
+                irq_info=C.IRQ_INFO_VALID | C.IRQ_INFO_SOFT_EXC | C.IDT_BP,
+            )
+            return True
+        self._set_exit(
+            vcpu,
+            C.VMX_REASON_EXC_NMI,
+            qual=dr6 & (0xF | C.DR6_BD | C.DR6_BS),
+            irq_info=C.IRQ_INFO_VALID | C.IRQ_INFO_HARD_EXC | exception,
+        )
+        return True
+
+    def _exit_exception(self, vcpu: _Vcpu) -> bool:
+        exception = struct.unpack_from("<I", vcpu.run, K.RUN_UNION)[0]
+        error = struct.unpack_from("<I", vcpu.run, K.RUN_UNION + 4)[0]
+        self._set_exit(
+            vcpu,
+            C.VMX_REASON_EXC_NMI,
+            irq_error=error,
+            irq_info=C.IRQ_INFO_VALID | C.IRQ_INFO_HARD_EXC | (exception & 0xFF),
+        )
+        return True
+
+    def _exit_shutdown(self, vcpu: _Vcpu) -> bool:
+        self._set_exit(vcpu, C.VMX_REASON_TRIPLE_FAULT)
+        return True
+
+    def _exit_fail_entry(self, vcpu: _Vcpu) -> bool:
+        hw = struct.unpack_from("<Q", vcpu.run, K.RUN_FAIL_ENTRY_REASON)[0]
+        self._set_exit(
+            vcpu, C.VMX_EXIT_REASON_FAILED_ENTRY | (hw & 0xFFFF or C.VMX_REASON_VMENTRY_GUEST)
+        )
+        return True
+
+    def _exit_internal(self, vcpu: _Vcpu) -> bool:
+        # KVM could not go on (for example it failed to emulate an instruction): reported as a
+        # failed entry (invalid guest state) with KVM's suberror in the qualification.
+        suberror = struct.unpack_from("<I", vcpu.run, K.RUN_INTERNAL_SUBERROR)[0]
+        self._set_exit(
+            vcpu, C.VMX_EXIT_REASON_FAILED_ENTRY | C.VMX_REASON_VMENTRY_GUEST, qual=suberror
+        )
+        return True
+
+    def _exit_irq_window(self, vcpu: _Vcpu) -> bool:
+        self._set_exit(vcpu, C.VMX_REASON_IRQ_WND)
+        return True
+
+    def _exit_msr(self, vcpu: _Vcpu) -> bool:
+        run = vcpu.run
+        reason = struct.unpack_from("<I", run, K.RUN_EXIT_REASON)[0]
+        index = struct.unpack_from("<I", run, K.RUN_MSR_INDEX)[0]
+        is_write = reason == K.KVM_EXIT_X86_WRMSR
+        allowed = vcpu.msr_perm.get(index, 0) & (C.HV_MSR_WRITE if is_write else C.HV_MSR_READ)
+        if allowed:
+            try:
+                if is_write:
+                    value = struct.unpack_from("<Q", run, K.RUN_MSR_DATA)[0]
+                    self._set_msr(vcpu, index, value)
+                else:
+                    struct.pack_into("<Q", run, K.RUN_MSR_DATA, self._get_msr(vcpu, index))
+                run[K.RUN_MSR_ERROR] = 0
+            except HvError:
+                run[K.RUN_MSR_ERROR] = 1
+            return False
+        self._set_exit(vcpu, C.VMX_REASON_WRMSR if is_write else C.VMX_REASON_RDMSR, length=2)
+        vcpu.pending = ("msr", 0)
+        return True
+
+    def _exit_system_event(self, vcpu: _Vcpu) -> bool:
+        self._set_exit(vcpu, C.VMX_REASON_TRIPLE_FAULT)
+        return True
+
+
+def _guest_field_table() -> dict[int, tuple[str, str | int, str]]:
+    """VMCS guest-state field -> (cached struct or "msr"/"intr", member, attribute)."""
+    table: dict[int, tuple[str, str | int, str]] = {}
+    for i, seg in enumerate(_VMCS_SEGMENTS):
+        table[C.VMCS_GUEST_ES + 2 * i] = ("sregs", seg, "selector")
+        table[C.VMCS_GUEST_ES_LIMIT + 2 * i] = ("sregs", seg, "limit")
+        table[C.VMCS_GUEST_ES_AR + 2 * i] = ("sregs", seg, "ar")
+        table[C.VMCS_GUEST_ES_BASE + 2 * i] = ("sregs", seg, "base")
+    table.update(
+        {
+            C.VMCS_GUEST_GDTR_BASE: ("sregs", "gdt", "base"),
+            C.VMCS_GUEST_GDTR_LIMIT: ("sregs", "gdt", "limit"),
+            C.VMCS_GUEST_IDTR_BASE: ("sregs", "idt", "base"),
+            C.VMCS_GUEST_IDTR_LIMIT: ("sregs", "idt", "limit"),
+            C.VMCS_GUEST_CR0: ("sregs", "", "cr0"),
+            C.VMCS_GUEST_CR3: ("sregs", "", "cr3"),
+            C.VMCS_GUEST_CR4: ("sregs", "", "cr4"),
+            C.VMCS_GUEST_IA32_EFER: ("sregs", "", "efer"),
+            C.VMCS_GUEST_RIP: ("regs", "", "rip"),
+            C.VMCS_GUEST_RSP: ("regs", "", "rsp"),
+            C.VMCS_GUEST_RFLAGS: ("regs", "", "rflags"),
+            C.VMCS_GUEST_DR7: ("dregs", "", "dr7"),
+            C.VMCS_GUEST_IA32_PAT: ("msr", C.MSR_IA32_PAT, ""),
+            C.VMCS_GUEST_IA32_DEBUGCTL: ("msr", C.MSR_IA32_DEBUGCTL, ""),
+            C.VMCS_GUEST_IA32_SYSENTER_CS: ("msr", C.MSR_IA32_SYSENTER_CS, ""),
+            C.VMCS_GUEST_SYSENTER_ESP: ("msr", C.MSR_IA32_SYSENTER_ESP, ""),
+            C.VMCS_GUEST_SYSENTER_EIP: ("msr", C.MSR_IA32_SYSENTER_EIP, ""),
+            C.VMCS_GUEST_INTERRUPTIBILITY: ("intr", "", ""),
+        }
+    )
+    return table
+
+
+_GUEST_FIELDS = _guest_field_table()
+
+_EXIT_FIELDS = frozenset(
+    {
+        C.VMCS_RO_INSTR_ERROR,
+        C.VMCS_RO_EXIT_REASON,
+        C.VMCS_RO_VMEXIT_IRQ_INFO,
+        C.VMCS_RO_VMEXIT_IRQ_ERROR,
+        C.VMCS_RO_IDT_VECTOR_INFO,
+        C.VMCS_RO_IDT_VECTOR_ERROR,
+        C.VMCS_RO_VMEXIT_INSTR_LEN,
+        C.VMCS_RO_VMX_INSTR_INFO,
+        C.VMCS_RO_EXIT_QUALIFIC,
+        C.VMCS_RO_IO_RCX,
+        C.VMCS_RO_IO_RSI,
+        C.VMCS_RO_IO_RDI,
+        C.VMCS_RO_IO_RIP,
+        C.VMCS_RO_GUEST_LIN_ADDR,
+        C.VMCS_GUEST_PHYSICAL_ADDRESS,
+        C.GDBSTUB_VMCS_MMIO_DATA,
+        C.GDBSTUB_VMCS_MMIO_SIZE,
+        C.GDBSTUB_VMCS_MMIO_DECODED,
+    }
+)
+
+
+_IN_OPCODES = frozenset({0xE4, 0xE5, 0xEC, 0xED, 0x6C, 0x6D})
+_IMM_OPCODES = frozenset({0xE4, 0xE5, 0xE6, 0xE7})
+_PREFIXES = frozenset({0x66, 0x67, 0xF2, 0xF3, 0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65})
+
+
+def _decode_io(code: bytes) -> tuple[int, int | None, int]:
+    """Decode an IN/OUT/INS/OUTS at the start of ``code``: (length, opcode or None, imm8)."""
+    i = 0
+    while i < min(len(code), 4) and (code[i] in _PREFIXES or 0x40 <= code[i] <= 0x4F):
+        i += 1
+    if i >= len(code):
+        return 0, None, 0
+    op = code[i]
+    if op in _IMM_OPCODES:
+        return (i + 2, op, code[i + 1]) if i + 1 < len(code) else (0, None, 0)
+    if op in (0xEC, 0xED, 0xEE, 0xEF, 0x6C, 0x6D, 0x6E, 0x6F):
+        return i + 1, op, 0
+    return 0, None, 0
+
+
+def _probe_habits() -> dict[str, bool]:
+    """Run a scratch real-mode guest to learn whether KVM finishes OUT, IN and HLT before
+    exiting to user space (it does when it emulates them, as kvm_pvm does)."""
+    code = bytes([0xE6, 0x80, 0xE4, 0x80, 0xF4])  # out 0x80,al; in al,0x80; hlt
+    habits: dict[str, bool] = {}
+    kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    vm = vcpu_fd = -1
+    memory = mmap.mmap(-1, 0x2000)
+    run: mmap.mmap | None = None
+    try:
+        vm = ioctl(kvm, K.KVM_CREATE_VM, 0)
+        address = buffer_address(memory)[0]
+        ioctl(
+            vm, K.KVM_SET_USER_MEMORY_REGION, K.KvmUserspaceMemoryRegion(0, 0, 0, 0x2000, address)
+        )
+        memory[0x1000 : 0x1000 + len(code)] = code
+        vcpu_fd = ioctl(vm, K.KVM_CREATE_VCPU, 0)
+        run = mmap.mmap(
+            vcpu_fd,
+            ioctl(kvm, K.KVM_GET_VCPU_MMAP_SIZE),
+            mmap.MAP_SHARED,
+            mmap.PROT_READ | mmap.PROT_WRITE,
+        )
+        sregs = K.KvmSregs()
+        ioctl(vcpu_fd, K.KVM_GET_SREGS, sregs)
+        sregs.cs.base, sregs.cs.selector = 0, 0
+        ioctl(vcpu_fd, K.KVM_SET_SREGS, sregs)
+        regs = K.KvmRegs()
+        regs.rip, regs.rflags = 0x1000, 2
+        ioctl(vcpu_fd, K.KVM_SET_REGS, regs)
+        for kind, start, length in (("out", 0x1000, 2), ("in", 0x1002, 2), ("hlt", 0x1004, 1)):
+            ioctl(vcpu_fd, K.KVM_RUN)
+            ioctl(vcpu_fd, K.KVM_GET_REGS, regs)
+            habits[kind] = regs.rip == start + length
+    except OSError:
+        pass
+    finally:
+        if run is not None:
+            run.close()
+        for fd in (vcpu_fd, vm, kvm):
+            if fd >= 0:
+                os.close(fd)
+    return habits
+
+
+_EXIT_HANDLERS: dict[int, Callable[[KvmBackend, _Vcpu], bool]] = {
+    K.KVM_EXIT_IO: KvmBackend._exit_io,
+    K.KVM_EXIT_HLT: KvmBackend._exit_hlt,
+    K.KVM_EXIT_MMIO: KvmBackend._exit_mmio,
+    K.KVM_EXIT_DEBUG: KvmBackend._exit_debug,
+    K.KVM_EXIT_EXCEPTION: KvmBackend._exit_exception,
+    K.KVM_EXIT_SHUTDOWN: KvmBackend._exit_shutdown,
+    K.KVM_EXIT_FAIL_ENTRY: KvmBackend._exit_fail_entry,
+    K.KVM_EXIT_INTERNAL_ERROR: KvmBackend._exit_internal,
+    K.KVM_EXIT_IRQ_WINDOW_OPEN: KvmBackend._exit_irq_window,
+    K.KVM_EXIT_X86_RDMSR: KvmBackend._exit_msr,
+    K.KVM_EXIT_X86_WRMSR: KvmBackend._exit_msr,
+    K.KVM_EXIT_SYSTEM_EVENT: KvmBackend._exit_system_event,
+}

@@ -182,6 +182,9 @@ class _Space:
     slots: dict[tuple[int, int, int, int], int] = field(default_factory=dict)
     free_slot: int = 0
     filter_bitmaps: list[Any] = field(default_factory=list)
+    # KVM vCPUs of vCPUs that moved to another space: KVM frees a vCPU only with its VM and
+    # refuses a second one with the same id (EEXIST), so a vCPU coming back reuses its own.
+    parked: dict[int, tuple[int, mmap.mmap]] = field(default_factory=dict)
 
 
 class _Vcpu:
@@ -344,7 +347,7 @@ class KvmBackend:
             if any(not v.destroyed for v in self._vcpus.values()):
                 raise HvError(C.HV_BUSY, "hv_vm_destroy", "vCPUs still exist")
             for space in self._spaces.values():
-                os.close(space.vm_fd)
+                self._close_space(space)
             self._spaces.clear()
             self._vcpus.clear()
 
@@ -522,8 +525,16 @@ class KvmBackend:
             space = self._space(asid, "hv_vm_space_destroy")
             if any(v.space is space and not v.destroyed for v in self._vcpus.values()):
                 raise HvError(C.HV_BUSY, "hv_vm_space_destroy", f"a vCPU is in space {asid}")
-            os.close(space.vm_fd)
+            self._close_space(space)
             del self._spaces[asid]
+
+    @staticmethod
+    def _close_space(space: _Space) -> None:
+        for fd, run in space.parked.values():
+            run.close()
+            os.close(fd)
+        space.parked.clear()
+        os.close(space.vm_fd)
 
     def hv_vcpu_set_space(self, vcpu_id: int, asid: int) -> None:
         vcpu = self._vcpu(vcpu_id, "hv_vcpu_set_space")
@@ -533,9 +544,9 @@ class KvmBackend:
             return
         self._flush(vcpu)
         state = self._save_state(vcpu)
-        fd, run = self._create_kvm_vcpu(target, vcpu.vid)
-        os.close(vcpu.fd)
-        vcpu.run.close()
+        parked = target.parked.pop(vcpu.vid, None)
+        fd, run = parked if parked is not None else self._create_kvm_vcpu(target, vcpu.vid)
+        vcpu.space.parked[vcpu.vid] = (vcpu.fd, vcpu.run)
         old = vcpu.space
         vcpu.fd, vcpu.run, vcpu.space = fd, run, target
         self._setup_kvm_vcpu(vcpu)
@@ -950,6 +961,16 @@ class KvmBackend:
                 rng.bitmap = ctypes.cast(bitmap, ctypes.c_void_p)
                 bitmaps.append(bitmap)
                 index += 1
+        if index == 0:
+            # KVM rejects a default-deny filter without ranges (EINVAL): add one that allows
+            # nothing (a one-MSR range with a clear bitmap).
+            bitmap = (ctypes.c_uint8 * 8)()
+            rng = flt.ranges[0]
+            rng.flags = K.KVM_MSR_FILTER_READ | K.KVM_MSR_FILTER_WRITE
+            rng.nmsrs = 1
+            rng.base = 0
+            rng.bitmap = ctypes.cast(bitmap, ctypes.c_void_p)
+            bitmaps.append(bitmap)
         try:
             ioctl(space.vm_fd, K.KVM_X86_SET_MSR_FILTER, flt)
         except OSError:
@@ -962,6 +983,10 @@ class KvmBackend:
         if not 0 <= tsc < 1 << 64:
             raise _bad("hv_vm_sync_tsc", "TSC value out of range")
         self._space0("hv_vm_sync_tsc")
+        if not self._completes_before_exit("tsc"):
+            raise HvError(
+                C.HV_UNSUPPORTED, "hv_vm_sync_tsc", "this host's KVM ignores writes of the guest TSC"
+            )
         now = time.monotonic_ns()
         with self._lock:
             for vcpu in self._vcpus.values():
@@ -1135,8 +1160,9 @@ class KvmBackend:
                     vcpu.controls[C.VMCS_CTRL_VMENTRY_IRQ_INFO] = 0
                 else:
                     run[K.RUN_MSR_ERROR] = 0
-                    # KVM skips the instruction on re-entry: rewind what the VMM advanced.
-                    self._dirty(vcpu, "regs").rip = (regs.rip - 2) % (1 << 64)
+                    if not value:
+                        # KVM skips the instruction on re-entry: rewind what the VMM advanced.
+                        self._dirty(vcpu, "regs").rip = (regs.rip - 2) % (1 << 64)
             elif kind == "in":
                 if vcpu.state["regs"]:
                     size = run[K.RUN_IO_SIZE]
@@ -1174,10 +1200,17 @@ class KvmBackend:
             vcpu.guest_debug_dirty = True
         else:
             events = self._dirty(vcpu, "events")
+            if kind in (C.IRQ_INFO_SOFT_IRQ, C.IRQ_INFO_SOFT_EXC, C.IRQ_INFO_PRIV_SOFT_EXC):
+                # VMX pushes RIP + VM-entry instruction length for software events. KVM would
+                # use the length of its own last exit (or none, when it emulates): move RIP
+                # here and inject an event that pushes RIP as it is.
+                length = vcpu.controls[C.VMCS_CTRL_VMENTRY_INSTR_LEN] & 0xF
+                regs = self._dirty(vcpu, "regs")
+                regs.rip = (regs.rip + length) % (1 << 64)
             if kind == C.IRQ_INFO_SOFT_IRQ:
                 events.interrupt.injected = 1
                 events.interrupt.nr = vector
-                events.interrupt.soft = 1
+                events.interrupt.soft = 0
             else:
                 events.exception.injected = 1
                 events.exception.nr = vector
@@ -1355,7 +1388,8 @@ class KvmBackend:
         return int(regs.rip), at_len or 1, False
 
     def _completes_before_exit(self, kind: str) -> bool:
-        """Whether this host's KVM finishes a ``kind`` instruction before the exit (probed once)."""
+        """Whether this host's KVM finishes a ``kind`` instruction before the exit (probed once;
+        kind "tsc" instead tells whether a host write of IA32_TSC reaches the guest)."""
         if self._habits is None:
             self._habits = _probe_habits()
         return self._habits.get(kind, False)
@@ -1522,8 +1556,12 @@ class KvmBackend:
             except HvError:
                 run[K.RUN_MSR_ERROR] = 1
             return False
+        completed = self._completes_before_exit("msr")
+        if completed:  # the framework reports RIP at the RDMSR/WRMSR
+            regs = self._dirty(vcpu, "regs")
+            regs.rip = (regs.rip - 2) % (1 << 64)
         self._set_exit(vcpu, C.VMX_REASON_WRMSR if is_write else C.VMX_REASON_RDMSR, length=2)
-        vcpu.pending = ("msr", 0)
+        vcpu.pending = ("msr", 1 if completed else 0)
         return True
 
     def _exit_system_event(self, vcpu: _Vcpu) -> bool:
@@ -1612,8 +1650,11 @@ def _decode_io(code: bytes) -> tuple[int, int | None, int]:
 
 def _probe_habits() -> dict[str, bool]:
     """Run a scratch real-mode guest to learn whether KVM finishes OUT, IN and HLT before
-    exiting to user space (it does when it emulates them, as kvm_pvm does)."""
-    code = bytes([0xE6, 0x80, 0xE4, 0x80, 0xF4])  # out 0x80,al; in al,0x80; hlt
+    exiting to user space (it does when it emulates them, as kvm_pvm does), and whether RIP is
+    still at a RDMSR that the MSR filter sent to user space (it is on VMX and on kvm_pvm: KVM
+    skips the instruction when user space completes it; the "msr" habit records the opposite)."""
+    # out 0x80,al; in al,0x80; hlt; mov ecx,0x174; rdmsr; hlt
+    code = bytes([0xE6, 0x80, 0xE4, 0x80, 0xF4, 0x66, 0xB9, 0x74, 0x01, 0, 0, 0x0F, 0x32, 0xF4])
     habits: dict[str, bool] = {}
     kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
     vm = vcpu_fd = -1
@@ -1644,6 +1685,15 @@ def _probe_habits() -> dict[str, bool]:
             ioctl(vcpu_fd, K.KVM_RUN)
             ioctl(vcpu_fd, K.KVM_GET_REGS, regs)
             habits[kind] = regs.rip == start + length
+        habits["msr"] = _probe_msr_habit(kvm, vm, vcpu_fd, run, regs)
+        # "tsc": whether a host write of IA32_TSC moves the guest TSC (kvm_pvm ignores it)
+        msrs: Any = K.kvm_msrs(1)
+        msrs.entries[0].index = C.MSR_TSC
+        msrs.entries[0].data = 1 << 62
+        ioctl(vcpu_fd, K.KVM_SET_MSRS, msrs)
+        msrs.entries[0].data = 0
+        ioctl(vcpu_fd, K.KVM_GET_MSRS, msrs)
+        habits["tsc"] = msrs.entries[0].data >= 1 << 62
     except OSError:
         pass
     finally:
@@ -1653,6 +1703,33 @@ def _probe_habits() -> dict[str, bool]:
             if fd >= 0:
                 os.close(fd)
     return habits
+
+
+def _probe_msr_habit(kvm: int, vm: int, vcpu_fd: int, run: mmap.mmap, regs: K.KvmRegs) -> bool:
+    """Second part of _probe_habits: deny every MSR, run the RDMSR at 0x100b, look at RIP."""
+    if not (
+        ioctl(kvm, K.KVM_CHECK_EXTENSION, K.KVM_CAP_X86_USER_SPACE_MSR)
+        and ioctl(kvm, K.KVM_CHECK_EXTENSION, K.KVM_CAP_X86_MSR_FILTER)
+    ):
+        return False
+    cap = K.KvmEnableCap()
+    cap.cap = K.KVM_CAP_X86_USER_SPACE_MSR
+    cap.args[0] = K.KVM_MSR_EXIT_REASON_FILTER
+    ioctl(vm, K.KVM_ENABLE_CAP, cap)
+    flt = K.KvmMsrFilter()
+    flt.flags = K.KVM_MSR_FILTER_DEFAULT_DENY
+    bitmap = (ctypes.c_uint8 * 8)()
+    flt.ranges[0].flags = K.KVM_MSR_FILTER_READ | K.KVM_MSR_FILTER_WRITE
+    flt.ranges[0].nmsrs = 1
+    flt.ranges[0].bitmap = ctypes.cast(bitmap, ctypes.c_void_p)
+    ioctl(vm, K.KVM_X86_SET_MSR_FILTER, flt)
+    regs.rip = 0x1005
+    ioctl(vcpu_fd, K.KVM_SET_REGS, regs)
+    ioctl(vcpu_fd, K.KVM_RUN)
+    if struct.unpack_from("<I", run, K.RUN_EXIT_REASON)[0] != K.KVM_EXIT_X86_RDMSR:
+        return False
+    ioctl(vcpu_fd, K.KVM_GET_REGS, regs)
+    return bool(regs.rip == 0x100B + 2)
 
 
 _EXIT_HANDLERS: dict[int, Callable[[KvmBackend, _Vcpu], bool]] = {

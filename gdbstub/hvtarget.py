@@ -1,0 +1,782 @@
+"""The debug target: gdb's view (threads, registers, memory, breakpoints) of gdbstub.hv vCPUs.
+
+Theory of operation
+-------------------
+One vCPU is one gdb thread (thread id = vCPU index + 1), each owned by a ``VcpuWorker``.
+The target is all-stop: ``resume`` starts the vCPUs gdb asked for; when one stops (breakpoint,
+step, watchpoint, fault, guest exit, Ctrl-C) the others are kicked, and once every vCPU is
+paused one ``StopEvent`` is queued and ``wake_fd`` becomes readable for the server.
+
+Every exit goes first through the target's debug handler, then to the VMM's ``handle_exit``:
+
+* MTF (37) ends a single step; an exit the VMM completes while stepping (I/O, HLT, CPUID, MSR)
+  also ends it, since the VMM executed the instruction.
+* #BP (exit 0, vector 3) at one of our int3 breakpoints is a ``swbreak`` stop; any other int3
+  is the guest's own and is re-injected with the exit's instruction length.
+* #DB (exit 0, vector 1) names the debug-register slot in DR6 bits 0-3: a breakpoint or a
+  watchpoint (with its data address); other #DBs are re-injected.
+* An exit 48 on a page protected for a watchpoint is completed here (the write lands in RAM,
+  a read gets RAM's value) and stops only when the access touched the watched range.
+
+Registers are read once per stop into a cache (general, segment, control and debug registers,
+MSR bases, the XSAVE image) and written back through the worker. Memory addresses are
+guest-virtual, translated by walking the selected vCPU's page tables (``paging``), unless
+physical mode is on. Breakpoint mechanisms come from a probe on a scratch vCPU at start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from . import hv, paging, regs, xsave
+from .breakpoints import STOP_REASONS, Breakpoint, dr7_value, dr_length_ok
+from .memory import GuestMemory
+from .target import NotSupported, ResumeAction, StopEvent, TargetError
+from .vcpu import Stop, VcpuWorker
+
+log = logging.getLogger(__name__)
+
+SIGINT, SIGTRAP = 2, 5
+FPSTATE_SIZE = 4096
+PAGE = 4096
+
+
+class Vmm(Protocol):
+    """What the target needs from the VMM in front of which it is put."""
+
+    memory: GuestMemory
+
+    def setup_vcpu(self, vcpu: int) -> None:
+        """Initial state of a new vCPU (called on its owner thread)."""
+
+    def handle_exit(self, vcpu: int) -> Stop | None:
+        """Handle a VM exit the debugger did not consume; None to keep running."""
+
+
+@dataclass
+class HostDebugFeatures:
+    """What the host's vCPUs can do for a debugger, as probed when the VM starts."""
+
+    int3: bool = True
+    dr_exec: bool = True
+    dr_data: bool = True
+    step: bool = True
+    avx: bool = True
+
+    def describe(self) -> str:
+        """One line per feature, for ``monitor info breakpoints`` and the log."""
+        return (f"software breakpoints: {'int3' if self.int3 else 'debug registers (int3 cannot be intercepted)'}\n"
+                f"watchpoints: {'debug registers' if self.dr_data else 'write-protected pages (DR data breakpoints do not fire)'}\n"
+                f"hardware breakpoints: {'debug registers' if self.dr_exec else 'unavailable'}\n"
+                f"single-step: {'monitor trap flag' if self.step else 'unavailable'}")
+
+
+@dataclass
+class _Thread:
+    worker: VcpuWorker
+    regs: dict[str, int] | None = None  # register cache for the current stop
+    fpstate: bytearray | None = None
+    dirty: set[str] = field(default_factory=set)
+    stepping: bool = False
+    stop: Stop | None = None
+
+
+# gdb register name -> how to read it from the vCPU
+_HV_GPRS = {
+    "rax": hv.HV_X86_RAX, "rbx": hv.HV_X86_RBX, "rcx": hv.HV_X86_RCX, "rdx": hv.HV_X86_RDX,
+    "rsi": hv.HV_X86_RSI, "rdi": hv.HV_X86_RDI, "rbp": hv.HV_X86_RBP, "rsp": hv.HV_X86_RSP,
+    "r8": hv.HV_X86_R8, "r9": hv.HV_X86_R9, "r10": hv.HV_X86_R10, "r11": hv.HV_X86_R11,
+    "r12": hv.HV_X86_R12, "r13": hv.HV_X86_R13, "r14": hv.HV_X86_R14, "r15": hv.HV_X86_R15,
+    "rip": hv.HV_X86_RIP, "eflags": hv.HV_X86_RFLAGS,
+    "cs": hv.HV_X86_CS, "ss": hv.HV_X86_SS, "ds": hv.HV_X86_DS, "es": hv.HV_X86_ES,
+    "fs": hv.HV_X86_FS, "gs": hv.HV_X86_GS,
+    "cr0": hv.HV_X86_CR0, "cr2": hv.HV_X86_CR2, "cr3": hv.HV_X86_CR3, "cr4": hv.HV_X86_CR4,
+    "dr0": hv.HV_X86_DR0, "dr1": hv.HV_X86_DR1, "dr2": hv.HV_X86_DR2, "dr3": hv.HV_X86_DR3,
+    "dr6": hv.HV_X86_DR6, "dr7": hv.HV_X86_DR7,
+}
+_VMCS_REGS = {"fs_base": hv.VMCS_GUEST_FS_BASE, "gs_base": hv.VMCS_GUEST_GS_BASE,
+              "efer": hv.VMCS_GUEST_IA32_EFER}
+_MSR_REGS = {"k_gs_base": hv.MSR_KGSBASE}
+
+
+def read_cpu(vcpu: int) -> tuple[dict[str, int], bytearray]:
+    """All registers gdb shows for ``vcpu`` (owner thread): gdb names -> values, XSAVE image."""
+    values = {name: hv.hv_vcpu_read_register(vcpu, reg) for name, reg in _HV_GPRS.items()}
+    for name, field_ in _VMCS_REGS.items():
+        values[name] = hv.hv_vmx_vcpu_read_vmcs(vcpu, field_)
+    for name, msr in _MSR_REGS.items():
+        try:
+            values[name] = hv.hv_vcpu_read_msr(vcpu, msr)
+        except hv.HvError:
+            values[name] = 0
+    values["cr8"] = hv.hv_vcpu_read_register(vcpu, hv.HV_X86_TPR) >> 4
+    image = bytearray(FPSTATE_SIZE)
+    hv.hv_vcpu_read_fpstate(vcpu, image)
+    values.update(xsave.fp_registers_from_xsave(bytes(image)))
+    return values, image
+
+
+def write_cpu(vcpu: int, values: dict[str, int], names: set[str], image: bytearray) -> None:
+    """Write the registers ``names`` of ``values`` back to ``vcpu`` (owner thread)."""
+    fp_written = False
+    for name in names:
+        value = values[name]
+        if name in _HV_GPRS:
+            hv.hv_vcpu_write_register(vcpu, _HV_GPRS[name], value)
+        elif name in _VMCS_REGS:
+            hv.hv_vmx_vcpu_write_vmcs(vcpu, _VMCS_REGS[name], value)
+        elif name in _MSR_REGS:
+            hv.hv_vcpu_write_msr(vcpu, _MSR_REGS[name], value)
+        elif name == "cr8":
+            hv.hv_vcpu_write_register(vcpu, hv.HV_X86_TPR, value << 4)
+        else:
+            fp_written = True
+    if fp_written:
+        xsave.apply_fp_registers(image, {n: values[n] for n in names if n not in _HV_GPRS})
+        hv.hv_vcpu_write_fpstate(vcpu, image)
+
+
+class HvTarget:
+    """A ``gdbstub.target.Target`` over gdbstub.hv vCPUs (see the module docstring)."""
+
+    def __init__(self, vmm: Vmm, vcpu_count: int = 1, *, probe: bool = True,
+                 symbols: dict[str, int] | None = None) -> None:
+        self.vmm = vmm
+        self.memory = vmm.memory
+        self.symbols = symbols or {}
+        self.features = probe_host(vmm.memory) if probe else HostDebugFeatures()
+        self.physical_mode = False
+        self._stops: queue.SimpleQueue[StopEvent] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._lock = threading.Lock()
+        self._threads: dict[int, _Thread] = {}
+        self._breakpoints: dict[tuple[int, int, int], Breakpoint] = {}
+        self._slots: list[Breakpoint | None] = [None] * 4
+        self._protected: dict[int, int] = {}  # guest page -> number of page watchpoints
+        self._pending_stop: tuple[int, Stop] | None = None
+        self._last = StopEvent(thread=1, signal=SIGTRAP, reason=None, address=None,
+                               exit_status=None, expedite=())
+        self._exited: int | None = None
+        for index in range(vcpu_count):
+            worker = VcpuWorker(index, self._on_worker_stop, setup=vmm.setup_vcpu)
+            self._threads[index + 1] = _Thread(worker)
+        log.info("debug features of this host:\n%s", self.features.describe())
+
+    # --- threads ----------------------------------------------------------------------------------
+
+    @property
+    def wake_fd(self) -> int:
+        """Readable while a stop is waiting in ``take_stop``."""
+        return self._wake_r
+
+    def thread_ids(self) -> list[int]:
+        """gdb thread ids: vCPU index + 1."""
+        return sorted(self._threads)
+
+    def _thread(self, tid: int) -> _Thread:
+        thread = self._threads.get(tid if tid > 0 else min(self._threads))
+        if thread is None:
+            raise TargetError(0x16)
+        return thread
+
+    def thread_extra_info(self, tid: int) -> str:
+        """``vCPU n [state]`` for ``info threads``."""
+        thread = self._thread(tid)
+        state = "running" if thread.worker.running else "halted" \
+            if thread.worker.vcpu in getattr(self.vmm, "parked", ()) else "stopped"
+        return f"vCPU {thread.worker.index} [{state}]"
+
+    def pc_regnum(self) -> int:
+        """gdb's number of rip."""
+        return regs.by_name["rip"].regnum
+
+    def capabilities(self) -> frozenset[str]:
+        """What gdb may ask for: breakpoints, watchpoints, stepping, AVX registers."""
+        caps = {"swbreak", "hwbreak", "watch"}
+        if self.features.step:
+            caps.add("step")
+        if self.features.avx:
+            caps.add("avx")
+        return frozenset(caps)
+
+    def host_info(self) -> dict[str, str]:
+        """For lldb's qHostInfo / qProcessInfo."""
+        return {"triple": "x86_64-unknown-none", "ptrsize": "8", "endian": "little",
+                "ostype": "none", "vendor": "unknown"}
+
+    def target_xml(self, annex: str) -> bytes | None:
+        """The target description files (target.xml and its includes)."""
+        return regs.xml_file(annex, with_avx=self.features.avx)
+
+    # --- registers ----------------------------------------------------------------------------------
+
+    def _regs(self, thread: _Thread) -> dict[str, int]:
+        if thread.regs is None:
+            if thread.worker.running:
+                raise TargetError(0x10)
+            values, image = thread.worker.call(read_cpu)
+            thread.regs, thread.fpstate = values, image
+        return thread.regs
+
+    def _commit(self, thread: _Thread) -> None:
+        if thread.dirty and thread.regs is not None and thread.fpstate is not None:
+            values, names, image = thread.regs, set(thread.dirty), thread.fpstate
+            thread.worker.call(lambda vcpu: write_cpu(vcpu, values, names, image))
+            if "rip" in names:
+                parked = getattr(self.vmm, "parked", None)
+                if parked is not None:
+                    parked.discard(thread.worker.vcpu)
+            thread.dirty.clear()
+
+    def read_registers(self, tid: int) -> bytes:
+        """The ``g`` blob."""
+        return regs.encode_g(self._regs(self._thread(tid)), self.features.avx)
+
+    def write_registers(self, tid: int, data: bytes) -> None:
+        """``G``: replace every register."""
+        thread = self._thread(tid)
+        current = self._regs(thread)
+        try:
+            new = regs.decode_g(data, self.features.avx)
+        except ValueError as exc:
+            raise TargetError(0x16) from exc
+        for name, value in new.items():
+            if current.get(name) != value:
+                current[name] = value
+                thread.dirty.add(name)
+        self._commit(thread)
+
+    def read_register(self, tid: int, regnum: int) -> bytes:
+        """``p``."""
+        reg = regs.by_num.get(regnum)
+        if reg is None or (not self.features.avx and reg.name.startswith("ymm")):
+            raise TargetError(0x16)
+        return regs.encode_register(reg.name, self._regs(self._thread(tid)).get(reg.name, 0))
+
+    def write_register(self, tid: int, regnum: int, data: bytes) -> None:
+        """``P``."""
+        reg = regs.by_num.get(regnum)
+        if reg is None:
+            raise TargetError(0x16)
+        thread = self._thread(tid)
+        try:
+            self._regs(thread)[reg.name] = regs.decode_register(reg.name, data)
+        except ValueError as exc:
+            raise TargetError(0x16) from exc
+        thread.dirty.add(reg.name)
+        self._commit(thread)
+
+    def _expedite(self, thread: _Thread) -> tuple[tuple[int, bytes], ...]:
+        values = self._regs(thread)
+        return tuple((regs.by_name[name].regnum, regs.encode_register(name, values[name]))
+                     for name in regs.EXPEDITED)
+
+    # --- memory -------------------------------------------------------------------------------------
+
+    def set_physical_memory_mode(self, on: bool) -> None:
+        """Addresses are guest-physical (on) or guest-virtual (off, the default)."""
+        self.physical_mode = on
+
+    def _paging_state(self, thread: _Thread) -> paging.PagingState:
+        values = self._regs(thread)
+        return paging.PagingState(cr0=values["cr0"], cr3=values["cr3"], cr4=values["cr4"],
+                                  efer=values["efer"])
+
+    def physical_chunks(self, tid: int, address: int, length: int) -> list[tuple[int, int]]:
+        """Guest-physical pieces of ``[address, address+length)`` up to the first hole."""
+        if self.physical_mode:
+            return [(address, length)]
+        state = self._paging_state(self._thread(tid))
+        return paging.virtual_to_physical_chunks(self.memory.read, state, address, length)
+
+    def read_memory(self, tid: int, address: int, length: int) -> bytes:
+        """``m``: what is readable from ``address`` (a prefix), E14 when nothing is."""
+        out = bytearray()
+        for gpa, size in self.physical_chunks(tid, address, length):
+            data = self.memory.read(gpa, size)
+            out += data
+            if len(data) < size:
+                break
+        if not out and length:
+            raise TargetError.bad_address()
+        self._hide_breakpoints(address, out)
+        return bytes(out)
+
+    def _hide_breakpoints(self, address: int, data: bytearray) -> None:
+        for bp in self._breakpoints.values():
+            if bp.mechanism == "int3" and address <= bp.address < address + len(data):
+                data[bp.address - address] = bp.saved[0]
+
+    def write_memory(self, tid: int, address: int, data: bytes) -> None:
+        """``M``/``X``: write, keeping our int3 bytes in place (and their saved originals new)."""
+        payload = bytearray(data)
+        for bp in self._breakpoints.values():
+            if bp.mechanism == "int3" and address <= bp.address < address + len(data):
+                bp.saved = bytes([payload[bp.address - address]])
+                payload[bp.address - address] = 0xCC
+        done = 0
+        for gpa, size in self.physical_chunks(tid, address, len(payload)):
+            written = self.memory.write(gpa, bytes(payload[done:done + size]))
+            done += written
+            if written < size:
+                break
+        if done < len(payload):
+            raise TargetError.bad_address()
+
+    # --- breakpoints ----------------------------------------------------------------------------------
+
+    def insert_breakpoint(self, kind: int, address: int, length: int) -> None:
+        """``Z0``..``Z4``."""
+        key = (kind, address, length)
+        if key in self._breakpoints:
+            return
+        tid = self.thread_ids()[0]
+        if kind == 0 and self.features.int3:
+            bp = self._insert_int3(tid, address, length)
+        elif kind in (0, 1):
+            bp = self._insert_dr(Breakpoint(kind, address, 1, "dr"))
+        elif kind in (2, 3, 4):
+            if self.features.dr_data and dr_length_ok(address, length):
+                bp = self._insert_dr(Breakpoint(kind, address, length, "dr"))
+            else:
+                bp = self._insert_page_watch(tid, kind, address, length)
+        else:
+            raise NotSupported()
+        self._breakpoints[key] = bp
+        log.info("%s", bp.describe())
+
+    def remove_breakpoint(self, kind: int, address: int, length: int) -> None:
+        """``z0``..``z4``."""
+        bp = self._breakpoints.pop((kind, address, length), None)
+        if bp is None:
+            return
+        if bp.mechanism == "int3":
+            for gpa, _ in bp.physical:
+                self.memory.write(gpa, bp.saved)
+        elif bp.mechanism == "dr":
+            self._slots[bp.slot] = None
+            self._program_debug_registers()
+        else:
+            self._unprotect(bp)
+
+    def _insert_int3(self, tid: int, address: int, length: int) -> Breakpoint:
+        chunks = self.physical_chunks(tid, address, 1)
+        if not chunks or not self.memory.contains(chunks[0][0]):
+            raise TargetError.bad_address()
+        gpa = chunks[0][0]
+        bp = Breakpoint(0, address, max(length, 1), "int3", physical=[(gpa, 1)],
+                        saved=self.memory.read(gpa, 1))
+        self.memory.write(gpa, b"\xcc")
+        self._set_exception_bitmap()
+        return bp
+
+    def _insert_dr(self, bp: Breakpoint) -> Breakpoint:
+        if not self.features.dr_exec and bp.kind < 2:
+            raise NotSupported()
+        for index, used in enumerate(self._slots):
+            if used is None:
+                bp.slot = index
+                self._slots[index] = bp
+                self._program_debug_registers()
+                return bp
+        raise TargetError(0x1C)  # ENOSPC: all four debug registers in use
+
+    def _program_debug_registers(self) -> None:
+        dr7 = dr7_value(self._slots)
+        addresses = [bp.address if bp else 0 for bp in self._slots]
+        for thread in self._threads.values():
+            def program(vcpu: int) -> None:
+                for index, value in enumerate(addresses):
+                    hv.hv_vcpu_write_register(vcpu, hv.HV_X86_DR0 + index, value)
+                hv.hv_vcpu_write_register(vcpu, hv.HV_X86_DR7, dr7)
+            thread.worker.call(program)
+            if thread.regs is not None:
+                thread.regs.update({f"dr{i}": a for i, a in enumerate(addresses)}, dr7=dr7)
+        self._set_exception_bitmap()
+
+    def _set_exception_bitmap(self) -> None:
+        bitmap = 0
+        if any(bp.mechanism == "int3" for bp in self._breakpoints.values()) or self.features.int3:
+            bitmap |= 1 << hv.IDT_BP  # also so that a guest's own int3 is seen and re-injected
+        if any(self._slots):
+            bitmap |= 1 << hv.IDT_DB
+        for thread in self._threads.values():
+            thread.worker.call(
+                lambda vcpu: hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_EXC_BITMAP, bitmap))
+
+    def _insert_page_watch(self, tid: int, kind: int, address: int, length: int) -> Breakpoint:
+        chunks = self.physical_chunks(tid, address, length)
+        if sum(size for _, size in chunks) < length:
+            raise TargetError.bad_address()
+        bp = Breakpoint(kind, address, length, "page", physical=chunks)
+        flags = hv.HV_MEMORY_READ | hv.HV_MEMORY_EXEC if kind == 2 else 0
+        for gpa, size in chunks:
+            for page in range(gpa & ~(PAGE - 1), gpa + size, PAGE):
+                self._protected[page] = self._protected.get(page, 0) + 1
+                hv.hv_vm_protect(page, PAGE, flags)
+        return bp
+
+    def _unprotect(self, bp: Breakpoint) -> None:
+        for gpa, size in bp.physical:
+            for page in range(gpa & ~(PAGE - 1), gpa + size, PAGE):
+                self._protected[page] -= 1
+                if not self._protected[page]:
+                    del self._protected[page]
+                    hv.hv_vm_protect(page, PAGE, hv.HV_MEMORY_READ | hv.HV_MEMORY_WRITE
+                                     | hv.HV_MEMORY_EXEC)
+
+    def breakpoint_report(self) -> str:
+        """``monitor info breakpoints``."""
+        lines = [bp.describe() for bp in self._breakpoints.values()] or ["no breakpoints"]
+        return "\n".join(lines) + "\n" + self.features.describe() + "\n"
+
+    # --- running --------------------------------------------------------------------------------------
+
+    def resume(self, actions: dict[int, ResumeAction], default: ResumeAction | None) -> None:
+        """Run the threads gdb asked for (all-stop); the stop arrives through ``take_stop``."""
+        if self._exited is not None:
+            self._queue(StopEvent(thread=1, signal=0, reason=None, address=None,
+                                  exit_status=self._exited, expedite=()))
+            return
+        plan: list[tuple[_Thread, bool]] = []
+        for tid, thread in self._threads.items():
+            action = actions.get(tid, default)
+            if action is None or action.kind == "t":
+                continue
+            plan.append((thread, action.kind in ("s", "r")))
+        if not plan:
+            raise TargetError(0x16)
+        with self._lock:
+            self._pending_stop = None
+        for thread, step in plan:
+            self._commit(thread)
+            thread.regs = thread.fpstate = None
+            thread.stop = None
+            thread.stepping = step
+            thread.worker.call(lambda vcpu, s=step: self._set_step(vcpu, s))
+            thread.worker.resume(self._handler(thread, step))
+
+    def _set_step(self, vcpu: int, step: bool) -> None:
+        proc = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_CTRL_CPU_BASED)
+        proc = proc | hv.CPU_BASED_MTF if step else proc & ~hv.CPU_BASED_MTF
+        hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_CPU_BASED, proc)
+
+    def _handler(self, thread: _Thread, step: bool) -> Callable[[int], Stop | None]:
+        parked = getattr(self.vmm, "parked", set())
+
+        def handle(vcpu: int) -> Stop | None:
+            stop = self._debug_exit(vcpu, step)
+            if stop is not None:
+                return stop if stop.kind != "continue" else None
+            stop = self.vmm.handle_exit(vcpu)
+            if stop is None and step:
+                return Stop("debug", SIGTRAP)  # the VMM completed the stepped instruction
+            if stop is not None and stop.kind == "halted":
+                return None if not step and vcpu not in parked else stop
+            return stop
+
+        return handle
+
+    def _debug_exit(self, vcpu: int, step: bool) -> Stop | None:
+        """Consume the exits that belong to the debugger; Stop("continue") = consumed, go on."""
+        reason = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_RO_EXIT_REASON)
+        if reason == hv.VMX_REASON_MTF:
+            return Stop("debug", SIGTRAP) if step else Stop("continue")
+        if reason == hv.VMX_REASON_EXC_NMI:
+            info = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_RO_VMEXIT_IRQ_INFO)
+            vector = info & 0xFF
+            if vector == hv.IDT_BP:
+                return self._on_int3(vcpu, info)
+            if vector == hv.IDT_DB:
+                return self._on_db(vcpu, info, step)
+            return None
+        if reason == hv.VMX_REASON_EPT_VIOLATION:
+            gpa = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_GUEST_PHYSICAL_ADDRESS)
+            if gpa & ~(PAGE - 1) in self._protected:
+                return self._on_watched_page(vcpu, gpa)
+        return None
+
+    def _on_int3(self, vcpu: int, info: int) -> Stop:
+        rip = hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RIP)
+        for bp in self._breakpoints.values():
+            if bp.mechanism == "int3" and bp.address == rip:
+                bp.hits += 1
+                return Stop("debug", SIGTRAP, reason="swbreak")
+        # the guest's own int3: deliver it as the CPU would have
+        length = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_RO_VMEXIT_INSTR_LEN) or 1
+        hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_VMENTRY_INSTR_LEN, length)
+        hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_VMENTRY_IRQ_INFO,
+                                  hv.IRQ_INFO_VALID | hv.IRQ_INFO_SOFT_EXC | hv.IDT_BP)
+        return Stop("continue")
+
+    def _on_db(self, vcpu: int, info: int, step: bool) -> Stop:
+        dr6 = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_RO_EXIT_QUALIFIC)
+        for index in range(4):
+            bp = self._slots[index]
+            if dr6 & (1 << index) and bp is not None:
+                bp.hits += 1
+                if bp.kind in (0, 1):
+                    return Stop("debug", SIGTRAP, reason=STOP_REASONS[bp.kind])
+                return Stop("debug", SIGTRAP, reason=STOP_REASONS[bp.kind], address=bp.address)
+        if dr6 & hv.DR6_BS and step:
+            return Stop("debug", SIGTRAP)
+        hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_VMENTRY_IRQ_INFO,
+                                  hv.IRQ_INFO_VALID | hv.IRQ_INFO_HARD_EXC | hv.IDT_DB)
+        return Stop("continue")
+
+    def _on_watched_page(self, vcpu: int, gpa: int) -> Stop:
+        qual = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_RO_EXIT_QUALIFIC)
+        if not hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.GDBSTUB_VMCS_MMIO_DECODED):
+            return Stop("fault", 11, message="watched page access was not decoded by the backend")
+        size = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.GDBSTUB_VMCS_MMIO_SIZE)
+        is_write = bool(qual & hv.EPT_VIOLATION_DATA_WRITE)
+        if is_write:
+            data = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.GDBSTUB_VMCS_MMIO_DATA)
+            self.memory.write(gpa, data.to_bytes(8, "little")[:size])
+        else:
+            value = int.from_bytes(self.memory.read(gpa, size), "little")
+            hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.GDBSTUB_VMCS_MMIO_DATA, value)
+        for bp in self._breakpoints.values():
+            if bp.mechanism != "page" or (bp.kind == 2 and not is_write) or (bp.kind == 3 and is_write):
+                continue
+            for start, length in bp.physical:
+                if gpa < start + length and start < gpa + size:
+                    bp.hits += 1
+                    return Stop("debug", SIGTRAP, reason=STOP_REASONS[bp.kind], address=bp.address)
+        return Stop("continue")
+
+    def interrupt(self) -> None:
+        """Ctrl-C: stop every running vCPU (hv_vcpu_interrupt)."""
+        for thread in self._threads.values():
+            if thread.worker.running:
+                thread.worker.kick()
+
+    def _on_worker_stop(self, worker: VcpuWorker, stop: Stop) -> None:
+        tid = worker.index + 1
+        with self._lock:
+            thread = self._threads[tid]
+            thread.stop = stop
+            first = self._pending_stop is None
+            if first or (self._pending_stop is not None and self._pending_stop[1].kind == "interrupted"
+                         and stop.kind != "interrupted"):
+                self._pending_stop = (tid, stop)
+            others = [t for t in self._threads.values() if t.worker.running and t is not thread]
+            everyone_stopped = not others
+        if first:
+            for other in others:
+                other.worker.kick()
+        if everyone_stopped and self._pending_stop is not None:
+            report_tid, report = self._pending_stop
+            self._queue(self._stop_event(report_tid, report))
+
+    def _stop_event(self, tid: int, stop: Stop) -> StopEvent:
+        thread = self._threads[tid]
+        thread.worker.call(lambda vcpu: self._set_step(vcpu, False))
+        if stop.kind == "exited":
+            self._exited = stop.exit_status
+            return StopEvent(thread=tid, signal=0, reason=None, address=None,
+                             exit_status=stop.exit_status, expedite=())
+        if stop.message:
+            log.warning("vCPU %d: %s", tid - 1, stop.message)
+        try:
+            expedite = self._expedite(thread)
+        except Exception:  # a vCPU that cannot report registers still reports the stop
+            expedite = ()
+        return StopEvent(thread=tid, signal=stop.signal, reason=stop.reason, address=stop.address,
+                         exit_status=None, expedite=expedite)
+
+    def _queue(self, event: StopEvent) -> None:
+        self._last = event
+        self._stops.put(event)
+        os.write(self._wake_w, b"!")
+
+    def take_stop(self) -> StopEvent | None:
+        """The next stop, if one is waiting (non-blocking)."""
+        try:
+            os.read(self._wake_r, 1)
+        except BlockingIOError:
+            pass
+        try:
+            return self._stops.get_nowait()
+        except queue.Empty:
+            return None
+
+    def wait_stop(self, timeout: float | None = None) -> StopEvent | None:
+        """Block until a stop arrives (for embedding without a server)."""
+        try:
+            event = self._stops.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        try:
+            os.read(self._wake_r, 1)
+        except BlockingIOError:
+            pass
+        return event
+
+    def last_stop(self) -> StopEvent:
+        """The most recent stop (for ``?``)."""
+        return self._last
+
+    def is_running(self) -> bool:
+        """Whether any vCPU is running."""
+        return any(t.worker.running for t in self._threads.values())
+
+    # --- sessions ------------------------------------------------------------------------------------
+
+    def detach(self) -> None:
+        """Remove the debugger's breakpoints and let the guest run."""
+        for kind, address, length in list(self._breakpoints):
+            self.remove_breakpoint(kind, address, length)
+        if self._exited is None and not self.is_running():
+            self.resume({}, ResumeAction(kind="c", signal=None, range=None))
+
+    def halt(self, timeout: float = 10.0) -> StopEvent | None:
+        """Stop a running guest and wait for it (a new client finds the guest stopped, as with
+        QEMU); returns the stop, which is not reported to anyone."""
+        if not self.is_running():
+            return None
+        self.interrupt()
+        return self.wait_stop(timeout)
+
+    def kill(self) -> None:
+        """End the VM (the process exits after the server's reply)."""
+        self.interrupt()
+
+    def monitor(self, command: str) -> str:
+        """``monitor`` commands (see ``gdbstub.monitor``)."""
+        from .monitor import run_monitor_command
+
+        return run_monitor_command(self, command)
+
+    # --- helpers for monitor commands -----------------------------------------------------------
+
+    def on_vcpu(self, tid: int, fn: Callable[[int], Any]) -> Any:
+        """Run ``fn(vcpu)`` on the owner thread of thread ``tid`` (it must be stopped)."""
+        thread = self._thread(tid)
+        if thread.worker.running:
+            raise TargetError(0x10)
+        return thread.worker.call(fn)
+
+    def invalidate_registers(self) -> None:
+        """Forget cached registers (after a monitor command changed the vCPU behind gdb)."""
+        for thread in self._threads.values():
+            thread.regs = thread.fpstate = None
+
+    def code_mode(self, tid: int) -> int:
+        """Capstone mode of the code thread ``tid`` runs: 16, 32 or 64-bit."""
+        import capstone
+
+        values = self._regs(self._thread(tid))
+        cs_ar = self.on_vcpu(tid, lambda v: hv.hv_vmx_vcpu_read_vmcs(v, hv.VMCS_GUEST_CS_AR))
+        if values["efer"] & hv.EFER_LMA and cs_ar & (1 << 13):
+            return int(capstone.CS_MODE_64)
+        if values["cr0"] & 1 and cs_ar & (1 << 14):
+            return int(capstone.CS_MODE_32)
+        return int(capstone.CS_MODE_16)
+
+    def registers(self, tid: int) -> dict[str, int]:
+        """The register cache of ``tid`` (gdb names)."""
+        return dict(self._regs(self._thread(tid)))
+
+    def close(self) -> None:
+        """Stop and destroy every vCPU."""
+        self.interrupt()
+        for thread in self._threads.values():
+            thread.worker.close()
+
+
+def probe_host(memory: GuestMemory) -> HostDebugFeatures:
+    """Find out on a scratch vCPU what the host can do for a debugger.
+
+    Runs tiny 32-bit programs in a page of guest RAM (restored afterwards): an ``int3`` with #BP
+    intercepted, a DR0 execution breakpoint, a DR0 data write breakpoint, and an MTF step. Each
+    feature is the observed exit, never the host's name.
+    """
+    scratch = 0x8000 if memory.contains(0x8000) else memory.ranges()[0][0] + 0x8000
+    saved = memory.read(scratch, 0x2000)
+    result: dict[str, bool] = {}
+
+    def flat32(vcpu: int, code: bytes) -> None:
+        memory.write(scratch, code)
+        for i in range(8):
+            ar = 0xC09B if i == 1 else 0x8B if i == 7 else 0x10000 if i == 6 else 0xC093
+            hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_GUEST_ES + 2 * i, 8 if i == 1 else 16)
+            hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_GUEST_ES_BASE + 2 * i, 0)
+            hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_GUEST_ES_LIMIT + 2 * i, 0xFFFFFFFF)
+            hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_GUEST_ES_AR + 2 * i, ar)
+        hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_GUEST_CR0, 0x11)
+        hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_GUEST_CR4, 0)
+        hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_GUEST_IA32_EFER, 0)
+        hv.hv_vcpu_write_register(vcpu, hv.HV_X86_RIP, scratch)
+        hv.hv_vcpu_write_register(vcpu, hv.HV_X86_RFLAGS, 2)
+        hv.hv_vcpu_write_register(vcpu, hv.HV_X86_RBX, scratch + 0x1000)
+        proc = hv.hv_vmx_read_capability(hv.HV_VMX_CAP_PROCBASED)
+        hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_CPU_BASED, hv.cap2ctrl(proc, hv.CPU_BASED_HLT))
+
+    def run(vcpu: int) -> tuple[int, int, int]:
+        hv.hv_vcpu_run_until(vcpu, hv.deadline_after_ns(500_000_000))
+        return (hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_RO_EXIT_REASON),
+                hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_RO_VMEXIT_IRQ_INFO) & 0xFF,
+                hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_RO_EXIT_QUALIFIC))
+
+    def probes(vcpu: int) -> None:
+        flat32(vcpu, b"\x90\xcc\xf4")  # nop; int3; hlt
+        hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_EXC_BITMAP, 1 << hv.IDT_BP)
+        reason, vector, _ = run(vcpu)
+        result["int3"] = reason == hv.VMX_REASON_EXC_NMI and vector == hv.IDT_BP and \
+            hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RIP) == scratch + 1
+        flat32(vcpu, b"\x90\x90\xf4")  # nop; nop (DR0 here); hlt
+        hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_EXC_BITMAP, 1 << hv.IDT_DB)
+        hv.hv_vcpu_write_register(vcpu, hv.HV_X86_DR0, scratch + 1)
+        hv.hv_vcpu_write_register(vcpu, hv.HV_X86_DR7, 0x703)
+        reason, vector, qual = run(vcpu)
+        result["dr_exec"] = reason == hv.VMX_REASON_EXC_NMI and vector == hv.IDT_DB and bool(qual & 1)
+        flat32(vcpu, b"\x88\x03\xf4")  # mov [ebx], al; hlt
+        hv.hv_vcpu_write_register(vcpu, hv.HV_X86_DR0, scratch + 0x1000)
+        hv.hv_vcpu_write_register(vcpu, hv.HV_X86_DR7, 0x10703)  # write, 1 byte
+        reason, vector, qual = run(vcpu)
+        result["dr_data"] = reason == hv.VMX_REASON_EXC_NMI and vector == hv.IDT_DB and bool(qual & 1)
+        hv.hv_vcpu_write_register(vcpu, hv.HV_X86_DR7, 0x400)
+        hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_EXC_BITMAP, 0)
+        flat32(vcpu, b"\x90\x90\xf4")
+        proc = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_CTRL_CPU_BASED)
+        hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_CPU_BASED, proc | hv.CPU_BASED_MTF)
+        reason, _, _ = run(vcpu)
+        result["step"] = reason == hv.VMX_REASON_MTF and \
+            hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RIP) == scratch + 1
+        try:
+            hv.hv_vcpu_write_register(vcpu, hv.HV_X86_XCR0, 7)
+            result["avx"] = hv.hv_vcpu_read_register(vcpu, hv.HV_X86_XCR0) == 7
+        except hv.HvError:
+            result["avx"] = False
+
+    errors: list[BaseException] = []
+
+    def probe_thread() -> None:
+        try:
+            vcpu = hv.hv_vcpu_create(hv.HV_VCPU_DEFAULT)
+        except hv.HvError as exc:
+            errors.append(exc)
+            return
+        try:
+            probes(vcpu)
+        except hv.HvError as exc:
+            errors.append(exc)
+        finally:
+            hv.hv_vcpu_destroy(vcpu)
+
+    thread = threading.Thread(target=probe_thread, name="debug-probe")
+    thread.start()
+    thread.join()
+    memory.write(scratch, saved)
+    if errors:
+        log.warning("debug feature probe failed: %s", errors[0])
+    return HostDebugFeatures(**{k: result.get(k, False) for k in
+                                ("int3", "dr_exec", "dr_data", "step", "avx")})

@@ -13,16 +13,17 @@ Guests run at CPL0, which this host's kvm_pvm emulates at ~1-2 M instructions/s:
 
 from __future__ import annotations
 
+import mmap
 import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import cast
 
 import pytest
+from guestbuild import assemble_flat
 
 from gdbstub import hv
-
-from guestbuild import assemble_flat
 
 RAM_SIZE = 0x40000  # 256 KiB at GPA 0
 CODE = 0x1000  # where guest programs are loaded
@@ -61,7 +62,7 @@ class GuestMemory:
     """Host view of guest RAM mapped at ``base``: byte and integer access by GPA."""
 
     def __init__(self, size: int, base: int = 0) -> None:
-        self.buf = hv.hv_vm_allocate(size)
+        self.buf = cast(mmap.mmap, hv.hv_vm_allocate(size))
         self.base = base
         self.size = size
 

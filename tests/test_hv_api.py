@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 from hvguest import (
@@ -365,7 +366,7 @@ def test_owner_thread_refusal(hv_vm: Vm) -> None:
     codes: dict[str, int] = {}
 
     def foreign() -> None:
-        calls = {
+        calls: dict[str, Callable[[], object]] = {
             "read_register": lambda: hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RIP),
             "write_register": lambda: hv.hv_vcpu_write_register(vcpu, hv.HV_X86_RAX, 1),
             "run_until": lambda: hv.hv_vcpu_run_until(vcpu, hv.HV_DEADLINE_FOREVER),
@@ -435,7 +436,7 @@ def test_flush_commits_cached_registers(hv_vm: Vm) -> None:
     assert regs.rbx == 0xFEED_F00D
 
 
-# --- TSC, MSRs --------------------------------------------------------------------------------------
+# --- TSC, MSRs ------------------------------------------------------------------------------------
 
 RDTSC_OUT = "again:\nrdtsc\nout 0x10, al\njmp again"
 
@@ -540,7 +541,7 @@ def test_msr_managed_read_only(hv_vm: Vm) -> None:
     assert hv.hv_vcpu_read_msr(vcpu, hv.MSR_IA32_SYSENTER_CS) == 0x55
 
 
-# --- fpstate -----------------------------------------------------------------------------------------
+# --- fpstate --------------------------------------------------------------------------------------
 
 XMM = 160
 YMM_HI = 576
@@ -570,9 +571,7 @@ def test_fpstate_guest_to_host(hv_vm: Vm) -> None:
 
 
 def test_fpstate_host_to_guest(hv_vm: Vm) -> None:
-    code = asm(
-        "movdqu [abs 0x3000], xmm7\nvmovdqu [abs 0x3020], ymm2\nout 0x10, al", bits=64
-    )
+    code = asm("movdqu [abs 0x3000], xmm7\nvmovdqu [abs 0x3020], ymm2\nout 0x10, al", bits=64)
     vcpu = hv_vm.vcpu("user64", code=code)
     hv.hv_vcpu_write_register(vcpu, hv.HV_X86_XCR0, 0x7)
     image = bytearray(4096)
@@ -587,7 +586,7 @@ def test_fpstate_host_to_guest(hv_vm: Vm) -> None:
     assert hv_vm.mem.read(0x3020, 32) == b"\x5a" * 16 + b"\xa5" * 16
 
 
-# --- VMCS: exceptions, MTF, triple fault, injection --------------------------------------------------
+# --- VMCS: exceptions, MTF, triple fault, injection -----------------------------------------------
 
 
 def test_hardware_breakpoint_exit_0_vector_1(hv_vm: Vm) -> None:
@@ -658,7 +657,7 @@ def test_inject_software_interrupt_protected_mode(hv_vm: Vm) -> None:
     assert hv_vm.mem.u32(reg(vcpu, hv.HV_X86_RSP)) == CODE + 2  # return after an INT n
 
 
-# --- VMCS: guest-state read-back ---------------------------------------------------------------------
+# --- VMCS: guest-state read-back ------------------------------------------------------------------
 
 
 def refetch(vcpu: int) -> None:
@@ -757,3 +756,83 @@ def test_guest_memory_helper_is_shared_with_the_guest(hv_vm: Vm) -> None:
     vcpu = hv_vm.vcpu(code=asm("mov byte [0x3000], 0x42\nhlt"))
     assert run_to_exit(vcpu) == hv.VMX_REASON_HLT
     assert hv_vm.mem.u8(0x3000) == 0x42
+
+
+# --- registers: hypothesis round trips through KVM ------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+U64 = st.integers(0, (1 << 64) - 1)
+U16 = st.integers(0, 0xFFFF)
+U32 = st.integers(0, 0xFFFF_FFFF)
+CANONICAL = st.one_of(
+    st.integers(0, (1 << 47) - 1), st.integers((1 << 64) - (1 << 47), (1 << 64) - 1)
+)
+SEG_AR = st.builds(
+    lambda t, s, dpl, p, avl, lng, db, g: t | s << 4 | dpl << 5 | p << 7 | avl << 12 | lng << 13
+    | db << 14 | g << 15,
+    st.integers(0, 15), st.integers(0, 1), st.integers(0, 3), st.just(1), st.integers(0, 1),
+    st.just(0), st.integers(0, 1), st.integers(0, 1),
+)  # fmt: skip
+
+REGISTER_VALUES: dict[int, st.SearchStrategy[int]] = {
+    **{r: U64 for r in range(hv.HV_X86_RAX, hv.HV_X86_R15 + 1)},
+    hv.HV_X86_RIP: U64,
+    hv.HV_X86_RFLAGS: st.integers(0, 0x3F_FFFF).map(lambda f: (f & 0x254FD7) | 2),
+    **{r: U16 for r in range(hv.HV_X86_CS, hv.HV_X86_GS + 1)},
+    hv.HV_X86_LDTR: U16,
+    hv.HV_X86_TR: U16,
+    hv.HV_X86_IDT_BASE: CANONICAL,
+    hv.HV_X86_IDT_LIMIT: U16,
+    hv.HV_X86_GDT_BASE: CANONICAL,
+    hv.HV_X86_GDT_LIMIT: U16,
+    hv.HV_X86_LDT_BASE: CANONICAL,
+    hv.HV_X86_LDT_LIMIT: U32,
+    hv.HV_X86_LDT_AR: st.integers(0, 1).map(lambda u: 0x82 | u << 16),
+    hv.HV_X86_TSS_BASE: CANONICAL,
+    hv.HV_X86_TSS_LIMIT: U32,
+    hv.HV_X86_TSS_AR: SEG_AR.map(lambda ar: (ar & ~0x1F) | 0x8B),
+    hv.HV_X86_CR0: st.sampled_from([0x10, 0x30, 0x11, 0x31, 0x60000030, 0x80000031, 0x80050033]),
+    hv.HV_X86_CR2: U64,
+    hv.HV_X86_CR3: st.integers(0, (1 << 40) - 1).map(lambda v: v & ~0xFFF),
+    hv.HV_X86_CR4: st.sampled_from([0, 0x20, 0x620, 0x40620, 0x6A0]),
+    **{r: CANONICAL for r in range(hv.HV_X86_DR0, hv.HV_X86_DR3 + 1)},
+    hv.HV_X86_DR6: st.sampled_from([0xFFFF0FF0, 0xFFFF4FF1, 0xFFFF0FFF]),
+    hv.HV_X86_DR7: st.integers(0, 0xFFFF_FFFF).map(lambda v: (v & 0xFFFF23FF) | 0x400),
+    hv.HV_X86_TPR: st.integers(0, 15).map(lambda v: v << 4),
+    hv.HV_X86_XCR0: st.sampled_from([0x1, 0x3, 0x7]),
+}
+
+
+def test_every_register_has_a_strategy() -> None:
+    listed = set(REGISTER_VALUES) | {hv.HV_X86_CR1, hv.HV_X86_DR4, hv.HV_X86_DR5}
+    assert listed == set(range(hv.HV_X86_REGISTERS_MAX))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(values=st.fixed_dictionaries(REGISTER_VALUES))
+def test_register_round_trip(values: dict[int, int]) -> None:
+    """Write every hv_x86_reg_t, commit to KVM, forget the cache, read back from KVM."""
+    hv.hv_vm_create(hv.HV_VM_DEFAULT)
+    vcpu = hv.hv_vcpu_create(hv.HV_VCPU_DEFAULT)
+    try:
+        # CR4/EFER first so that CR0.PG values are consistent (long mode needs PAE and LME)
+        cr0, cr4 = values[hv.HV_X86_CR0], values[hv.HV_X86_CR4]
+        if cr0 & 0x8000_0000:
+            cr4 |= 0x20
+            hv.hv_vcpu_write_msr(vcpu, hv.MSR_EFER, hv.EFER_LME | hv.EFER_LMA)
+        expected = dict(values)
+        expected[hv.HV_X86_CR4] = cr4
+        for r, value in expected.items():
+            hv.hv_vcpu_write_register(vcpu, r, value)
+        refetch(vcpu)
+        got = {r: hv.hv_vcpu_read_register(vcpu, r) for r in expected}
+        assert got == expected
+        # DR4/DR5 alias DR6/DR7; CR1 reads as 0
+        assert hv.hv_vcpu_read_register(vcpu, hv.HV_X86_DR4) == expected[hv.HV_X86_DR6]
+        assert hv.hv_vcpu_read_register(vcpu, hv.HV_X86_DR5) == expected[hv.HV_X86_DR7]
+        assert hv.hv_vcpu_read_register(vcpu, hv.HV_X86_CR1) == 0
+    finally:
+        hv.hv_vcpu_destroy(vcpu)
+        hv.hv_vm_destroy()

@@ -24,7 +24,7 @@ from ..buffers import Buffer, page_aligned_memory
 from .backend import HvBackend
 from .constants import *  # noqa: F403  (Apple's names are the API)
 from .constants import HV_BAD_ARGUMENT, HV_MSR_NONE, HV_UNSUPPORTED
-from .errors import HvError
+from .errors import HvError as HvError
 
 BACKEND_NAMES = ("hvf", "kvm", "emu")
 
@@ -74,9 +74,10 @@ def _load(name: str) -> HvBackend:
 
         return EmuBackend()
     if name == "hvf":
-        from .hvf import HvfBackend
+        from .hvf import HvfBackend  # type: ignore[import-not-found,unused-ignore]
 
-        return HvfBackend()
+        hvf: HvBackend = HvfBackend()
+        return hvf
     raise HvError(HV_BAD_ARGUMENT, "select_backend", f"unknown backend {name!r}")
 
 

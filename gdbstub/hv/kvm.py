@@ -38,6 +38,7 @@ KVM *is* the framework here: same calls, same return codes, exits described thro
 from __future__ import annotations
 
 import ctypes
+import itertools
 import mmap
 import os
 import signal
@@ -136,7 +137,7 @@ def _bad(call: str, detail: str) -> HvError:
 
 
 def _seg_ar(seg: K.KvmSegment) -> int:
-    return (
+    return int(
         seg.type
         | seg.s << 4
         | seg.dpl << 5
@@ -235,6 +236,10 @@ class _Vcpu:
         self.pending: tuple[str, int] | None = None
         self.pending_tsc: tuple[int, int] | None = None  # (tsc value, monotonic ns when set)
         self.xlate_cache: dict[tuple[int, int, int, int], int] = {}
+        # exits whose instruction was located: (linear rip, kind, key) -> (code window, result)
+        self.insn_cache: dict[tuple[int, str, int], tuple[bytes, tuple[int, int, bool]]] = {}
+        self.sync = False  # KVM_CAP_SYNC_REGS: regs and sregs travel in kvm_run
+        self.run_address = 0
 
 
 class KvmBackend:
@@ -411,7 +416,7 @@ class KvmBackend:
                 {region.gpa, region.gpa + region.size}
                 | {c for c in (gpa, end) if region.gpa < c < region.gpa + region.size}
             )
-            for lo, hi in zip(cuts, cuts[1:], strict=False):
+            for lo, hi in itertools.pairwise(cuts):
                 pieces.append(
                     _Region(lo, hi - lo, region.uva + (lo - region.gpa), region.flags, region.keep)
                 )
@@ -505,7 +510,7 @@ class KvmBackend:
                 return region.uva + (gpa - region.gpa), region.gpa + region.size - gpa
         return None
 
-    # --- address spaces ----------------------------------------------------------------------------
+    # --- address spaces ---------------------------------------------------------------------------
 
     def hv_vm_space_create(self) -> int:
         with self._lock:
@@ -590,7 +595,7 @@ class KvmBackend:
         ioctl(vcpu.fd, K.KVM_SET_VCPU_EVENTS, state["events"])
         vcpu.guest_debug_dirty = True
 
-    # --- vCPU lifecycle ----------------------------------------------------------------------------
+    # --- vCPU lifecycle ---------------------------------------------------------------------------
 
     def _create_kvm_vcpu(self, space: _Space, vid: int) -> tuple[int, mmap.mmap]:
         fd = ioctl(space.vm_fd, K.KVM_CREATE_VCPU, vid)
@@ -599,7 +604,15 @@ class KvmBackend:
         return fd, run
 
     def _setup_kvm_vcpu(self, vcpu: _Vcpu) -> None:
-        """Signal mask for kicks: KICK_SIGNAL blocked in the thread, open inside KVM_RUN."""
+        """Signal mask for kicks: KICK_SIGNAL blocked in the thread, open inside KVM_RUN.
+        With KVM_CAP_SYNC_REGS, KVM stores regs and sregs in kvm_run at every exit and loads
+        the dirty ones at entry, which saves GET/SET_REGS and GET/SET_SREGS per exit."""
+        vcpu.sync = bool(ioctl(self._kvm, K.KVM_CHECK_EXTENSION, K.KVM_CAP_SYNC_REGS) & 3 == 3)
+        vcpu.run_address = buffer_address(vcpu.run)[0]
+        if vcpu.sync:
+            struct.pack_into(
+                "<Q", vcpu.run, K.RUN_VALID_REGS, K.KVM_SYNC_X86_REGS | K.KVM_SYNC_X86_SREGS
+            )
         current = signal.pthread_sigmask(signal.SIG_BLOCK, {KICK_SIGNAL})
         mask = 0
         for sig in current:
@@ -639,30 +652,40 @@ class KvmBackend:
         with self._lock:
             self._update_msr_filter(vcpu.space)
 
-    # --- register cache ----------------------------------------------------------------------------
+    # --- register cache ---------------------------------------------------------------------------
 
     def _get(self, vcpu: _Vcpu, what: str) -> Any:
+        obj = getattr(vcpu, what)
         if vcpu.state[what] == 0:
-            struct_, request = {
-                "regs": (vcpu.regs, K.KVM_GET_REGS),
-                "sregs": (vcpu.sregs, K.KVM_GET_SREGS),
-                "dregs": (vcpu.dregs, K.KVM_GET_DEBUGREGS),
-                "events": (vcpu.events, K.KVM_GET_VCPU_EVENTS),
-            }[what]
-            ioctl(vcpu.fd, request, struct_)
+            ioctl(vcpu.fd, _GET_REQUESTS[what], obj)
             vcpu.state[what] = 1
-        return {"regs": vcpu.regs, "sregs": vcpu.sregs, "dregs": vcpu.dregs, "events": vcpu.events}[
-            what
-        ]
+        return obj
 
     def _dirty(self, vcpu: _Vcpu, what: str) -> Any:
         obj = self._get(vcpu, what)
         vcpu.state[what] = 2
         return obj
 
-    def _flush(self, vcpu: _Vcpu) -> None:
-        """Write back dirty cached state (once, before an entry or on hv_vcpu_flush)."""
+    def _flush(self, vcpu: _Vcpu, entering: bool = False) -> None:
+        """Write back dirty cached state (once, before an entry or on hv_vcpu_flush).
+
+        ``entering``: KVM_RUN follows at once, so with sync regs the dirty regs/sregs are
+        handed over in kvm_run (KVM loads them at entry) instead of by ioctl."""
         state = vcpu.state
+        if entering and vcpu.sync:
+            dirty = 0
+            if state["sregs"] == 2:
+                ctypes.memmove(vcpu.run_address + K.RUN_SYNC_SREGS, ctypes.addressof(vcpu.sregs),
+                               ctypes.sizeof(vcpu.sregs))  # fmt: skip
+                dirty |= K.KVM_SYNC_X86_SREGS
+                state["sregs"] = 1
+            if state["regs"] == 2:
+                ctypes.memmove(vcpu.run_address + K.RUN_SYNC_REGS, ctypes.addressof(vcpu.regs),
+                               ctypes.sizeof(vcpu.regs))  # fmt: skip
+                dirty |= K.KVM_SYNC_X86_REGS
+                state["regs"] = 1
+            if dirty:
+                struct.pack_into("<Q", vcpu.run, K.RUN_DIRTY_REGS, dirty)
         if state["sregs"] == 2:
             ioctl(vcpu.fd, K.KVM_SET_SREGS, vcpu.sregs)
             state["sregs"] = 1
@@ -681,6 +704,19 @@ class KvmBackend:
         for key in vcpu.state:
             vcpu.state[key] = 0
 
+    def _after_run(self, vcpu: _Vcpu) -> None:
+        """Forget cached state after KVM_RUN; with sync regs, take regs/sregs from kvm_run."""
+        state = vcpu.state
+        state["dregs"] = state["events"] = 0
+        if vcpu.sync:
+            ctypes.memmove(ctypes.addressof(vcpu.regs), vcpu.run_address + K.RUN_SYNC_REGS,
+                           ctypes.sizeof(vcpu.regs))  # fmt: skip
+            ctypes.memmove(ctypes.addressof(vcpu.sregs), vcpu.run_address + K.RUN_SYNC_SREGS,
+                           ctypes.sizeof(vcpu.sregs))  # fmt: skip
+            state["regs"] = state["sregs"] = 1
+        else:
+            state["regs"] = state["sregs"] = 0
+
     def hv_vcpu_flush(self, vid: int) -> None:
         self._flush(self._vcpu(vid, "hv_vcpu_flush"))
 
@@ -690,7 +726,7 @@ class KvmBackend:
         self._dirty(vcpu, "sregs")
         vcpu.xlate_cache.clear()
 
-    # --- registers ---------------------------------------------------------------------------------
+    # --- registers --------------------------------------------------------------------------------
 
     def hv_vcpu_read_register(self, vid: int, reg: int) -> int:
         vcpu = self._vcpu(vid, "hv_vcpu_read_register")
@@ -701,7 +737,7 @@ class KvmBackend:
             return int(getattr(self._get(vcpu, "sregs"), _SELECTOR_REGS[reg]).selector)
         sregs = self._get(vcpu, "sregs") if reg < C.HV_X86_DR0 or reg == C.HV_X86_TPR else None
         if sregs is not None:
-            simple = {
+            simple: dict[int, Callable[[], int]] = {
                 C.HV_X86_IDT_BASE: lambda: sregs.idt.base,
                 C.HV_X86_IDT_LIMIT: lambda: sregs.idt.limit,
                 C.HV_X86_GDT_BASE: lambda: sregs.gdt.base,
@@ -738,6 +774,8 @@ class KvmBackend:
 
     def hv_vcpu_write_register(self, vid: int, reg: int, value: int) -> None:
         vcpu = self._vcpu(vid, "hv_vcpu_write_register")
+        if not 0 <= reg < C.HV_X86_REGISTERS_MAX:
+            raise _bad("hv_vcpu_write_register", f"unknown register {reg}")
         if not 0 <= value < 1 << 64:
             raise _bad("hv_vcpu_write_register", f"value {value:#x} does not fit 64 bits")
         name = _GPR_FIELDS.get(reg)
@@ -793,7 +831,7 @@ class KvmBackend:
             return
         raise _bad("hv_vcpu_write_register", f"unknown register {reg}")
 
-    # --- fpstate ---------------------------------------------------------------------------------------
+    # --- fpstate ----------------------------------------------------------------------------------
 
     def _check_fp_buffer(self, call: str, buffer: Buffer, size: int) -> memoryview:
         try:
@@ -829,7 +867,7 @@ class KvmBackend:
         except OSError as exc:
             raise _bad("hv_vcpu_write_fpstate", f"invalid XSAVE image: {exc.strerror}") from exc
 
-    # --- MSRs ---------------------------------------------------------------------------------------------
+    # --- MSRs -------------------------------------------------------------------------------------
 
     def _get_msr(self, vcpu: _Vcpu, index: int) -> int:
         msrs: Any = K.kvm_msrs(1)
@@ -977,7 +1015,7 @@ class KvmBackend:
             return  # host without MSR filtering: guest MSR accesses are KVM's
         space.filter_bitmaps = bitmaps
 
-    # --- TSC and time --------------------------------------------------------------------------------
+    # --- TSC and time -----------------------------------------------------------------------------
 
     def hv_vm_sync_tsc(self, tsc: int) -> None:
         if not 0 <= tsc < 1 << 64:
@@ -985,7 +1023,9 @@ class KvmBackend:
         self._space0("hv_vm_sync_tsc")
         if not self._completes_before_exit("tsc"):
             raise HvError(
-                C.HV_UNSUPPORTED, "hv_vm_sync_tsc", "this host's KVM ignores writes of the guest TSC"
+                C.HV_UNSUPPORTED,
+                "hv_vm_sync_tsc",
+                "this host's KVM ignores writes of the guest TSC",
             )
         now = time.monotonic_ns()
         with self._lock:
@@ -1008,7 +1048,7 @@ class KvmBackend:
             raise HvError(C.HV_UNSUPPORTED, "hv_vmx_read_capability", f"capability {field_}")
         return value
 
-    # --- VMCS -----------------------------------------------------------------------------------------
+    # --- VMCS -------------------------------------------------------------------------------------
 
     def hv_vmx_vcpu_read_vmcs(self, vid: int, field_: int) -> int:
         vcpu = self._vcpu(vid, "hv_vmx_vcpu_read_vmcs")
@@ -1100,7 +1140,7 @@ class KvmBackend:
         events.nmi.masked = 1 if value & C.GUEST_INTRBILITY_NMI_BLOCKING else 0
         return value
 
-    # --- running --------------------------------------------------------------------------------------
+    # --- running ----------------------------------------------------------------------------------
 
     def hv_vcpu_interrupt(self, vids: list[int]) -> None:
         targets = []
@@ -1183,7 +1223,7 @@ class KvmBackend:
             vcpu.controls[C.VMCS_CTRL_VMENTRY_IRQ_INFO] = info & ~C.IRQ_INFO_VALID
         if vcpu.guest_debug_dirty:
             self._apply_guest_debug(vcpu)
-        self._flush(vcpu)
+        self._flush(vcpu, entering=True)
         run[K.RUN_REQUEST_INTERRUPT_WINDOW] = (
             1 if vcpu.controls[C.VMCS_CTRL_CPU_BASED] & C.CPU_BASED_IRQ_WND else 0
         )
@@ -1298,7 +1338,7 @@ class KvmBackend:
                 return True
             interrupted = True
         vcpu.exec_ns += time.thread_time_ns() - start
-        self._invalidate(vcpu)
+        self._after_run(vcpu)
         reason = struct.unpack_from("<I", run, K.RUN_EXIT_REASON)[0]
         if interrupted or reason == K.KVM_EXIT_INTR:
             self._drain_kick_signal()
@@ -1321,10 +1361,10 @@ class KvmBackend:
             return True
         return handler(self, vcpu)
 
-    # --- exit decoding -----------------------------------------------------------------------------
+    # --- exit decoding ----------------------------------------------------------------------------
 
     def _linear_to_host(self, vcpu: _Vcpu, linear: int) -> int | None:
-        """Host address of guest-linear ``linear`` through KVM_TRANSLATE (cached per paging state)."""
+        """Host address of guest-linear ``linear`` via KVM_TRANSLATE (cached per paging state)."""
         sregs = self._get(vcpu, "sregs")
         page = linear & ~0xFFF
         key = (sregs.cr0, sregs.cr3, sregs.cr4, page)
@@ -1366,7 +1406,7 @@ class KvmBackend:
         return out
 
     def _locate_instruction(
-        self, vcpu: _Vcpu, matches: Callable[[bytes], int], kind: str
+        self, vcpu: _Vcpu, matches: Callable[[bytes], int], kind: str, key: int = 0
     ) -> tuple[int, int, bool]:
         """Find the instruction an exit is about: ``(start rip, length, completed by KVM)``.
 
@@ -1378,14 +1418,38 @@ class KvmBackend:
         regs = self._get(vcpu, "regs")
         linear = (self._get(vcpu, "sregs").cs.base + regs.rip) % (1 << 64)
         window = self._read_linear(vcpu, linear - 15, 30) if linear >= 15 else b""
+        # A loop exits at the same place again and again: the answer for the same code bytes
+        # around the same linear RIP (and the same port/direction, ``key``) is the same.
+        cache_key = (linear, kind, key)
+        cached = vcpu.insn_cache.get(cache_key)
+        if cached is not None and cached[0] == window and window:
+            start_offset, length, completed = cached[1]
+            return (regs.rip - start_offset) % (1 << 64), length, completed
+        result = self._locate_uncached(regs.rip, linear, window, vcpu, matches, kind)
+        if window:
+            if len(vcpu.insn_cache) > 256:
+                vcpu.insn_cache.clear()
+            offset = (regs.rip - result[0]) % (1 << 64)
+            vcpu.insn_cache[cache_key] = (window, (offset, result[1], result[2]))
+        return result
+
+    def _locate_uncached(
+        self,
+        rip: int,
+        linear: int,
+        window: bytes,
+        vcpu: _Vcpu,
+        matches: Callable[[bytes], int],
+        kind: str,
+    ) -> tuple[int, int, bool]:
         at_code = window[15:] if len(window) == 30 else self._read_linear(vcpu, linear, 15)
         at_len = matches(at_code)
         before = [n for n in range(1, 16) if len(window) == 30 and matches(window[15 - n :]) == n]
         if at_len and (not before or not self._completes_before_exit(kind)):
-            return int(regs.rip), at_len, False
+            return int(rip), at_len, False
         if before:
-            return (regs.rip - before[0]) % (1 << 64), before[0], True
-        return int(regs.rip), at_len or 1, False
+            return (rip - before[0]) % (1 << 64), before[0], True
+        return int(rip), at_len or 1, False
 
     def _completes_before_exit(self, kind: str) -> bool:
         """Whether this host's KVM finishes a ``kind`` instruction before the exit (probed once;
@@ -1410,7 +1474,7 @@ class KvmBackend:
             return length if (operand if op in _IMM_OPCODES else dx) == port else 0
 
         rip, length, completed = self._locate_instruction(
-            vcpu, matches, "in" if is_in_exit else "out"
+            vcpu, matches, "in" if is_in_exit else "out", port << 1 | is_in_exit
         )
         if completed:
             self._dirty(vcpu, "regs").rip = rip  # the framework reports RIP at the instruction
@@ -1603,6 +1667,13 @@ def _guest_field_table() -> dict[int, tuple[str, str | int, str]]:
 
 
 _GUEST_FIELDS = _guest_field_table()
+
+_GET_REQUESTS = {
+    "regs": K.KVM_GET_REGS,
+    "sregs": K.KVM_GET_SREGS,
+    "dregs": K.KVM_GET_DEBUGREGS,
+    "events": K.KVM_GET_VCPU_EVENTS,
+}
 
 _EXIT_FIELDS = frozenset(
     {

@@ -57,8 +57,13 @@ KVM_CAP_X86_USER_SPACE_MSR = 188
 KVM_CAP_X86_MSR_FILTER = 189
 KVM_CAP_XSAVE2 = 208
 KVM_CAP_READONLY_MEM = 81
+KVM_CAP_SYNC_REGS = 74
 
-# --- exits ------------------------------------------------------------------------------------------
+KVM_SYNC_X86_REGS = 1 << 0
+KVM_SYNC_X86_SREGS = 1 << 1
+KVM_SYNC_X86_EVENTS = 1 << 2
+
+# --- exits ----------------------------------------------------------------------------------------
 KVM_EXIT_UNKNOWN = 0
 KVM_EXIT_EXCEPTION = 1
 KVM_EXIT_IO = 2
@@ -100,7 +105,7 @@ KVM_VCPUEVENT_VALID_SHADOW = 0x4
 KVM_X86_SHADOW_INT_MOV_SS = 0x01
 KVM_X86_SHADOW_INT_STI = 0x02
 
-# --- kvm_run offsets ----------------------------------------------------------------------------------
+# --- kvm_run offsets ------------------------------------------------------------------------------
 RUN_REQUEST_INTERRUPT_WINDOW = 0
 RUN_IMMEDIATE_EXIT = 1
 RUN_EXIT_REASON = 8
@@ -133,6 +138,12 @@ RUN_MSR_ERROR = 32
 RUN_MSR_REASON = 40
 RUN_MSR_INDEX = 44
 RUN_MSR_DATA = 48
+# register synchronisation (KVM_CAP_SYNC_REGS): kvm_valid_regs, kvm_dirty_regs, s.regs
+RUN_VALID_REGS = 288
+RUN_DIRTY_REGS = 296
+RUN_SYNC_REGS = 304  # struct kvm_regs
+RUN_SYNC_SREGS = 304 + 144  # struct kvm_sregs
+RUN_SYNC_EVENTS = 304 + 144 + 312  # struct kvm_vcpu_events
 
 
 class KvmRegs(ctypes.Structure):

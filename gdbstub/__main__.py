@@ -124,15 +124,20 @@ def run(args: argparse.Namespace) -> int:
     target = HvTarget(machine, 1, symbols=symbols(kernel))
     if args.serial == "stdio" and not sys.stdin.isatty():
         threading.Thread(target=_feed_stdin, args=(machine,), daemon=True).start()
-    server = GdbServer(target, host=host, port=port, log_packets=args.log_packets)
+    try:
+        server = GdbServer(target, host=host, port=port, log_packets=args.log_packets,
+                           running=not args.wait)
+    except OSError as exc:
+        raise UsageError(f"--listen {host}:{port}: {exc.strerror}") from exc
     log.warning("gdbstub: %s booted (%s); gdb: target remote %s:%d%s", kernel.name,
-                machine.plan.protocol, host, server.port,
+                machine.plan.protocol, host, server.address[1],
                 "" if args.wait else " (the guest is running)")
     if not args.wait:
         target.resume({}, ResumeAction(kind="c"))
-    status = server.serve()
+    with server:
+        server.serve_forever()
+    status = target.exit_status
     target.close()
-    machine.close()
     return 0 if status is None else status
 
 

@@ -624,6 +624,11 @@ class HvTarget:
         """The most recent stop (for ``?``)."""
         return self._last
 
+    @property
+    def exit_status(self) -> int | None:
+        """The guest's exit status once it has exited through the machine, else None."""
+        return self._exited
+
     def is_running(self) -> bool:
         """Whether any vCPU is running."""
         return any(t.worker.running for t in self._threads.values())

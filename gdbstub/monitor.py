@@ -100,7 +100,7 @@ def _translate(target: HvTarget, args: list[str]) -> str:
     address = _int(args[0], target)
     r = target.registers(_tid(target))
     state = paging.PagingState(cr0=r["cr0"], cr3=r["cr3"], cr4=r["cr4"], efer=r["efer"])
-    result = paging.translate(target.memory.read, state, address)
+    result = paging.translate(target.memory.read, *state, address)
     lines = [f"{address:#x} ({paging.describe_mode(state)})"]
     walk = result.steps if result is not None else paging.walk_steps(target.memory.read, state, address)
     lines += [f"  {step}" for step in walk]
@@ -114,7 +114,7 @@ def _translate(target: HvTarget, args: list[str]) -> str:
 def _page_tables(target: HvTarget, args: list[str]) -> str:
     r = target.registers(_tid(target))
     state = paging.PagingState(cr0=r["cr0"], cr3=r["cr3"], cr4=r["cr4"], efer=r["efer"])
-    maps = paging.dump_mappings(target.memory.read, state)
+    maps = paging.dump_mappings(target.memory.read, *state)
     if not maps:
         return f"no mappings ({paging.describe_mode(state)})\n"
     return "".join(f"{m}\n" for m in maps)

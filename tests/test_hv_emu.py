@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("unicorn")
 
-from gdbstub import hv  # noqa: E402
+from gdbstub import hv
 
 try:
     from guestbuild import assemble_flat  # type: ignore[import-not-found]
@@ -232,7 +232,8 @@ def test_undefined_instruction(vm: dict[str, object]) -> None:
 
 def test_dr7_data_write_watchpoint(vm: dict[str, object]) -> None:
     code = assemble_flat(
-        "mov dword [0x5000], 1\nmov dword [0x5100], 2\nnop\nmov dword [0x5104], 3\nnext: nop\nhlt\n",
+        "mov dword [0x5000], 1\nmov dword [0x5100], 2\nnop\n"
+        "mov dword [0x5104], 3\nnext: nop\nhlt\n",
         64,
         ORG,
     )
@@ -276,6 +277,17 @@ def test_mtf_single_steps(vm: dict[str, object]) -> None:
         rips.append(hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RIP))
     assert rips == [ORG + 2, ORG + 4, ORG + 9]
     assert hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RCX) == 5
+
+
+def test_mtf_after_free_running(vm: dict[str, object]) -> None:
+    code = assemble_flat("out 0x80, al\ninc eax\ninc eax\nhlt\n", 64, ORG)
+    vcpu = new_vcpu(vm, 64, code)
+    assert run(vcpu) == hv.VMX_REASON_IO
+    skip_instruction(vcpu)
+    hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_CPU_BASED, hv.CPU_BASED_MTF)
+    assert run(vcpu) == hv.VMX_REASON_MTF
+    assert hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RIP) == ORG + 4
+    assert hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RAX) & 0xFF == 1
 
 
 def test_fpstate_round_trip(vm: dict[str, object]) -> None:

@@ -312,7 +312,7 @@ class _Vcpu:
         self.sites: dict[int, str] = {}
         self.site_hooks: dict[int, int] = {}
         self.new_sites: dict[int, str] = {}
-        self.scanned: set[tuple[int, int, int]] = set()
+        self.scanned: set[tuple[int, int]] = set()
         self.dr_exec_hooks: dict[int, int] = {}
         self.dr_exec: dict[int, int] = {}  # linear address -> DR index bits
         self.watch: list[tuple[int, int, int, bool]] = []  # (bit, lo, hi, reads too)
@@ -534,7 +534,7 @@ class EmuBackend:
             watched = self._region(vcpu.space, page)
             if watched is not None:
                 uc.mem_protect(page, PAGE, self._uc_perms(watched.flags) & ~remove)
-        uc.reg_write(X.UC_X86_REG_CR3, uc.reg_read(X.UC_X86_REG_CR3))  # flush the TLB
+        _flush_tlb(uc)
         uc.ctl_flush_tb()
         vcpu.uc_dirty_memory = False  # type: ignore[attr-defined]
 
@@ -869,8 +869,7 @@ class EmuBackend:
 
     def hv_vcpu_invalidate_tlb(self, vid: int) -> None:
         vcpu = self._vcpu(vid, "hv_vcpu_invalidate_tlb")
-        uc = vcpu.uc
-        uc.reg_write(X.UC_X86_REG_CR3, uc.reg_read(X.UC_X86_REG_CR3))  # flushes the TLB
+        _flush_tlb(vcpu.uc)
         vcpu.dr_dirty = True
 
     def hv_vcpu_read_register(self, vid: int, reg: int) -> int:
@@ -1235,11 +1234,11 @@ class EmuBackend:
         uc.hook_add(unicorn.UC_HOOK_MEM_INVALID, on_bad_memory)
 
     def _scan_block(self, vcpu: _Vcpu, address: int, size: int) -> None:
-        bits = self._cpu_bits(vcpu)
-        key = (address, size, bits)
+        key = (address, size)
         if key in vcpu.scanned:
             return
         vcpu.scanned.add(key)
+        bits = self._cpu_bits(vcpu)
         code = self._read_linear(vcpu, address, size)
         found = False
         for insn in _disassembler(bits).disasm(code, address):
@@ -1631,6 +1630,7 @@ class EmuBackend:
         vcpu.halted = False  # type: ignore[attr-defined]
         vcpu.emulate_msr = None  # type: ignore[attr-defined]
         start_rip = int(uc.reg_read(X.UC_X86_REG_RIP))
+        self._step_mode(vcpu, stepping)
         error: Any = None
         with vcpu.lock:
             if vcpu.kick.is_set():
@@ -1670,6 +1670,13 @@ class EmuBackend:
             vcpu.controls[C.VMCS_GUEST_ACTIVITY_STATE] = C.GUEST_ACTIVITY_HLT
             return False
         return self._after_instruction(vcpu, stepping, deadline, any_exit)
+
+    @staticmethod
+    def _step_mode(vcpu: _Vcpu, stepping: bool) -> None:
+        """unicorn counts instructions only in blocks translated while counting: retranslate."""
+        if vcpu.stepping != stepping:
+            vcpu.stepping = stepping
+            vcpu.uc.ctl_flush_tb()
 
     def _after_instruction(
         self, vcpu: _Vcpu, stepping: bool, deadline: int | None, any_exit: bool
@@ -1782,13 +1789,16 @@ class EmuBackend:
         region = found
         linear = self._access_linear(vcpu, address)
         uc.mem_protect(page, PAGE, self._uc_perms(region.flags))
+        _flush_tlb(uc)
         rip = int(uc.reg_read(X.UC_X86_REG_RIP))
         try:
+            self._step_mode(vcpu, True)
             uc.emu_start(rip, _UNTIL, 0, 1)
         except unicorn.UcError:
             pass
         finally:
             uc.mem_protect(page, PAGE, self._uc_perms(region.flags) & ~vcpu.watch_pages[page])
+            _flush_tlb(uc)
         if vcpu.exit_recorded or vcpu.new_sites or vcpu.pending_event:  # type: ignore[attr-defined]
             if vcpu.new_sites:
                 self._add_sites(vcpu)
@@ -1824,6 +1834,11 @@ class EmuBackend:
             if phys is not None and phys & ~0xFFF == gpa & ~0xFFF:
                 return (lo & ~0xFFF) | (gpa & 0xFFF)
         return None
+
+
+def _flush_tlb(uc: Any) -> None:
+    """Drop unicorn's software TLB (permissions and translations are looked up again)."""
+    uc.ctl(unicorn.UC_CTL_TLB_FLUSH, unicorn.UC_CTL_IO_WRITE)
 
 
 def _decode_io(code: bytes) -> tuple[int, int | None, int]:

@@ -44,6 +44,10 @@ Approximations: the TSC is unicorn's (not settable; ``hv_vm_sync_tsc`` and IA32_
 writes are kept as an offset on the emulated clock, guest RDTSC does not see them); XCR0 is
 kept here; string I/O (INS/OUTS) exits like other I/O but the VMM has to emulate the memory
 side; interrupt delivery does not switch stacks on a privilege change (except long-mode IST).
+Blocks are scanned once per (address, size): code rewritten in place into a block of the same
+extent is not rescanned, so a newly written IN/OUT/HLT/MSR/CPUID there is executed by unicorn
+without an exit. The block hook costs about 1.5 us per executed block (a `dec; jnz` loop runs
+at about 0.6 million iterations per second).
 """
 
 from __future__ import annotations

@@ -17,10 +17,12 @@ KVM *is* the framework here: same calls, same return codes, exits described thro
   signal at the deadline; mach_absolute_time is CLOCK_MONOTONIC in nanoseconds (timebase 1/1).
 * **VMCS.** Guest-state fields are views of KVM's register state, cached once per exit
   (``KVM_GET_REGS``/``SREGS``/``DEBUGREGS``/``VCPU_EVENTS``) and written back once before the next
-  entry. Controls are kept here and turned into KVM settings: the exception bitmap (#BP, #DB)
-  and MTF become ``KVM_SET_GUEST_DEBUG``, interrupt-window exiting becomes
-  ``request_interrupt_window``, the entry interruption info becomes ``KVM_INTERRUPT``,
-  ``KVM_NMI`` or an injected exception. Exit fields are computed from ``kvm_run``.
+  entry. Where KVM has KVM_CAP_SYNC_REGS, regs and sregs travel in ``kvm_run`` instead (no ioctl
+  per exit); ``hv_vcpu_flush`` still commits them by ioctl. Controls are kept here and turned
+  into KVM settings: the exception bitmap (#BP, #DB) and MTF become ``KVM_SET_GUEST_DEBUG``,
+  interrupt-window exiting becomes ``request_interrupt_window``, the entry interruption info
+  becomes ``KVM_INTERRUPT``, ``KVM_NMI`` or an injected exception.
+  Exit fields are computed from ``kvm_run``.
 * **The framework's instruction-exit contract.** On I/O, HLT, RDMSR and WRMSR exits RIP points at
   the instruction and VMCS_RO_VMEXIT_INSTR_LEN gives its length; the VMM writes results and
   advances RIP. Where KVM would complete the instruction itself on re-entry, this module rewinds
@@ -32,7 +34,15 @@ KVM *is* the framework here: same calls, same return codes, exits described thro
   native on all vCPUs of a space to user space; the backend completes the ones this vCPU may
   access and reports the others as exits 31/32, as the framework does.
 * **Address spaces.** Each space is its own KVM VM; ``hv_vcpu_set_space`` moves a vCPU by
-  creating it in the other VM on the owner thread and transferring its whole state.
+  creating it in the other VM on the owner thread and transferring its whole state. KVM frees a
+  vCPU only with its VM, so the KVM vCPU left behind is parked and reused when the vCPU returns.
+* **Software events.** An injected software interrupt/exception (entry interruption types 4-6,
+  except #BP) advances RIP by VMCS_CTRL_VMENTRY_INSTR_LEN here and is handed to KVM as an event
+  that pushes RIP as it is, so the guest sees the return address VMX would push.
+* **Host habits.** ``_probe_habits`` runs a scratch guest once per process to learn what this
+  host's KVM does: whether OUT/IN/HLT are completed before the exit, whether RIP is past a
+  RDMSR/WRMSR sent to user space, and whether the guest TSC can be written at all
+  (``hv_vm_sync_tsc`` raises HV_UNSUPPORTED where it cannot, as on kvm_pvm).
 """
 
 from __future__ import annotations

@@ -370,12 +370,6 @@ def _walk_tail(
     return _finish(vaddr, pte & _ADDR_4K, KIB4, bool(rights & _RW), bool(rights & _US), nx, steps)
 
 
-def _address_limit(cr0: int, cr4: int, efer: int) -> int:
-    """One past the highest virtual address the mode can express."""
-    mode = paging_mode(cr0, cr4, efer)
-    return _U64 if mode in ("4-level", "5-level") else _U32
-
-
 def virtual_to_physical_chunks(
     read_phys: ReadPhys,
     regs: Mapping[str, int] | PagingState,

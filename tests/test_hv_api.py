@@ -657,6 +657,93 @@ def test_inject_software_interrupt_protected_mode(hv_vm: Vm) -> None:
     assert hv_vm.mem.u32(reg(vcpu, hv.HV_X86_RSP)) == CODE + 2  # return after an INT n
 
 
+# --- #BP: INT3 intercepted, delivered to the guest, re-injected ---------------------------------
+
+BP_INFO = hv.IRQ_INFO_VALID | hv.IRQ_INFO_SOFT_EXC | hv.IDT_BP
+
+
+def idt64_gate(vm: Vm, vector: int, handler: int) -> None:
+    """A 64-bit interrupt gate (CS 0x18, DPL 0) for ``vector`` in the IDT of setup_long_mode."""
+    from hvguest import IDT
+
+    low = (handler & 0xFFFF) | 0x18 << 16 | 0x8E00 << 32 | ((handler >> 16) & 0xFFFF) << 48
+    vm.mem.write(IDT + 16 * vector, struct.pack("<QQ", low, handler >> 32))
+
+
+# The handler counts its runs in RBX and keeps the return address it found on its stack in RCX.
+BP_HANDLER = "align 16\nhandler: mov rcx, [rsp]\ninc rbx\niretq"
+
+
+@pytest.mark.parametrize("mode", ["protected", "long"])
+def test_int3_with_bp_in_the_exception_bitmap_exits_0_vector_3(hv_vm: Vm, mode: str) -> None:
+    """As VMX reports an intercepted #BP: exit 0, soft exception 3, length 1, RIP at the INT3."""
+    vcpu = hv_vm.vcpu(mode, code=asm("nop\nint3\nhlt", bits=32 if mode == "protected" else 64))
+    set_vmcs(vcpu, hv.VMCS_CTRL_EXC_BITMAP, 1 << hv.IDT_BP)
+    assert run_to_exit(vcpu) == hv.VMX_REASON_EXC_NMI
+    assert vmcs(vcpu, hv.VMCS_RO_VMEXIT_IRQ_INFO) == BP_INFO
+    assert vmcs(vcpu, hv.VMCS_RO_VMEXIT_INSTR_LEN) == 1
+    assert reg(vcpu, hv.HV_X86_RIP) == CODE + 1
+    # a debugger steps over its breakpoint by moving RIP: the vCPU goes on
+    skip_instruction(vcpu)
+    assert run_to_exit(vcpu) == hv.VMX_REASON_HLT
+    assert reg(vcpu, hv.HV_X86_RIP) == CODE + 2
+
+
+def test_guest_int3_runs_its_idt_handler(hv_vm: Vm) -> None:
+    """Without #BP in the bitmap the guest's own INT3 goes through its IDT (64-bit, CPL0,
+    interrupt gate) and the handler returns to the instruction after the INT3."""
+    vcpu = hv_vm.vcpu("long", code=asm(f"int3\nmov rdx, 7\nhlt\n{BP_HANDLER}", bits=64))
+    handler = CODE + 16
+    idt64_gate(hv_vm, hv.IDT_BP, handler)
+    set_reg(vcpu, hv.HV_X86_RBX, 0)
+    assert run_to_exit(vcpu) == hv.VMX_REASON_HLT
+    assert reg(vcpu, hv.HV_X86_RBX) == 1
+    assert reg(vcpu, hv.HV_X86_RCX) == CODE + 1  # the pushed return address
+    assert reg(vcpu, hv.HV_X86_RDX) == 7
+    assert reg(vcpu, hv.HV_X86_RIP) == CODE + 6  # at the HLT (int3; mov edx, 7)
+
+
+def test_int3_reinjected_by_the_vmm_runs_the_guest_handler(hv_vm: Vm) -> None:
+    """The VMM's answer to an intercepted #BP that is the guest's own: entry interruption
+    info soft exception 3, instruction length 1, RIP left at the INT3."""
+    vcpu = hv_vm.vcpu("long", code=asm(f"int3\nmov rdx, 7\nhlt\n{BP_HANDLER}", bits=64))
+    idt64_gate(hv_vm, hv.IDT_BP, CODE + 16)
+    set_reg(vcpu, hv.HV_X86_RBX, 0)
+    set_vmcs(vcpu, hv.VMCS_CTRL_EXC_BITMAP, 1 << hv.IDT_BP)
+    assert run_to_exit(vcpu) == hv.VMX_REASON_EXC_NMI
+    assert vmcs(vcpu, hv.VMCS_RO_VMEXIT_IRQ_INFO) == BP_INFO
+    assert reg(vcpu, hv.HV_X86_RIP) == CODE
+    set_vmcs(vcpu, hv.VMCS_CTRL_VMENTRY_IRQ_INFO, BP_INFO)
+    set_vmcs(vcpu, hv.VMCS_CTRL_VMENTRY_INSTR_LEN, 1)
+    assert run_to_exit(vcpu) == hv.VMX_REASON_HLT  # injected events are not intercepted
+    assert reg(vcpu, hv.HV_X86_RBX) == 1
+    assert reg(vcpu, hv.HV_X86_RCX) == CODE + 1
+    assert reg(vcpu, hv.HV_X86_RDX) == 7
+
+
+@pytest.mark.parametrize("vector", [3, 0x20])
+def test_guest_int_n_is_a_software_interrupt(hv_vm: Vm, vector: int) -> None:
+    """INT n (also INT 3, CD 03) goes to the guest's handler even with #BP in the bitmap:
+    the exception bitmap applies to exceptions, INT n is a software interrupt."""
+    code = asm(f"int {vector}\nmov rdx, 7\nhlt\n{BP_HANDLER}", bits=64)
+    vcpu = hv_vm.vcpu("long", code=code)
+    idt64_gate(hv_vm, vector, CODE + 16)
+    set_reg(vcpu, hv.HV_X86_RBX, 0)
+    set_vmcs(vcpu, hv.VMCS_CTRL_EXC_BITMAP, 1 << hv.IDT_BP)
+    assert run_to_exit(vcpu) == hv.VMX_REASON_HLT
+    assert reg(vcpu, hv.HV_X86_RBX) == 1
+    assert reg(vcpu, hv.HV_X86_RCX) == CODE + 2
+    assert reg(vcpu, hv.HV_X86_RDX) == 7
+
+
+def test_xgetbv_reads_xcr0(hv_vm: Vm) -> None:
+    vcpu = hv_vm.vcpu("long", code=asm("xor ecx, ecx\nxgetbv\nhlt", bits=64))
+    hv.hv_vcpu_write_register(vcpu, hv.HV_X86_XCR0, 3)
+    assert run_to_exit(vcpu) == hv.VMX_REASON_HLT
+    assert reg(vcpu, hv.HV_X86_RAX) & 0xFFFFFFFF == 3 and reg(vcpu, hv.HV_X86_RDX) == 0
+    assert reg(vcpu, hv.HV_X86_RIP) == CODE + 5
+
+
 # --- VMCS: guest-state read-back ------------------------------------------------------------------
 
 

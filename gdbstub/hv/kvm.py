@@ -39,6 +39,17 @@ KVM *is* the framework here: same calls, same return codes, exits described thro
 * **Software events.** An injected software interrupt/exception (entry interruption types 4-6,
   except #BP) advances RIP by VMCS_CTRL_VMENTRY_INSTR_LEN here and is handed to KVM as an event
   that pushes RIP as it is, so the guest sees the return address VMX would push.
+* **INT3 where KVM cannot run it.** On kvm_pvm a guest INT3 (or INT n) at CPL0 ends in
+  KVM_EXIT_INTERNAL_ERROR / emulation failure with RIP at the instruction and the vCPU intact.
+  ``_probe_int3_habit`` (a scratch 32-bit guest, once per process) learns whether this happens
+  and whether the vCPU runs on afterwards; if so the backend does what VMX does: INT3 with #BP
+  in the exception bitmap is exit 0 (soft exception 3, length 1, RIP at the INT3), otherwise
+  (and for INT n, which the bitmap does not intercept) RIP moves past the instruction and the
+  event is injected through KVM_SET_VCPU_EVENTS, so the guest's IDT handler returns after it.
+  A VMM's re-injection of #BP (entry info soft exception 3, length 1) takes the same route
+  there; where KVM intercepts INT3 itself (VMX/SVM: KVM_EXIT_DEBUG) it stays
+  KVM_GUESTDBG_USE_SW_BP / KVM_GUESTDBG_INJECT_BP. XGETBV, which kvm_pvm's emulator lacks,
+  is executed the same way (EDX:EAX from KVM_GET_XCRS).
 * **Host habits.** ``_probe_habits`` runs a scratch guest once per process to learn what this
   host's KVM does: whether OUT/IN/HLT are completed before the exit, whether RIP is past a
   RDMSR/WRMSR sent to user space, and whether the guest TSC can be written at all
@@ -277,6 +288,7 @@ class KvmBackend:
         self._next_space = 1
         self._tsc_khz = 0
         self._habits: dict[str, bool] | None = None
+        self._int3: bool | None = None
 
     # --- helpers ----------------------------------------------------------------------------
 
@@ -1245,7 +1257,8 @@ class KvmBackend:
             ioctl(vcpu.fd, K.KVM_INTERRUPT, ctypes.c_uint32(vector))
         elif kind == C.IRQ_INFO_NMI:
             ioctl(vcpu.fd, K.KVM_NMI)
-        elif kind == C.IRQ_INFO_SOFT_EXC and vector == C.IDT_BP:
+        elif kind == C.IRQ_INFO_SOFT_EXC and vector == C.IDT_BP and not self._emulates_int3():
+            # KVM pushes RIP + the length of the #BP it intercepted: RIP stays at the INT3.
             self._apply_guest_debug(vcpu, extra=K.KVM_GUESTDBG_INJECT_BP)
             vcpu.guest_debug_dirty = True
         else:
@@ -1468,6 +1481,13 @@ class KvmBackend:
             self._habits = _probe_habits()
         return self._habits.get(kind, False)
 
+    def _emulates_int3(self) -> bool:
+        """Whether KVM fails on a guest INT3 (and INT n) at CPL0 and the backend reports or
+        delivers it instead (probed once per process, see _probe_int3_habit)."""
+        if self._int3 is None:
+            self._int3 = _probe_int3_habit()
+        return self._int3
+
     def _exit_io(self, vcpu: _Vcpu) -> bool:
         run = vcpu.run
         direction = run[K.RUN_IO_DIRECTION]
@@ -1602,12 +1622,90 @@ class KvmBackend:
 
     def _exit_internal(self, vcpu: _Vcpu) -> bool:
         # KVM could not go on (for example it failed to emulate an instruction): reported as a
-        # failed entry (invalid guest state) with KVM's suberror in the qualification.
+        # failed entry (invalid guest state) with KVM's suberror in the qualification, unless
+        # the instruction is an INT3 / INT n the backend executes itself.
         suberror = struct.unpack_from("<I", vcpu.run, K.RUN_INTERNAL_SUBERROR)[0]
+        if suberror == K.KVM_INTERNAL_ERROR_EMULATION:
+            handled = self._complete_failed_emulation(vcpu)
+            if handled is not None:
+                return handled
         self._set_exit(
             vcpu, C.VMX_EXIT_REASON_FAILED_ENTRY | C.VMX_REASON_VMENTRY_GUEST, qual=suberror
         )
         return True
+
+    def _complete_failed_emulation(self, vcpu: _Vcpu) -> bool | None:
+        """KVM failed to emulate the instruction at RIP (kvm_pvm emulates all CPL0 code and
+        its emulator lacks a few instructions): execute the ones the backend knows as the CPU
+        would. INT3 (CC) and INT n (CD nn), where the int3 probe shows KVM cannot, and XGETBV.
+        Returns the exit handler's answer, or None for an instruction it does not know."""
+        regs = self._get(vcpu, "regs")
+        sregs = self._get(vcpu, "sregs")
+        long64 = sregs.efer & C.EFER_LMA and sregs.cs.l
+        linear = (regs.rip if long64 else sregs.cs.base + regs.rip) % (1 << 64)
+        code = self._read_linear(vcpu, linear, 15)
+        prefixes = _PREFIXES | _REX if long64 else _PREFIXES
+        i = 0
+        while i < len(code) - 1 and code[i] in prefixes:
+            i += 1
+        op = code[i : i + 1]
+        if op == b"\xcc" and self._emulates_int3():
+            return self._software_interrupt(vcpu, C.IDT_BP, i + 1, exception=True)
+        if op == b"\xcd" and i + 1 < len(code) and self._emulates_int3():
+            return self._software_interrupt(vcpu, code[i + 1], i + 2, exception=False)
+        if code[i : i + 3] == b"\x0f\x01\xd0":
+            return self._xgetbv(vcpu, i + 3)
+        return None
+
+    def _software_interrupt(self, vcpu: _Vcpu, vector: int, length: int, exception: bool) -> bool:
+        """INT3 with #BP in the exception bitmap is an exception exit (RIP at the INT3, its
+        length, soft exception 3), as on VMX. Otherwise the event is delivered through the
+        guest's IDT with the return address after the instruction. INT n is a software
+        interrupt: the exception bitmap does not apply to it on VMX."""
+        if exception and vcpu.controls[C.VMCS_CTRL_EXC_BITMAP] & 1 << C.IDT_BP:
+            self._set_exit(
+                vcpu,
+                C.VMX_REASON_EXC_NMI,
+                length=length,
+                irq_info=C.IRQ_INFO_VALID | C.IRQ_INFO_SOFT_EXC | C.IDT_BP,
+            )
+            return True
+        regs = self._dirty(vcpu, "regs")
+        regs.rip = (regs.rip + length) % (1 << 64)
+        events = self._dirty(vcpu, "events")
+        if exception:
+            events.exception.injected = 1
+            events.exception.nr = vector
+            events.exception.has_error_code = 0
+            events.exception.error_code = 0
+        else:
+            events.interrupt.injected = 1
+            events.interrupt.nr = vector
+            events.interrupt.soft = 0
+        return False
+
+    def _xgetbv(self, vcpu: _Vcpu, length: int) -> bool:
+        """XGETBV: EDX:EAX = XCR[ECX]; #UD without CR4.OSXSAVE, #GP(0) for an unknown XCR."""
+        regs = self._dirty(vcpu, "regs")
+        if not self._get(vcpu, "sregs").cr4 & 1 << 18:
+            fault: tuple[int, int] | None = (6, -1)
+        else:
+            xcrs = K.KvmXcrs()
+            ioctl(vcpu.fd, K.KVM_GET_XCRS, xcrs)
+            index = regs.rcx & 0xFFFFFFFF
+            values = {int(xcrs.xcrs[n].xcr): int(xcrs.xcrs[n].value) for n in range(xcrs.nr_xcrs)}
+            fault = None if index in values else (13, 0)
+            if fault is None:
+                regs.rax = values[index] & 0xFFFFFFFF
+                regs.rdx = values[index] >> 32
+                regs.rip = (regs.rip + length) % (1 << 64)
+        if fault is not None:
+            events = self._dirty(vcpu, "events")
+            events.exception.injected = 1
+            events.exception.nr = fault[0]
+            events.exception.has_error_code = 1 if fault[1] >= 0 else 0
+            events.exception.error_code = max(fault[1], 0)
+        return False
 
     def _exit_irq_window(self, vcpu: _Vcpu) -> bool:
         self._set_exit(vcpu, C.VMX_REASON_IRQ_WND)
@@ -1712,6 +1810,7 @@ _EXIT_FIELDS = frozenset(
 _IN_OPCODES = frozenset({0xE4, 0xE5, 0xEC, 0xED, 0x6C, 0x6D})
 _IMM_OPCODES = frozenset({0xE4, 0xE5, 0xE6, 0xE7})
 _PREFIXES = frozenset({0x66, 0x67, 0xF2, 0xF3, 0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65})
+_REX = frozenset(range(0x40, 0x50))
 
 
 def _decode_io(code: bytes) -> tuple[int, int | None, int]:
@@ -1811,6 +1910,77 @@ def _probe_msr_habit(kvm: int, vm: int, vcpu_fd: int, run: mmap.mmap, regs: K.Kv
         return False
     ioctl(vcpu_fd, K.KVM_GET_REGS, regs)
     return bool(regs.rip == 0x100B + 2)
+
+
+def _probe_int3_habit() -> bool:
+    """Whether this host's KVM fails on a guest ``int3`` in a way the backend can build on.
+
+    A scratch 32-bit flat protected-mode guest runs ``int3; hlt`` with KVM_GUESTDBG_USE_SW_BP.
+    On VMX/SVM KVM reports KVM_EXIT_DEBUG (exception 3): KVM intercepts #BP itself (False).
+    Where KVM's emulator cannot execute it (kvm_pvm runs CPL0 code through the emulator), the
+    exit is KVM_EXIT_INTERNAL_ERROR / emulation failure with RIP at the int3; True when, in
+    addition, the vCPU runs on after user space moves RIP past it (it reaches the HLT), i.e.
+    the backend can report or deliver the #BP itself."""
+    code = bytes([0xCC, 0xF4])  # int3; hlt at 0x1000
+    kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    vm = vcpu_fd = -1
+    memory = mmap.mmap(-1, 0x2000)
+    run: mmap.mmap | None = None
+    try:
+        vm = ioctl(kvm, K.KVM_CREATE_VM, 0)
+        address = buffer_address(memory)[0]
+        ioctl(
+            vm, K.KVM_SET_USER_MEMORY_REGION, K.KvmUserspaceMemoryRegion(0, 0, 0, 0x2000, address)
+        )
+        memory[0x1000 : 0x1000 + len(code)] = code
+        vcpu_fd = ioctl(vm, K.KVM_CREATE_VCPU, 0)
+        run = mmap.mmap(
+            vcpu_fd,
+            ioctl(kvm, K.KVM_GET_VCPU_MMAP_SIZE),
+            mmap.MAP_SHARED,
+            mmap.PROT_READ | mmap.PROT_WRITE,
+        )
+        sregs = K.KvmSregs()
+        ioctl(vcpu_fd, K.KVM_GET_SREGS, sregs)
+        for name, selector, kind in (
+            ("cs", 8, 0xB), ("ds", 16, 3), ("es", 16, 3), ("ss", 16, 3), ("fs", 16, 3),
+            ("gs", 16, 3),
+        ):  # fmt: skip
+            seg = getattr(sregs, name)
+            seg.base, seg.limit, seg.selector, seg.type = 0, 0xFFFFFFFF, selector, kind
+            seg.present, seg.dpl, seg.db, seg.s, seg.l, seg.g, seg.unusable = 1, 0, 1, 1, 0, 1, 0
+        sregs.cr0 = (sregs.cr0 | 1) & ~(1 << 31)
+        ioctl(vcpu_fd, K.KVM_SET_SREGS, sregs)
+        regs = K.KvmRegs()
+        regs.rip, regs.rflags, regs.rsp = 0x1000, 2, 0x1F00
+        ioctl(vcpu_fd, K.KVM_SET_REGS, regs)
+        dbg = K.KvmGuestDebug()
+        dbg.control = K.KVM_GUESTDBG_ENABLE | K.KVM_GUESTDBG_USE_SW_BP
+        ioctl(vcpu_fd, K.KVM_SET_GUEST_DEBUG, dbg)
+        ioctl(vcpu_fd, K.KVM_RUN)
+        reason = struct.unpack_from("<I", run, K.RUN_EXIT_REASON)[0]
+        suberror = struct.unpack_from("<I", run, K.RUN_INTERNAL_SUBERROR)[0]
+        ioctl(vcpu_fd, K.KVM_GET_REGS, regs)
+        if not (
+            reason == K.KVM_EXIT_INTERNAL_ERROR
+            and suberror == K.KVM_INTERNAL_ERROR_EMULATION
+            and regs.rip == 0x1000
+        ):
+            return False
+        regs.rip = 0x1001
+        ioctl(vcpu_fd, K.KVM_SET_REGS, regs)
+        ioctl(vcpu_fd, K.KVM_RUN)
+        ioctl(vcpu_fd, K.KVM_GET_REGS, regs)
+        reason = struct.unpack_from("<I", run, K.RUN_EXIT_REASON)[0]
+        return bool(reason == K.KVM_EXIT_HLT and regs.rip in (0x1001, 0x1002))
+    except OSError:
+        return False
+    finally:
+        if run is not None:
+            run.close()
+        for fd in (vcpu_fd, vm, kvm):
+            if fd >= 0:
+                os.close(fd)
 
 
 _EXIT_HANDLERS: dict[int, Callable[[KvmBackend, _Vcpu], bool]] = {

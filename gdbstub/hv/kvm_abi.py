@@ -133,6 +133,7 @@ RUN_DEBUG_DR7 = 56
 RUN_FAIL_ENTRY_REASON = 32
 # internal
 RUN_INTERNAL_SUBERROR = 32
+KVM_INTERNAL_ERROR_EMULATION = 1  # suberror: KVM's emulator failed on an instruction
 # msr
 RUN_MSR_ERROR = 32
 RUN_MSR_REASON = 40

@@ -169,8 +169,29 @@ _EXTENSION_FIELDS = frozenset(
 )
 
 
+def _bounds(ctype: Any) -> tuple[int, int]:
+    bits = 8 * ctypes.sizeof(ctype)
+    if ctype in (ctypes.c_int, ctypes.c_int32, ctypes.c_int64):
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+_INT_BOUNDS: dict[Any, tuple[int, int]] = {
+    t: _bounds(t)
+    for t in (ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int, ctypes.c_size_t, ctypes.c_uint)
+}
+
+
 class _MachTimebaseInfo(ctypes.Structure):
     _fields_ = [("numer", ctypes.c_uint32), ("denom", ctypes.c_uint32)]
+
+
+def _reg_name(reg: int) -> str:
+    return C.HV_X86_REG_NAMES.get(reg, f"register {reg}")
+
+
+def _field_name(field_: int) -> str:
+    return C.VMCS_FIELD_NAMES.get(field_, f"VMCS field {field_:#x}")
 
 
 @dataclass
@@ -229,8 +250,12 @@ class HvfBackend:
         """Whether the loaded framework exports ``name``."""
         return name in self._fn
 
-    def _call(self, fname: str, *args: Any) -> None:
-        """Call framework function ``fname``; raise HvError for any status but HV_SUCCESS."""
+    def _call(self, fname: str, *args: Any, detail: str = "") -> None:
+        """Call framework function ``fname``; raise HvError for any status but HV_SUCCESS.
+
+        Integer arguments are range-checked against their C type first (ctypes would silently
+        wrap -1 into 0xffffffffffffffff): out of range is HV_BAD_ARGUMENT. ``detail`` goes into
+        the HvError of a failed call (the framework returns only a code)."""
         fn = self._fn.get(fname)
         if fn is None:
             since = PROTOTYPES[fname][2]
@@ -239,9 +264,15 @@ class HvfBackend:
                 fname,
                 f"needs macOS {since}; {self.library_path} does not export {fname}",
             )
+        for index, (arg, ctype) in enumerate(zip(args, PROTOTYPES[fname][1], strict=True)):
+            bounds = _INT_BOUNDS.get(ctype)
+            if bounds is not None and isinstance(arg, int) and not bounds[0] <= arg <= bounds[1]:
+                raise HvError(
+                    C.HV_BAD_ARGUMENT, fname, f"argument {index + 1} ({arg:#x}) out of range"
+                )
         status = int(fn(*args)) & 0xFFFFFFFF
         if status != C.HV_SUCCESS:
-            raise HvError(status, fname)
+            raise HvError(status, fname, detail)
 
     def _owned(self, vid: int, call: str) -> _Vcpu | None:
         """The vCPU record for an owner-only call; refuse calls from a foreign thread.
@@ -484,14 +515,14 @@ class HvfBackend:
         self._owned(vid, "hv_vcpu_read_register")
         self._check_int(reg, "hv_vcpu_read_register", "register")
         value = ctypes.c_uint64()
-        self._call("hv_vcpu_read_register", vid, reg, ctypes.byref(value))
+        self._call("hv_vcpu_read_register", vid, reg, ctypes.byref(value), detail=_reg_name(reg))
         return int(value.value)
 
     def hv_vcpu_write_register(self, vid: int, reg: int, value: int) -> None:
         self._owned(vid, "hv_vcpu_write_register")
         self._check_int(reg, "hv_vcpu_write_register", "register")
         self._check_u64(value, "hv_vcpu_write_register")
-        self._call("hv_vcpu_write_register", vid, reg, value)
+        self._call("hv_vcpu_write_register", vid, reg, value, detail=_reg_name(reg))
 
     @staticmethod
     def _check_int(value: int, call: str, what: str) -> None:
@@ -539,14 +570,14 @@ class HvfBackend:
         self._owned(vid, "hv_vcpu_read_msr")
         self._check_u32(msr, "hv_vcpu_read_msr", "MSR")
         value = ctypes.c_uint64()
-        self._call("hv_vcpu_read_msr", vid, msr, ctypes.byref(value))
+        self._call("hv_vcpu_read_msr", vid, msr, ctypes.byref(value), detail=f"MSR {msr:#x}")
         return int(value.value)
 
     def hv_vcpu_write_msr(self, vid: int, msr: int, value: int) -> None:
         self._owned(vid, "hv_vcpu_write_msr")
         self._check_u32(msr, "hv_vcpu_write_msr", "MSR")
         self._check_u64(value, "hv_vcpu_write_msr")
-        self._call("hv_vcpu_write_msr", vid, msr, value)
+        self._call("hv_vcpu_write_msr", vid, msr, value, detail=f"MSR {msr:#x}")
 
     def hv_vcpu_enable_native_msr(self, vid: int, msr: int, enable: bool) -> None:
         self._owned(vid, "hv_vcpu_enable_native_msr")
@@ -568,7 +599,9 @@ class HvfBackend:
 
     def _read_vmcs(self, vid: int, field_: int) -> int:
         value = ctypes.c_uint64()
-        self._call("hv_vmx_vcpu_read_vmcs", vid, field_, ctypes.byref(value))
+        self._call(
+            "hv_vmx_vcpu_read_vmcs", vid, field_, ctypes.byref(value), detail=_field_name(field_)
+        )
         return int(value.value)
 
     def hv_vmx_vcpu_read_vmcs(self, vid: int, field_: int) -> int:
@@ -588,10 +621,12 @@ class HvfBackend:
         self._check_u64(value, "hv_vmx_vcpu_write_vmcs")
         if vcpu is not None and field_ == C.GDBSTUB_VMCS_MMIO_DATA:
             return  # nothing was decoded, so there is no access to complete
-        self._call("hv_vmx_vcpu_write_vmcs", vid, field_, value)
+        self._call("hv_vmx_vcpu_write_vmcs", vid, field_, value, detail=_field_name(field_))
 
     def hv_vmx_read_capability(self, field_: int) -> int:
         self._check_int(field_, "hv_vmx_read_capability", "capability")
         value = ctypes.c_uint64()
-        self._call("hv_vmx_read_capability", field_, ctypes.byref(value))
+        self._call(
+            "hv_vmx_read_capability", field_, ctypes.byref(value), detail=f"capability {field_}"
+        )
         return int(value.value)

@@ -326,7 +326,18 @@ class HvfBackend:
         return int(value.value)
 
     def hv_vm_create(self, flags: int) -> None:
-        self._call("hv_vm_create", flags)
+        try:
+            self._call("hv_vm_create", flags)
+        except HvError as exc:
+            if exc.code in (C.HV_ERROR, C.HV_DENIED, C.HV_NO_DEVICE):
+                # What an interpreter without the hypervisor entitlement gets (reference 12.1).
+                raise HvError(
+                    exc.code,
+                    "hv_vm_create",
+                    "is the Python interpreter signed with the com.apple.security.hypervisor "
+                    "entitlement? see docs/macos.md",
+                ) from exc
+            raise
 
     def hv_vm_destroy(self) -> None:
         self._call("hv_vm_destroy")

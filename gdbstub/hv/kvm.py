@@ -17,8 +17,10 @@ KVM *is* the framework here: same calls, same return codes, exits described thro
   signal at the deadline; mach_absolute_time is CLOCK_MONOTONIC in nanoseconds (timebase 1/1).
 * **VMCS.** Guest-state fields are views of KVM's register state, cached once per exit
   (``KVM_GET_REGS``/``SREGS``/``DEBUGREGS``/``VCPU_EVENTS``) and written back once before the next
-  entry. Where KVM has KVM_CAP_SYNC_REGS, regs and sregs travel in ``kvm_run`` instead (no ioctl
-  per exit); ``hv_vcpu_flush`` still commits them by ioctl. Controls are kept here and turned
+  entry. Where KVM has KVM_CAP_SYNC_REGS, the regs/sregs cache is ``kvm_run``'s sync area
+  itself (no ioctl and no copy per exit; dirty ones are flagged in kvm_dirty_regs);
+  ``hv_vcpu_flush`` still commits them by ioctl. I/O exit sites are decoded once and
+  revalidated by their code bytes (docs/performance.md). Controls are kept here and turned
   into KVM settings: the exception bitmap (#BP, #DB) and MTF become ``KVM_SET_GUEST_DEBUG``,
   interrupt-window exiting becomes ``request_interrupt_window``, the entry interruption info
   becomes ``KVM_INTERRUPT``, ``KVM_NMI`` or an injected exception.
@@ -153,6 +155,17 @@ _FILTER_BLOCKS = ((0x00000000, 0x2000), (0xC0000000, 0x2000), (0xC0010000, 0x200
 _MSR_LIMIT = 0xFFFFFFFF
 
 
+_get_ident = threading.get_ident
+_thread_time_ns = time.thread_time_ns
+_unpack_u16 = struct.Struct("<H").unpack_from
+_unpack_u32 = struct.Struct("<I").unpack_from
+_pack_u64 = struct.Struct("<Q").pack_into
+_MASK64 = (1 << 64) - 1
+# (rcx, rsi, rdi, rip) from struct kvm_regs; (cs.base, cr0, cr3, cr4) from struct kvm_sregs
+_IO_REGS = struct.Struct("<16xQ8xQQ80xQ").unpack_from
+_IO_SREGS = struct.Struct("<Q216xQ8xQQ").unpack_from
+
+
 def _bad(call: str, detail: str) -> HvError:
     return HvError(C.HV_BAD_ARGUMENT, call, detail)
 
@@ -209,6 +222,34 @@ class _Space:
     parked: dict[int, tuple[int, mmap.mmap]] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class _IoSite:
+    """What one I/O exit location decoded to, valid while ``code`` still holds ``window``
+    (``code`` views guest memory through a cached translation: dropped with the translations)."""
+
+    code: Any  # ctypes.c_char array over the guest bytes from RIP-15 to the end of the page
+    window: bytes
+    code2: Any  # the rest of the 30 bytes around RIP, on the next page (often empty)
+    window2: bytes
+    back: int  # RIP at the exit minus the instruction's start
+    length: int
+    completed: bool
+    qual: int  # qualification without the port/size/direction (string and REP bits)
+
+
+class _NoCode:
+    raw = None  # never equal to a window: an _IoSite that is not cached
+
+
+_NO_CODE = _NoCode()
+_EMPTY = (ctypes.c_char * 0)()
+
+
+def _forget_translations(vcpu: _Vcpu) -> None:
+    vcpu.xlate_cache.clear()
+    vcpu.io_cache.clear()
+
+
 class _Vcpu:
     """Per-vCPU state: fd, kvm_run, register cache, VMCS controls, exit fields."""
 
@@ -259,6 +300,8 @@ class _Vcpu:
         self.xlate_cache: dict[tuple[int, int, int, int], int] = {}
         # exits whose instruction was located: (linear rip, kind, key) -> (code window, result)
         self.insn_cache: dict[tuple[int, str, int], tuple[bytes, tuple[int, int, bool]]] = {}
+        # I/O exits at a known place: (linear rip, cr0, cr3, cr4, port << 1 | in) -> _IoSite
+        self.io_cache: dict[tuple[int, int, int, int, int], _IoSite] = {}
         self.sync = False  # KVM_CAP_SYNC_REGS: regs and sregs travel in kvm_run
         self.run_address = 0
 
@@ -328,7 +371,7 @@ class KvmBackend:
         vcpu = self._vcpus.get(vid)
         if vcpu is None or vcpu.destroyed:
             raise _bad(call, f"no vCPU {vid}")
-        if vcpu.owner != threading.get_ident():
+        if vcpu.owner != _get_ident():
             raise _bad(call, f"vCPU {vid} belongs to another thread")
         return vcpu
 
@@ -505,7 +548,7 @@ class KvmBackend:
                     raise HvError(C.HV_ERROR, call, f"KVM memory slot: {exc.strerror}") from exc
                 space.slots[key] = slot
         for vcpu in self._vcpus.values():
-            vcpu.xlate_cache.clear()
+            _forget_translations(vcpu)
 
     @staticmethod
     def _alloc_slot(space: _Space) -> int:
@@ -578,7 +621,7 @@ class KvmBackend:
         vcpu.fd, vcpu.run, vcpu.space = fd, run, target
         self._setup_kvm_vcpu(vcpu)
         self._restore_state(vcpu, state)
-        vcpu.xlate_cache.clear()
+        _forget_translations(vcpu)
         with self._lock:
             self._update_msr_filter(old)
             self._update_msr_filter(target)
@@ -635,6 +678,17 @@ class KvmBackend:
             struct.pack_into(
                 "<Q", vcpu.run, K.RUN_VALID_REGS, K.KVM_SYNC_X86_REGS | K.KVM_SYNC_X86_SREGS
             )
+            # The register cache *is* kvm_run's sync area: KVM stores regs/sregs there at every
+            # exit and loads the ones flagged in kvm_dirty_regs at entry, so nothing is copied.
+            # The cached values carry over (set_space moves a vCPU to another kvm_run).
+            regs = K.KvmRegs.from_address(vcpu.run_address + K.RUN_SYNC_REGS)
+            sregs = K.KvmSregs.from_address(vcpu.run_address + K.RUN_SYNC_SREGS)
+            if ctypes.addressof(regs) != ctypes.addressof(vcpu.regs):
+                ctypes.memmove(ctypes.addressof(regs), ctypes.addressof(vcpu.regs),
+                               ctypes.sizeof(regs))  # fmt: skip
+                ctypes.memmove(ctypes.addressof(sregs), ctypes.addressof(vcpu.sregs),
+                               ctypes.sizeof(sregs))  # fmt: skip
+                vcpu.regs, vcpu.sregs = regs, sregs
         current = signal.pthread_sigmask(signal.SIG_BLOCK, {KICK_SIGNAL})
         mask = 0
         for sig in current:
@@ -669,6 +723,7 @@ class KvmBackend:
         vcpu.destroyed = True
         if vcpu.timer is not None:
             vcpu.timer.close()
+        vcpu.regs, vcpu.sregs = K.KvmRegs(), K.KvmSregs()  # no views of the closed kvm_run
         vcpu.run.close()
         os.close(vcpu.fd)
         with self._lock:
@@ -695,19 +750,18 @@ class KvmBackend:
         handed over in kvm_run (KVM loads them at entry) instead of by ioctl."""
         state = vcpu.state
         if entering and vcpu.sync:
+            # regs/sregs live in kvm_run: flag the dirty ones, KVM loads them at entry
             dirty = 0
             if state["sregs"] == 2:
-                ctypes.memmove(vcpu.run_address + K.RUN_SYNC_SREGS, ctypes.addressof(vcpu.sregs),
-                               ctypes.sizeof(vcpu.sregs))  # fmt: skip
-                dirty |= K.KVM_SYNC_X86_SREGS
+                dirty = K.KVM_SYNC_X86_SREGS
                 state["sregs"] = 1
             if state["regs"] == 2:
-                ctypes.memmove(vcpu.run_address + K.RUN_SYNC_REGS, ctypes.addressof(vcpu.regs),
-                               ctypes.sizeof(vcpu.regs))  # fmt: skip
                 dirty |= K.KVM_SYNC_X86_REGS
                 state["regs"] = 1
             if dirty:
-                struct.pack_into("<Q", vcpu.run, K.RUN_DIRTY_REGS, dirty)
+                _pack_u64(vcpu.run, K.RUN_DIRTY_REGS, dirty)
+            if state["dregs"] != 2 and state["events"] != 2:
+                return
         if state["sregs"] == 2:
             ioctl(vcpu.fd, K.KVM_SET_SREGS, vcpu.sregs)
             state["sregs"] = 1
@@ -730,14 +784,7 @@ class KvmBackend:
         """Forget cached state after KVM_RUN; with sync regs, take regs/sregs from kvm_run."""
         state = vcpu.state
         state["dregs"] = state["events"] = 0
-        if vcpu.sync:
-            ctypes.memmove(ctypes.addressof(vcpu.regs), vcpu.run_address + K.RUN_SYNC_REGS,
-                           ctypes.sizeof(vcpu.regs))  # fmt: skip
-            ctypes.memmove(ctypes.addressof(vcpu.sregs), vcpu.run_address + K.RUN_SYNC_SREGS,
-                           ctypes.sizeof(vcpu.sregs))  # fmt: skip
-            state["regs"] = state["sregs"] = 1
-        else:
-            state["regs"] = state["sregs"] = 0
+        state["regs"] = state["sregs"] = 1 if vcpu.sync else 0
 
     def hv_vcpu_flush(self, vid: int) -> None:
         self._flush(self._vcpu(vid, "hv_vcpu_flush"))
@@ -746,15 +793,18 @@ class KvmBackend:
         vcpu = self._vcpu(vid, "hv_vcpu_invalidate_tlb")
         # KVM flushes the guest TLB and resets its MMU context when the sregs are written.
         self._dirty(vcpu, "sregs")
-        vcpu.xlate_cache.clear()
+        _forget_translations(vcpu)
 
     # --- registers --------------------------------------------------------------------------------
 
     def hv_vcpu_read_register(self, vid: int, reg: int) -> int:
-        vcpu = self._vcpu(vid, "hv_vcpu_read_register")
+        vcpu = self._vcpus.get(vid)
+        if vcpu is None or vcpu.destroyed or vcpu.owner != _get_ident():
+            vcpu = self._vcpu(vid, "hv_vcpu_read_register")  # raises
         name = _GPR_FIELDS.get(reg)
         if name is not None:
-            return int(getattr(self._get(vcpu, "regs"), name))
+            regs = vcpu.regs if vcpu.state["regs"] else self._get(vcpu, "regs")
+            return int(getattr(regs, name))
         if reg in _SELECTOR_REGS:
             return int(getattr(self._get(vcpu, "sregs"), _SELECTOR_REGS[reg]).selector)
         sregs = self._get(vcpu, "sregs") if reg < C.HV_X86_DR0 or reg == C.HV_X86_TPR else None
@@ -795,14 +845,18 @@ class KvmBackend:
         raise _bad("hv_vcpu_read_register", f"unknown register {reg}")
 
     def hv_vcpu_write_register(self, vid: int, reg: int, value: int) -> None:
-        vcpu = self._vcpu(vid, "hv_vcpu_write_register")
+        vcpu = self._vcpus.get(vid)
+        if vcpu is None or vcpu.destroyed or vcpu.owner != _get_ident():
+            vcpu = self._vcpu(vid, "hv_vcpu_write_register")  # raises
         if not 0 <= reg < C.HV_X86_REGISTERS_MAX:
             raise _bad("hv_vcpu_write_register", f"unknown register {reg}")
-        if not 0 <= value < 1 << 64:
+        if not 0 <= value <= _MASK64:
             raise _bad("hv_vcpu_write_register", f"value {value:#x} does not fit 64 bits")
         name = _GPR_FIELDS.get(reg)
         if name is not None:
-            setattr(self._dirty(vcpu, "regs"), name, value)
+            state = vcpu.state
+            setattr(vcpu.regs if state["regs"] else self._get(vcpu, "regs"), name, value)
+            state["regs"] = 2
             return
         if reg in _SELECTOR_REGS:
             getattr(self._dirty(vcpu, "sregs"), _SELECTOR_REGS[reg]).selector = value & 0xFFFF
@@ -828,7 +882,7 @@ class KvmBackend:
                 C.HV_X86_TPR: lambda: setattr(sregs, "cr8", (value >> 4) & 0xF),
             }
             setters[reg]()
-            vcpu.xlate_cache.clear()
+            _forget_translations(vcpu)
             return
         if C.HV_X86_DR0 <= reg <= C.HV_X86_DR7:
             dregs = self._dirty(vcpu, "dregs")
@@ -1073,9 +1127,14 @@ class KvmBackend:
     # --- VMCS -------------------------------------------------------------------------------------
 
     def hv_vmx_vcpu_read_vmcs(self, vid: int, field_: int) -> int:
-        vcpu = self._vcpu(vid, "hv_vmx_vcpu_read_vmcs")
+        vcpu = self._vcpus.get(vid)
+        if vcpu is None or vcpu.destroyed or vcpu.owner != _get_ident():
+            vcpu = self._vcpu(vid, "hv_vmx_vcpu_read_vmcs")  # raises
+        value = vcpu.exit.get(field_)  # only exit fields live there
+        if value is not None:
+            return value
         if field_ in _EXIT_FIELDS:
-            return vcpu.exit.get(field_, 0)
+            return 0
         guest = self._guest_field(vcpu, field_, None)
         if guest is not None:
             return guest
@@ -1142,7 +1201,7 @@ class KvmBackend:
             setattr(obj, attr, value & width)
         if kind == "dregs":
             vcpu.guest_debug_dirty = True
-        vcpu.xlate_cache.clear()
+        _forget_translations(vcpu)
         return value
 
     def _interruptibility(self, vcpu: _Vcpu, value: int | None) -> int:
@@ -1182,7 +1241,12 @@ class KvmBackend:
         self._run(self._vcpu(vid, "hv_vcpu_run"), None, any_exit=True)
 
     def hv_vcpu_run_until(self, vid: int, deadline: int) -> None:
-        vcpu = self._vcpu(vid, "hv_vcpu_run_until")
+        vcpu = self._vcpus.get(vid)
+        if vcpu is None or vcpu.destroyed or vcpu.owner != _get_ident():
+            vcpu = self._vcpu(vid, "hv_vcpu_run_until")  # raises
+        if deadline == _FOREVER:
+            self._run(vcpu, None, any_exit=False)
+            return
         if not 0 <= deadline <= _FOREVER:
             raise _bad("hv_vcpu_run_until", "deadline out of range")
         self._run(vcpu, None if deadline == _FOREVER else deadline, any_exit=False)
@@ -1208,6 +1272,18 @@ class KvmBackend:
     def _prepare_entry(self, vcpu: _Vcpu) -> None:
         """Turn cached state, controls and owed completions into KVM state before KVM_RUN."""
         run = vcpu.run
+        controls = vcpu.controls
+        if (
+            vcpu.pending is None
+            and vcpu.pending_tsc is None
+            and not vcpu.guest_debug_dirty
+            and not controls[C.VMCS_CTRL_VMENTRY_IRQ_INFO] & C.IRQ_INFO_VALID
+        ):  # the common case: nothing owed, nothing to inject
+            self._flush(vcpu, entering=True)
+            run[K.RUN_REQUEST_INTERRUPT_WINDOW] = (
+                1 if controls[C.VMCS_CTRL_CPU_BASED] & C.CPU_BASED_IRQ_WND else 0
+            )
+            return
         if vcpu.pending is not None:
             kind, value = vcpu.pending
             vcpu.pending = None
@@ -1346,7 +1422,7 @@ class KvmBackend:
     def _enter(self, vcpu: _Vcpu, deadline: int | None, any_exit: bool) -> bool:
         """One KVM_RUN; True when an exit for the caller has been recorded."""
         run = vcpu.run
-        start = time.thread_time_ns()
+        start = _thread_time_ns()
         try:
             ioctl(vcpu.fd, K.KVM_RUN)
             interrupted = False
@@ -1360,9 +1436,9 @@ class KvmBackend:
                 )
                 return True
             interrupted = True
-        vcpu.exec_ns += time.thread_time_ns() - start
+        vcpu.exec_ns += _thread_time_ns() - start
         self._after_run(vcpu)
-        reason = struct.unpack_from("<I", run, K.RUN_EXIT_REASON)[0]
+        reason = _unpack_u32(run, K.RUN_EXIT_REASON)[0]
         if interrupted or reason == K.KVM_EXIT_INTR:
             self._drain_kick_signal()
             if vcpu.kick.is_set():
@@ -1489,13 +1565,56 @@ class KvmBackend:
         return self._int3
 
     def _exit_io(self, vcpu: _Vcpu) -> bool:
+        """I/O exit 30 with RIP at the IN/OUT. The place was decoded before (a loop exits at
+        the same place again and again) if the guest bytes around it are still the same."""
         run = vcpu.run
-        direction = run[K.RUN_IO_DIRECTION]
-        size = run[K.RUN_IO_SIZE]
-        port = struct.unpack_from("<H", run, K.RUN_IO_PORT)[0]
+        is_in_exit = run[K.RUN_IO_DIRECTION] == K.KVM_EXIT_IO_IN
+        port = _unpack_u16(run, K.RUN_IO_PORT)[0]
+        state = vcpu.state
+        if vcpu.sync:  # regs and sregs are in kvm_run: one unpack each
+            rcx, rsi, rdi, rip = _IO_REGS(run, K.RUN_SYNC_REGS)
+            cs_base, cr0, cr3, cr4 = _IO_SREGS(run, K.RUN_SYNC_SREGS)
+        else:
+            regs = self._get(vcpu, "regs")
+            sregs = self._get(vcpu, "sregs")
+            rcx, rsi, rdi, rip = regs.rcx, regs.rsi, regs.rdi, regs.rip
+            cs_base, cr0, cr3, cr4 = sregs.cs.base, sregs.cr0, sregs.cr3, sregs.cr4
+        linear = (cs_base + rip) & _MASK64
+        key = (linear, cr0, cr3, cr4, port << 1 | is_in_exit)
+        site = vcpu.io_cache.get(key)
+        if site is None or site.code.raw != site.window or site.code2.raw != site.window2:
+            site = self._io_site(vcpu, key, linear, port, is_in_exit)
+        start = (rip - site.back) & _MASK64
+        if site.completed:
+            vcpu.regs.rip = start  # the framework reports RIP at the instruction
+            state["regs"] = 2
+        qual = site.qual | (run[K.RUN_IO_SIZE] - 1) | port << C.EXIT_QUAL_IO_PORT_SHIFT
+        if is_in_exit:
+            qual |= C.EXIT_QUAL_IO_IN
+            vcpu.pending = ("in", 0)
+        vcpu.exit = {
+            C.VMCS_RO_EXIT_REASON: C.VMX_REASON_IO,
+            C.VMCS_RO_EXIT_QUALIFIC: qual,
+            C.VMCS_RO_VMEXIT_INSTR_LEN: site.length,
+            C.VMCS_RO_IO_RCX: rcx,
+            C.VMCS_RO_IO_RSI: rsi,
+            C.VMCS_RO_IO_RDI: rdi,
+            C.VMCS_RO_IO_RIP: start,
+        }
+        return True
+
+    def _io_site(
+        self,
+        vcpu: _Vcpu,
+        key: tuple[int, int, int, int, int],
+        linear: int,
+        port: int,
+        is_in_exit: bool,
+    ) -> _IoSite:
+        """Decode the I/O instruction of this exit and remember it under ``key`` when the code
+        around it lies in one page (its bytes then validate the entry at the next exit)."""
         regs = self._get(vcpu, "regs")
         dx = regs.rdx & 0xFFFF
-        is_in_exit = direction == K.KVM_EXIT_IO_IN
 
         def matches(code: bytes) -> int:
             length, op, operand = _decode_io(code)
@@ -1506,24 +1625,29 @@ class KvmBackend:
         rip, length, completed = self._locate_instruction(
             vcpu, matches, "in" if is_in_exit else "out", port << 1 | is_in_exit
         )
-        if completed:
-            self._dirty(vcpu, "regs").rip = rip  # the framework reports RIP at the instruction
-        code = self._read_linear(vcpu, (self._get(vcpu, "sregs").cs.base + rip) % (1 << 64), length)
+        back = (regs.rip - rip) & _MASK64
+        code = self._read_linear(vcpu, (linear - back) & _MASK64, length)
         _, op, _ = _decode_io(code)
-        qual = (size - 1) | port << C.EXIT_QUAL_IO_PORT_SHIFT
-        if is_in_exit:
-            qual |= C.EXIT_QUAL_IO_IN
-            vcpu.pending = ("in", 0)
+        qual = 0
         if op in (0x6C, 0x6D, 0x6E, 0x6F):
             qual |= C.EXIT_QUAL_IO_STRING
             if any(b in (0xF2, 0xF3) for b in code[: length - 1]):
                 qual |= C.EXIT_QUAL_IO_REP
-        self._set_exit(vcpu, C.VMX_REASON_IO, qual=qual, length=length)
-        vcpu.exit[C.VMCS_RO_IO_RCX] = regs.rcx
-        vcpu.exit[C.VMCS_RO_IO_RSI] = regs.rsi
-        vcpu.exit[C.VMCS_RO_IO_RDI] = regs.rdi
-        vcpu.exit[C.VMCS_RO_IO_RIP] = rip
-        return True
+        first = linear - 15
+        split = min(30, PAGE - (first & 0xFFF))
+        host = host2 = None
+        if first >= 0:
+            host = self._linear_to_host(vcpu, first)
+            host2 = self._linear_to_host(vcpu, first + split) if split < 30 else 0
+        if host is None or host2 is None:
+            return _IoSite(_NO_CODE, b"", _NO_CODE, b"", back, length, completed, qual)
+        view = (ctypes.c_char * split).from_address(host)
+        view2 = (ctypes.c_char * (30 - split)).from_address(host2) if host2 else _EMPTY
+        site = _IoSite(view, view.raw, view2, view2.raw, back, length, completed, qual)
+        if len(vcpu.io_cache) > 256:
+            vcpu.io_cache.clear()
+        vcpu.io_cache[key] = site
+        return site
 
     def _exit_hlt(self, vcpu: _Vcpu) -> bool:
         rip, _, completed = self._locate_instruction(

@@ -122,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
     except hv.HvError as exc:
         raise UsageError(f"cannot create the VM: {exc}") from exc
     target = HvTarget(machine, 1, symbols=symbols(kernel))
+    machine.cpu_avx = target.features.avx
     if args.serial == "stdio" and not sys.stdin.isatty():
         threading.Thread(target=_feed_stdin, args=(machine,), daemon=True).start()
     try:

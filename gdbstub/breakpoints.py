@@ -40,7 +40,8 @@ class Breakpoint:
         """One line for ``monitor info breakpoints``."""
         where = f"{self.address:#x}" + (f" len {self.length}" if self.kind >= 2 else "")
         how = {"int3": "int3 in guest memory, #BP intercepted",
-               "dr": f"debug register DR{self.slot}, #DB intercepted",
+               "dr": f"debug register DR{self.slot}, #DB intercepted"
+               + (" (software breakpoint: int3 not possible here)" if self.kind == 0 else ""),
                "page": "write-protected guest page (hv_vm_protect)"
                if self.kind == 2 else "inaccessible guest page (hv_vm_protect)"}[self.mechanism]
         return f"{KIND_NAMES[self.kind]:<15} {where:<26} {how}; hits {self.hits}"

@@ -338,7 +338,7 @@ class HvTarget:
         if key in self._breakpoints:
             return
         tid = self.thread_ids()[0]
-        if kind == 0 and self.features.int3:
+        if kind == 0 and self.features.int3 and self._mapped_ram(tid, address):
             bp = self._insert_int3(tid, address, length)
         elif kind in (0, 1):
             bp = self._insert_dr(Breakpoint(kind, address, 1, "dr"))
@@ -365,6 +365,12 @@ class HvTarget:
             self._program_debug_registers()
         else:
             self._unprotect(bp)
+
+    def _mapped_ram(self, tid: int, address: int) -> bool:
+        """Whether ``address`` is mapped to RAM now (else a software breakpoint, for example
+        in higher-half code before the guest turned paging on, goes to a debug register)."""
+        chunks = self.physical_chunks(tid, address, 1)
+        return bool(chunks) and self.memory.contains(chunks[0][0])
 
     def _insert_int3(self, tid: int, address: int, length: int) -> Breakpoint:
         chunks = self.physical_chunks(tid, address, 1)
@@ -756,9 +762,14 @@ def probe_host(memory: GuestMemory) -> HostDebugFeatures:
         reason, _, _ = run(vcpu)
         result["step"] = reason == hv.VMX_REASON_MTF and \
             hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RIP) == scratch + 1
-        try:
+        hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_CPU_BASED, proc & ~hv.CPU_BASED_MTF)
+        try:  # AVX: XCR0 takes YMM and a VEX instruction really executes (emulators may lack it)
+            flat32(vcpu, b"\xc5\xfd\xef\xc0\xf4")  # vpxor ymm0, ymm0, ymm0; hlt
+            hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_GUEST_CR4, 0x40600)  # OSXSAVE|OSXMMEXCPT|OSFXSR
             hv.hv_vcpu_write_register(vcpu, hv.HV_X86_XCR0, 7)
-            result["avx"] = hv.hv_vcpu_read_register(vcpu, hv.HV_X86_XCR0) == 7
+            reason, _, _ = run(vcpu)
+            result["avx"] = reason == hv.VMX_REASON_HLT and \
+                hv.hv_vcpu_read_register(vcpu, hv.HV_X86_XCR0) == 7
         except hv.HvError:
             result["avx"] = False
 

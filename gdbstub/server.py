@@ -70,6 +70,7 @@ class GdbServer:
             open(log_packets, "a", encoding="utf-8") if log_packets is not None else None  # noqa: SIM115
         )
         self._guest_running = running
+        self._held_stops: list[StopEvent] = []
         self._attach_timeout = attach_timeout
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -89,11 +90,24 @@ class GdbServer:
         return self.address[1]
 
     def serve_forever(self) -> bool:
-        """Serve clients until one kills the target (returns True) or ``stop()`` (False)."""
+        """Serve clients until one kills the target or the guest exits (True), or ``stop()``.
+
+        Between clients the target's stops are watched too: a guest that exits while nobody is
+        attached ends the server; any other stop is kept for the next client's ``?``.
+        """
         while not self._stopping.is_set():
-            ready, _, _ = select.select([self._listener, self._wake_r], [], [])
+            ready, _, _ = select.select(
+                [self._listener, self._wake_r, self.target.wake_fd], [], [])
             if self._wake_r in ready:
                 break
+            if self.target.wake_fd in ready:
+                stops = self._take_stops()
+                self._held_stops += stops
+                if stops:
+                    self._guest_running = False
+                if any(stop.exit_status is not None for stop in stops):
+                    return True
+                continue
             try:
                 conn, peer = self._listener.accept()
             except OSError:
@@ -163,9 +177,11 @@ class GdbServer:
                 self._drop_client(session)
                 return False
             outputs: list[Output] = []
+            exited = False
             if wake_fd in ready:
                 for stop in self._take_stops():
                     outputs += session.on_stop(stop)
+                    exited = exited or stop.exit_status is not None
             if conn_fd in ready:
                 try:
                     data = conn.recv(_RECV_SIZE)
@@ -191,6 +207,8 @@ class GdbServer:
                         return False
                     case Shutdown():
                         return True
+            if exited:
+                return True  # the guest is gone: the client has its W, the server ends
 
     def _take_stops(self) -> list[StopEvent]:
         stops: list[StopEvent] = []
@@ -200,7 +218,8 @@ class GdbServer:
 
     def _halt_guest(self, session: GdbSession) -> None:
         """Stop a running guest before a new client looks at it; the stop goes to ``?``."""
-        stops = self._take_stops()
+        stops = self._held_stops + self._take_stops()
+        self._held_stops = []
         if self._guest_running and not stops:
             self.target.interrupt()
             ready, _, _ = select.select(

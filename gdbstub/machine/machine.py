@@ -137,6 +137,9 @@ class Machine:
         self.bus, self.uart = standard_bus(serial_sink)
         self.what = "running"
         self.parked: set[int] = set()
+        self.cpu_avx = True
+        """Whether CPUID offers AVX (the debug target's probe turns it off where the vCPU
+        cannot execute AVX instructions)."""
         self._lock = threading.Lock()
 
     def _write_boot(self, gpa: int, data: bytes) -> None:
@@ -218,7 +221,8 @@ class Machine:
         subleaf = hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RCX) & 0xFFFFFFFF
         xcr0 = hv.hv_vcpu_read_register(vcpu, hv.HV_X86_XCR0)
         cr4 = hv.hv_vcpu_read_register(vcpu, hv.HV_X86_CR4)
-        values = cpuid_model.cpuid(leaf, subleaf, xcr0=xcr0, cr4_osxsave=bool(cr4 & (1 << 18)))
+        values = cpuid_model.cpuid(leaf, subleaf, xcr0=xcr0, cr4_osxsave=bool(cr4 & (1 << 18)),
+                                   avx=self.cpu_avx)
         for reg, value in zip(
             (hv.HV_X86_RAX, hv.HV_X86_RBX, hv.HV_X86_RCX, hv.HV_X86_RDX), values, strict=True
         ):

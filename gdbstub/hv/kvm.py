@@ -322,6 +322,9 @@ class KvmBackend:
         self._cpuid = K.KvmCpuid2()
         self._cpuid.nent = K.CPUID_MAX_ENTRIES
         ioctl(self._kvm, K.KVM_GET_SUPPORTED_CPUID, self._cpuid)
+        self.cpl0_avx = _probe_cpl0_avx(self._cpuid)
+        if not self.cpl0_avx:
+            _hide_avx(self._cpuid)  # this host cannot run AVX in guest kernels: do not offer it
         self._xsave_size = self._compute_xsave_size()
         self._msr_index = self._read_msr_index_list()
         self._lock = threading.RLock()
@@ -2121,3 +2124,95 @@ _EXIT_HANDLERS: dict[int, Callable[[KvmBackend, _Vcpu], bool]] = {
     K.KVM_EXIT_X86_WRMSR: KvmBackend._exit_msr,
     K.KVM_EXIT_SYSTEM_EVENT: KvmBackend._exit_system_event,
 }
+
+
+def _probe_cpl0_avx(cpuid: K.KvmCpuid2) -> bool:
+    """Whether a CPL0 guest can execute AVX instructions on this host.
+
+    kvm_pvm runs CPL0 code through KVM's instruction emulator, which has no AVX: a kernel that
+    believes CPUID and uses AVX would die. A scratch 32-bit guest with CR4.OSXSAVE and XCR0 = 7
+    runs ``vpxor ymm0, ymm0, ymm0; hlt``; True when it reaches the HLT.
+    """
+    code = bytes([0xC5, 0xFD, 0xEF, 0xC0, 0xF4])
+    kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    vm = vcpu_fd = -1
+    memory = mmap.mmap(-1, 0x2000)
+    run: mmap.mmap | None = None
+    try:
+        vm = ioctl(kvm, K.KVM_CREATE_VM, 0)
+        address = buffer_address(memory)[0]
+        ioctl(
+            vm, K.KVM_SET_USER_MEMORY_REGION, K.KvmUserspaceMemoryRegion(0, 0, 0, 0x2000, address)
+        )
+        memory[0x1000 : 0x1000 + len(code)] = code
+        vcpu_fd = ioctl(vm, K.KVM_CREATE_VCPU, 0)
+        run = mmap.mmap(
+            vcpu_fd,
+            ioctl(kvm, K.KVM_GET_VCPU_MMAP_SIZE),
+            mmap.MAP_SHARED,
+            mmap.PROT_READ | mmap.PROT_WRITE,
+        )
+        ioctl(vcpu_fd, K.KVM_SET_CPUID2, cpuid)
+        sregs = K.KvmSregs()
+        ioctl(vcpu_fd, K.KVM_GET_SREGS, sregs)
+        for name, selector, kind in (
+            ("cs", 8, 0xB),
+            ("ds", 16, 3),
+            ("es", 16, 3),
+            ("ss", 16, 3),
+            ("fs", 16, 3),
+            ("gs", 16, 3),
+        ):
+            seg = getattr(sregs, name)
+            seg.base, seg.limit, seg.selector, seg.type = 0, 0xFFFFFFFF, selector, kind
+            seg.present, seg.dpl, seg.db, seg.s, seg.l, seg.g, seg.unusable = 1, 0, 1, 1, 0, 1, 0
+        sregs.cr0 = (sregs.cr0 | 1) & ~(1 << 31)
+        sregs.cr4 |= (1 << 18) | (1 << 9) | (1 << 10)  # OSXSAVE, OSFXSR, OSXMMEXCPT
+        ioctl(vcpu_fd, K.KVM_SET_SREGS, sregs)
+        xcrs = K.KvmXcrs()
+        xcrs.nr_xcrs = 1
+        xcrs.xcrs[0].xcr, xcrs.xcrs[0].value = 0, 7
+        ioctl(vcpu_fd, K.KVM_SET_XCRS, xcrs)
+        regs = K.KvmRegs()
+        regs.rip, regs.rflags, regs.rsp = 0x1000, 2, 0x1F00
+        ioctl(vcpu_fd, K.KVM_SET_REGS, regs)
+        ioctl(vcpu_fd, K.KVM_RUN)
+        return bool(struct.unpack_from("<I", run, K.RUN_EXIT_REASON)[0] == K.KVM_EXIT_HLT)
+    except OSError:
+        return False
+    finally:
+        if run is not None:
+            run.close()
+        for fd in (vcpu_fd, vm, kvm):
+            if fd >= 0:
+                os.close(fd)
+        memory.close()
+
+
+# CPUID bits of the AVX family: (leaf, subleaf, register, mask)
+_AVX_CPUID_BITS = (
+    (1, 0, "ecx", (1 << 12) | (1 << 28) | (1 << 29)),  # FMA, AVX, F16C
+    (
+        7,
+        0,
+        "ebx",
+        (1 << 5) | (1 << 16) | (1 << 17) | (1 << 21) | (0xF << 26) | (1 << 30) | (1 << 31),
+    ),
+    (7, 0, "ecx", (1 << 1) | (1 << 6) | (1 << 9) | (1 << 10) | (1 << 11) | (1 << 12) | (1 << 14)),
+    (7, 0, "edx", (1 << 2) | (1 << 3) | (1 << 8) | (1 << 23)),
+    (7, 1, "eax", (1 << 4) | (1 << 5)),
+    (0xD, 0, "eax", 0xE4),  # XCR0 components AVX, opmask, ZMM_Hi256, Hi16_ZMM
+)
+
+
+def _hide_avx(cpuid: K.KvmCpuid2) -> None:
+    """Take the AVX family out of the CPUID the guest sees (XSAVE itself stays)."""
+    for i in range(cpuid.nent):
+        entry = cpuid.entries[i]
+        for leaf, subleaf, register, mask in _AVX_CPUID_BITS:
+            if entry.function == leaf and entry.index == subleaf:
+                setattr(entry, register, getattr(entry, register) & ~mask)
+        if entry.function == 0xD and entry.index == 0:
+            entry.ebx = entry.ecx = 576  # legacy area + XSAVE header
+        if entry.function == 0xD and 2 <= entry.index <= 7:
+            entry.eax = entry.ebx = entry.ecx = entry.edx = 0

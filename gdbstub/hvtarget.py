@@ -467,7 +467,10 @@ class HvTarget:
             thread.stop = None
             thread.stepping = step
             thread.worker.call(lambda vcpu, s=step: self._set_step(vcpu, s))
-            thread.worker.resume(self._handler(thread, step))
+            parked = getattr(self.vmm, "parked", None)
+            vcpu = thread.worker.vcpu
+            thread.worker.resume(self._handler(thread, step),
+                                 None if parked is None else lambda: vcpu in parked)
 
     def _set_step(self, vcpu: int, step: bool) -> None:
         proc = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_CTRL_CPU_BASED)
@@ -475,8 +478,6 @@ class HvTarget:
         hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_CPU_BASED, proc)
 
     def _handler(self, thread: _Thread, step: bool) -> Callable[[int], Stop | None]:
-        parked = getattr(self.vmm, "parked", set())
-
         def handle(vcpu: int) -> Stop | None:
             stop = self._debug_exit(vcpu, step)
             if stop is not None:
@@ -485,7 +486,7 @@ class HvTarget:
             if stop is None and step:
                 return Stop("debug", SIGTRAP)  # the VMM completed the stepped instruction
             if stop is not None and stop.kind == "halted":
-                return None if not step and vcpu not in parked else stop
+                return stop if step else None  # parked: the worker waits for Ctrl-C
             return stop
 
         return handle

@@ -61,10 +61,11 @@ class _Call:
 
 
 class _Resume:
-    __slots__ = ("handler",)
+    __slots__ = ("handler", "parked")
 
-    def __init__(self, handler: ExitHandler) -> None:
+    def __init__(self, handler: ExitHandler, parked: Callable[[], bool] | None) -> None:
         self.handler = handler
+        self.parked = parked
 
 
 _QUIT = object()
@@ -109,11 +110,15 @@ class VcpuWorker:
         result: T = request.result
         return result
 
-    def resume(self, handler: ExitHandler) -> None:
-        """Start running the guest; the run's ``Stop`` arrives through ``on_stop``."""
+    def resume(self, handler: ExitHandler, parked: Callable[[], bool] | None = None) -> None:
+        """Start running the guest; the run's ``Stop`` arrives through ``on_stop``.
+
+        While ``parked()`` is true (a vCPU halted with nothing to wake it) the worker does not
+        enter the guest: it waits for a kick, as a halted CPU waits for an interrupt.
+        """
         self._stop_requested.clear()
         self.running = True
-        self._inbox.put(_Resume(handler))
+        self._inbox.put(_Resume(handler, parked))
 
     def kick(self) -> None:
         """Ask a running vCPU to stop (the one cross-thread call: ``hv_vcpu_interrupt``)."""
@@ -150,7 +155,7 @@ class VcpuWorker:
                     item.error = exc
                 item.done.set()
             elif isinstance(item, _Resume):
-                stop = self._run(item.handler)
+                stop = self._run(item.handler, item.parked)
                 self.running = False
                 self._on_stop(self, stop)
         try:
@@ -158,9 +163,11 @@ class VcpuWorker:
         except hv.HvError:
             pass
 
-    def _run(self, handler: ExitHandler) -> Stop:
+    def _run(self, handler: ExitHandler, parked: Callable[[], bool] | None) -> Stop:
         try:
             while True:
+                if parked is not None and parked():
+                    self._stop_requested.wait()
                 if self._stop_requested.is_set():
                     return Stop("interrupted", signal=2)
                 hv.hv_vcpu_run_until(self.vcpu, hv.HV_DEADLINE_FOREVER)

@@ -1782,7 +1782,24 @@ class KvmBackend:
             return self._software_interrupt(vcpu, code[i + 1], i + 2, exception=False)
         if code[i : i + 3] == b"\x0f\x01\xd0":
             return self._xgetbv(vcpu, i + 3)
+        if op in (b"\xc4", b"\xc5") and not self.cpl0_avx:
+            return self._undefined_opcode(vcpu)
         return None
+
+    def _undefined_opcode(self, vcpu: _Vcpu) -> bool:
+        """A VEX (AVX) instruction where the probe showed CPL0 AVX cannot run: #UD, as a CPU
+        without usable AVX raises. Intercepted #UD exits like any exception; otherwise the
+        guest's handler runs (RIP stays at the instruction: #UD is a fault)."""
+        if vcpu.controls[C.VMCS_CTRL_EXC_BITMAP] & 1 << C.IDT_UD:
+            self._set_exit(vcpu, C.VMX_REASON_EXC_NMI,
+                           irq_info=C.IRQ_INFO_VALID | C.IRQ_INFO_HARD_EXC | C.IDT_UD)
+            return True
+        events = self._dirty(vcpu, "events")
+        events.exception.injected = 1
+        events.exception.nr = C.IDT_UD
+        events.exception.has_error_code = 0
+        events.exception.error_code = 0
+        return False
 
     def _software_interrupt(self, vcpu: _Vcpu, vector: int, length: int, exception: bool) -> bool:
         """INT3 with #BP in the exception bitmap is an exception exit (RIP at the INT3, its

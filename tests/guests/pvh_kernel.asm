@@ -14,7 +14,8 @@
 ;   * sets FS base = 0x0000123456789abc and GS base = 0xffff800012345000 (wrmsr),
 ;   * enables SSE, loads xmm0 = bytes 00 01 .. 0f (xmm0_value) and, when CPUID reports XSAVE
 ;     and AVX, sets CR4.OSXSAVE and XCR0 |= 7 and loads ymm1 = bytes 20 21 .. 3f (ymm1_value;
-;     avx_enabled = 1); without AVX xmm1 = bytes 20 .. 2f.  Nothing later touches SIMD state,
+;     avx_enabled = 1); without AVX xmm1 = bytes 20 .. 2f (a fault from xsetbv or the first
+;     AVX instruction also means "no AVX": exc_common resumes after simd_setup).  Nothing later touches SIMD state,
 ;   * prints "hello from pvh\n" on COM1, then dispatches on the qword `mode` (a test sets it
 ;     with the debugger before the guest reaches main64's dispatch; default 0):
 ;
@@ -305,6 +306,18 @@ exc_common:
 .no_error_code:
         mov     rax, [rsp]
         mov     [rel last_exc_rip], rax
+        lea     rdx, [rel simd_setup.xsetbv]    ; a fault while enabling or first using AVX:
+        cmp     rax, rdx                        ; the CPU has no usable AVX (kvm_pvm runs CPL0
+        je      .no_avx                         ; code in an emulator without it): carry on
+        lea     rdx, [rel simd_setup.avx_use]   ; without AVX
+        cmp     rax, rdx
+        jne     .fatal
+.no_avx:
+        lea     rdx, [rel simd_setup.done]
+        mov     [rsp], rdx
+        mov     qword [rel last_exc_vector], -1
+        iretq
+.fatal:
         lea     rsi, [rel msg_exc]
         call    serial_puts
         GUEST_EXIT 0x7e
@@ -361,7 +374,9 @@ simd_setup:
         xor     ecx, ecx
         xgetbv
         or      eax, 7                          ; x87 | SSE | AVX
+.xsetbv:                                        ; a #GP here means "no AVX" (see exc_common)
         xsetbv
+.avx_use:
         vmovdqu ymm1, [rel ymm1_value]
         mov     qword [rel avx_enabled], 1
 .done:

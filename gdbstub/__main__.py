@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """``gdbstub run``: boot, serve, and return the guest's exit status."""
     from .hvtarget import HvTarget
-    from .machine.loader import BootError, symbols
+    from .machine.loader import BootError, load_kernel, symbols
     from .machine.machine import Machine
     from .server import GdbServer
     from .target import ResumeAction
@@ -110,15 +110,17 @@ def run(args: argparse.Namespace) -> int:
     if not kernel.is_file() or not os.access(kernel, os.R_OK):
         raise UsageError(f"cannot read kernel {args.kernel}")
     try:
+        plan = load_kernel(kernel, mem_size=memory, cmdline=args.cmdline)
+    except BootError as exc:
+        raise UsageError(str(exc)) from exc
+    try:
         hv.select_backend(args.backend)
         backend = hv.backend_name()
     except hv.HvError as exc:
         raise UsageError(f"--backend {args.backend}: {exc}") from exc
     log.warning("gdbstub %s: backend %s", __version__, backend)
     try:
-        machine = Machine(kernel, memory_size=memory, serial_sink=sink, cmdline=args.cmdline)
-    except BootError as exc:
-        raise UsageError(str(exc)) from exc
+        machine = Machine(plan, serial_sink=sink)
     except hv.HvError as exc:
         raise UsageError(f"cannot create the VM: {exc}") from exc
     target = HvTarget(machine, 1, symbols=symbols(kernel))

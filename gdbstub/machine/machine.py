@@ -123,13 +123,18 @@ class Machine:
 
     def __init__(
         self,
-        kernel: str | Path,
+        kernel: str | Path | BootPlan,
         *,
         memory_size: int = 256 << 20,
         serial_sink: Callable[[bytes], None] = lambda data: None,
         cmdline: str = "",
     ) -> None:
-        self.plan: BootPlan = load_kernel(kernel, mem_size=memory_size, cmdline=cmdline)
+        """Boot ``kernel`` (a path, or a plan from ``load_kernel``) in a new VM."""
+        if isinstance(kernel, BootPlan):
+            self.plan = kernel
+            memory_size = kernel.mem_size
+        else:
+            self.plan = load_kernel(kernel, mem_size=memory_size, cmdline=cmdline)
         hv.hv_vm_create(hv.HV_VM_DEFAULT)
         self.memory = GuestMemory()
         self.memory.allocate(0, memory_size)

@@ -80,11 +80,12 @@ def _clean(text: str) -> str:
 class Gdb:
     """A real gdb under pexpect."""
 
-    def __init__(self, elf: Path, port: int, timeout: float = 60) -> None:
+    def __init__(self, elf: Path | None, port: int, timeout: float = 60) -> None:
         if shutil.which("gdb") is None:
             pytest.skip("gdb is not installed")
         env = dict(os.environ, TERM="dumb")
-        self.child = pexpect.spawn("gdb", ["-nx", "-q", str(elf)], encoding="utf-8", env=env,
+        files = [str(elf)] if elf is not None else ["-ex", "set architecture i386:x86-64"]
+        self.child = pexpect.spawn("gdb", ["-nx", "-q", *files], encoding="utf-8", env=env,
                                    timeout=timeout, dimensions=(200, 250))
         self.child.expect(PROMPT)
         for setting in ("set pagination off", "set confirm off", "set width 0",

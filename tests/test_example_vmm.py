@@ -43,3 +43,16 @@ def test_gdb_drives_the_example_vmm(backend: str) -> None:
     finally:
         if vmm.poll() is None:
             vmm.kill()
+
+
+@pytest.mark.parametrize("backend", ["kvm", "emu"])
+def test_readme_example_vmm_runs(backend: str) -> None:
+    from gdbdrive import backends
+
+    if backend not in backends():
+        pytest.skip(f"no {backend} here")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), GDBSTUB_BACKEND=backend)
+    result = subprocess.run([sys.executable, "examples/ten_line_vmm.py"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"out port 0x10 value {n}" for n in range(5)]

@@ -19,22 +19,25 @@ from gdbstub.server import GdbServer
 from gdbstub.vcpu import Stop
 
 # 32-bit guest at 0x1000: print a string on port 0xE9, count to 1000 in [0x2000], exit 0x15.
-GUEST = bytes.fromhex(
-    "be 30100000"  # 1000: mov esi, message
-    "ac"  # 1005: lodsb
-    "84 c0"  # 1006: test al, al
-    "74 04"  # 1008: jz 100e
-    "e6 e9"  # 100a: out 0xe9, al
-    "eb f7"  # 100c: jmp 1005
-    "31 c9"  # 100e: xor ecx, ecx
-    "41"  # 1010: inc ecx            <- count
-    "89 0d 00200000"  # 1011: mov [0x2000], ecx
-    "81 f9 e8030000"  # 1017: cmp ecx, 1000
-    "75 f1"  # 101d: jne 1010
-    "b0 15"  # 101f: mov al, 0x15
-    "e6 f4"  # 1021: out 0xf4, al      <- exit with status 0x15
-    "f4"  # 1023: hlt
-).ljust(0x30, b"\x90") + b"tiny vmm says hi\n\0"
+GUEST = (
+    bytes.fromhex(
+        "be 30100000"  # 1000: mov esi, message
+        "ac"  # 1005: lodsb
+        "84 c0"  # 1006: test al, al
+        "74 04"  # 1008: jz 100e
+        "e6 e9"  # 100a: out 0xe9, al
+        "eb f7"  # 100c: jmp 1005
+        "31 c9"  # 100e: xor ecx, ecx
+        "41"  # 1010: inc ecx            <- count
+        "89 0d 00200000"  # 1011: mov [0x2000], ecx
+        "81 f9 e8030000"  # 1017: cmp ecx, 1000
+        "75 f1"  # 101d: jne 1010
+        "b0 15"  # 101f: mov al, 0x15
+        "e6 f4"  # 1021: out 0xf4, al      <- exit with status 0x15
+        "f4"  # 1023: hlt
+    ).ljust(0x30, b"\x90")
+    + b"tiny vmm says hi\n\0"
+)
 
 
 class TinyVmm:

@@ -40,8 +40,15 @@ def parse_size(text: str) -> int:
     match = re.fullmatch(r"(\d+)([KkMmGg]?)i?[Bb]?", text.strip())
     if not match:
         raise UsageError(f"--memory: cannot read size {text!r} (try 256M)")
-    value = int(match.group(1)) * {"": 1 << 20 if int(match.group(1)) < 65536 else 1,
-                                   "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[match.group(2).lower()]
+    value = (
+        int(match.group(1))
+        * {
+            "": 1 << 20 if int(match.group(1)) < 65536 else 1,
+            "k": 1 << 10,
+            "m": 1 << 20,
+            "g": 1 << 30,
+        }[match.group(2).lower()]
+    )
     if value < 2 << 20 or value > 64 << 30 or value % 4096:
         raise UsageError(f"--memory: {text} is out of range (2M to 64G, a multiple of 4K)")
     return value
@@ -84,8 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="boot KERNEL and serve it to gdb")
     run.add_argument("kernel", metavar="KERNEL")
-    run.add_argument("--listen", default="127.0.0.1:1234", help="HOST:PORT (default 127.0.0.1:1234)")
-    run.add_argument("--wait", action="store_true", help="stop before the first instruction (qemu -S)")
+    run.add_argument(
+        "--listen", default="127.0.0.1:1234", help="HOST:PORT (default 127.0.0.1:1234)"
+    )
+    run.add_argument(
+        "--wait", action="store_true", help="stop before the first instruction (qemu -S)"
+    )
     run.add_argument("--memory", default="256M", help="guest RAM (default 256M)")
     run.add_argument("--serial", default="stdio", help="stdio | file:PATH | none (default stdio)")
     run.add_argument("--backend", default="auto", choices=("auto", "kvm", "emu", "hvf"))
@@ -128,13 +139,19 @@ def run(args: argparse.Namespace) -> int:
     if args.serial == "stdio" and not sys.stdin.isatty():
         threading.Thread(target=_feed_stdin, args=(machine,), daemon=True).start()
     try:
-        server = GdbServer(target, host=host, port=port, log_packets=args.log_packets,
-                           running=not args.wait)
+        server = GdbServer(
+            target, host=host, port=port, log_packets=args.log_packets, running=not args.wait
+        )
     except OSError as exc:
         raise UsageError(f"--listen {host}:{port}: {exc.strerror}") from exc
-    log.warning("gdbstub: %s booted (%s); gdb: target remote %s:%d%s", kernel.name,
-                machine.plan.protocol, host, server.address[1],
-                "" if args.wait else " (the guest is running)")
+    log.warning(
+        "gdbstub: %s booted (%s); gdb: target remote %s:%d%s",
+        kernel.name,
+        machine.plan.protocol,
+        host,
+        server.address[1],
+        "" if args.wait else " (the guest is running)",
+    )
     if not args.wait:
         target.resume({}, ResumeAction(kind="c"))
     with server:

@@ -15,8 +15,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-KIND_NAMES = {0: "breakpoint", 1: "hw breakpoint", 2: "watchpoint", 3: "read watchpoint",
-              4: "acc watchpoint"}
+KIND_NAMES = {
+    0: "breakpoint",
+    1: "hw breakpoint",
+    2: "watchpoint",
+    3: "read watchpoint",
+    4: "acc watchpoint",
+}
 STOP_REASONS = {0: "swbreak", 1: "hwbreak", 2: "watch", 3: "rwatch", 4: "awatch"}
 
 DR7_RW_EXEC, DR7_RW_WRITE, DR7_RW_ACCESS = 0b00, 0b01, 0b11
@@ -39,11 +44,14 @@ class Breakpoint:
     def describe(self) -> str:
         """One line for ``monitor info breakpoints``."""
         where = f"{self.address:#x}" + (f" len {self.length}" if self.kind >= 2 else "")
-        how = {"int3": "int3 in guest memory, #BP intercepted",
-               "dr": f"debug register DR{self.slot}, #DB intercepted"
-               + (" (software breakpoint: int3 not possible here)" if self.kind == 0 else ""),
-               "page": "write-protected guest page (hv_vm_protect)"
-               if self.kind == 2 else "inaccessible guest page (hv_vm_protect)"}[self.mechanism]
+        how = {
+            "int3": "int3 in guest memory, #BP intercepted",
+            "dr": f"debug register DR{self.slot}, #DB intercepted"
+            + (" (software breakpoint: int3 not possible here)" if self.kind == 0 else ""),
+            "page": "write-protected guest page (hv_vm_protect)"
+            if self.kind == 2
+            else "inaccessible guest page (hv_vm_protect)",
+        }[self.mechanism]
         return f"{KIND_NAMES[self.kind]:<15} {where:<26} {how}; hits {self.hits}"
 
 

@@ -31,6 +31,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -71,10 +72,18 @@ class HostDebugFeatures:
 
     def describe(self) -> str:
         """One line per feature, for ``monitor info breakpoints`` and the log."""
-        return (f"software breakpoints: {'int3' if self.int3 else 'debug registers (int3 cannot be intercepted)'}\n"
-                f"watchpoints: {'debug registers' if self.dr_data else 'write-protected pages (DR data breakpoints do not fire)'}\n"
-                f"hardware breakpoints: {'debug registers' if self.dr_exec else 'unavailable'}\n"
-                f"single-step: {'monitor trap flag' if self.step else 'unavailable'}")
+        software = "int3" if self.int3 else "debug registers (int3 cannot be intercepted)"
+        watch = (
+            "debug registers"
+            if self.dr_data
+            else ("write-protected pages (DR data breakpoints do not fire)")
+        )
+        return (
+            f"software breakpoints: {software}\n"
+            f"watchpoints: {watch}\n"
+            f"hardware breakpoints: {'debug registers' if self.dr_exec else 'unavailable'}\n"
+            f"single-step: {'monitor trap flag' if self.step else 'unavailable'}"
+        )
 
 
 @dataclass
@@ -89,19 +98,46 @@ class _Thread:
 
 # gdb register name -> how to read it from the vCPU
 _HV_GPRS = {
-    "rax": hv.HV_X86_RAX, "rbx": hv.HV_X86_RBX, "rcx": hv.HV_X86_RCX, "rdx": hv.HV_X86_RDX,
-    "rsi": hv.HV_X86_RSI, "rdi": hv.HV_X86_RDI, "rbp": hv.HV_X86_RBP, "rsp": hv.HV_X86_RSP,
-    "r8": hv.HV_X86_R8, "r9": hv.HV_X86_R9, "r10": hv.HV_X86_R10, "r11": hv.HV_X86_R11,
-    "r12": hv.HV_X86_R12, "r13": hv.HV_X86_R13, "r14": hv.HV_X86_R14, "r15": hv.HV_X86_R15,
-    "rip": hv.HV_X86_RIP, "eflags": hv.HV_X86_RFLAGS,
-    "cs": hv.HV_X86_CS, "ss": hv.HV_X86_SS, "ds": hv.HV_X86_DS, "es": hv.HV_X86_ES,
-    "fs": hv.HV_X86_FS, "gs": hv.HV_X86_GS,
-    "cr0": hv.HV_X86_CR0, "cr2": hv.HV_X86_CR2, "cr3": hv.HV_X86_CR3, "cr4": hv.HV_X86_CR4,
-    "dr0": hv.HV_X86_DR0, "dr1": hv.HV_X86_DR1, "dr2": hv.HV_X86_DR2, "dr3": hv.HV_X86_DR3,
-    "dr6": hv.HV_X86_DR6, "dr7": hv.HV_X86_DR7,
+    "rax": hv.HV_X86_RAX,
+    "rbx": hv.HV_X86_RBX,
+    "rcx": hv.HV_X86_RCX,
+    "rdx": hv.HV_X86_RDX,
+    "rsi": hv.HV_X86_RSI,
+    "rdi": hv.HV_X86_RDI,
+    "rbp": hv.HV_X86_RBP,
+    "rsp": hv.HV_X86_RSP,
+    "r8": hv.HV_X86_R8,
+    "r9": hv.HV_X86_R9,
+    "r10": hv.HV_X86_R10,
+    "r11": hv.HV_X86_R11,
+    "r12": hv.HV_X86_R12,
+    "r13": hv.HV_X86_R13,
+    "r14": hv.HV_X86_R14,
+    "r15": hv.HV_X86_R15,
+    "rip": hv.HV_X86_RIP,
+    "eflags": hv.HV_X86_RFLAGS,
+    "cs": hv.HV_X86_CS,
+    "ss": hv.HV_X86_SS,
+    "ds": hv.HV_X86_DS,
+    "es": hv.HV_X86_ES,
+    "fs": hv.HV_X86_FS,
+    "gs": hv.HV_X86_GS,
+    "cr0": hv.HV_X86_CR0,
+    "cr2": hv.HV_X86_CR2,
+    "cr3": hv.HV_X86_CR3,
+    "cr4": hv.HV_X86_CR4,
+    "dr0": hv.HV_X86_DR0,
+    "dr1": hv.HV_X86_DR1,
+    "dr2": hv.HV_X86_DR2,
+    "dr3": hv.HV_X86_DR3,
+    "dr6": hv.HV_X86_DR6,
+    "dr7": hv.HV_X86_DR7,
 }
-_VMCS_REGS = {"fs_base": hv.VMCS_GUEST_FS_BASE, "gs_base": hv.VMCS_GUEST_GS_BASE,
-              "efer": hv.VMCS_GUEST_IA32_EFER}
+_VMCS_REGS = {
+    "fs_base": hv.VMCS_GUEST_FS_BASE,
+    "gs_base": hv.VMCS_GUEST_GS_BASE,
+    "efer": hv.VMCS_GUEST_IA32_EFER,
+}
 _MSR_REGS = {"k_gs_base": hv.MSR_KGSBASE}
 
 
@@ -145,8 +181,14 @@ def write_cpu(vcpu: int, values: dict[str, int], names: set[str], image: bytearr
 class HvTarget:
     """A ``gdbstub.target.Target`` over gdbstub.hv vCPUs (see the module docstring)."""
 
-    def __init__(self, vmm: Vmm, vcpu_count: int = 1, *, probe: bool = True,
-                 symbols: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        vmm: Vmm,
+        vcpu_count: int = 1,
+        *,
+        probe: bool = True,
+        symbols: dict[str, int] | None = None,
+    ) -> None:
         self.vmm = vmm
         self.memory = vmm.memory
         self.symbols = symbols or {}
@@ -161,15 +203,16 @@ class HvTarget:
         self._slots: list[Breakpoint | None] = [None] * 4
         self._protected: dict[int, int] = {}  # guest page -> number of page watchpoints
         self._pending_stop: tuple[int, Stop] | None = None
-        self._last = StopEvent(thread=1, signal=SIGTRAP, reason=None, address=None,
-                               exit_status=None, expedite=())
+        self._last = StopEvent(
+            thread=1, signal=SIGTRAP, reason=None, address=None, exit_status=None, expedite=()
+        )
         self._exited: int | None = None
         for index in range(vcpu_count):
             worker = VcpuWorker(index, self._on_worker_stop, setup=vmm.setup_vcpu)
             self._threads[index + 1] = _Thread(worker)
         log.info("debug features of this host:\n%s", self.features.describe())
 
-    # --- threads ----------------------------------------------------------------------------------
+    # --- threads ------------------------------------------------------------------------------
 
     @property
     def wake_fd(self) -> int:
@@ -189,8 +232,13 @@ class HvTarget:
     def thread_extra_info(self, tid: int) -> str:
         """``vCPU n [state]`` for ``info threads``."""
         thread = self._thread(tid)
-        state = "running" if thread.worker.running else "halted" \
-            if thread.worker.vcpu in getattr(self.vmm, "parked", ()) else "stopped"
+        state = (
+            "running"
+            if thread.worker.running
+            else "halted"
+            if thread.worker.vcpu in getattr(self.vmm, "parked", ())
+            else "stopped"
+        )
         return f"vCPU {thread.worker.index} [{state}]"
 
     def pc_regnum(self) -> int:
@@ -208,14 +256,19 @@ class HvTarget:
 
     def host_info(self) -> dict[str, str]:
         """For lldb's qHostInfo / qProcessInfo."""
-        return {"triple": "x86_64-unknown-none", "ptrsize": "8", "endian": "little",
-                "ostype": "none", "vendor": "unknown"}
+        return {
+            "triple": "x86_64-unknown-none",
+            "ptrsize": "8",
+            "endian": "little",
+            "ostype": "none",
+            "vendor": "unknown",
+        }
 
     def target_xml(self, annex: str) -> bytes | None:
         """The target description files (target.xml and its includes)."""
         return regs.xml_file(annex, with_avx=self.features.avx)
 
-    # --- registers ----------------------------------------------------------------------------------
+    # --- registers ----------------------------------------------------------------------------
 
     def _regs(self, thread: _Thread) -> dict[str, int]:
         if thread.regs is None:
@@ -275,10 +328,12 @@ class HvTarget:
 
     def _expedite(self, thread: _Thread) -> tuple[tuple[int, bytes], ...]:
         values = self._regs(thread)
-        return tuple((regs.by_name[name].regnum, regs.encode_register(name, values[name]))
-                     for name in regs.EXPEDITED)
+        return tuple(
+            (regs.by_name[name].regnum, regs.encode_register(name, values[name]))
+            for name in regs.EXPEDITED
+        )
 
-    # --- memory -------------------------------------------------------------------------------------
+    # --- memory -------------------------------------------------------------------------------
 
     def set_physical_memory_mode(self, on: bool) -> None:
         """Addresses are guest-physical (on) or guest-virtual (off, the default)."""
@@ -286,8 +341,9 @@ class HvTarget:
 
     def _paging_state(self, thread: _Thread) -> paging.PagingState:
         values = self._regs(thread)
-        return paging.PagingState(cr0=values["cr0"], cr3=values["cr3"], cr4=values["cr4"],
-                                  efer=values["efer"])
+        return paging.PagingState(
+            cr0=values["cr0"], cr3=values["cr3"], cr4=values["cr4"], efer=values["efer"]
+        )
 
     def physical_chunks(self, tid: int, address: int, length: int) -> list[tuple[int, int]]:
         """Guest-physical pieces of ``[address, address+length)`` up to the first hole."""
@@ -323,14 +379,14 @@ class HvTarget:
                 payload[bp.address - address] = 0xCC
         done = 0
         for gpa, size in self.physical_chunks(tid, address, len(payload)):
-            written = self.memory.write(gpa, bytes(payload[done:done + size]))
+            written = self.memory.write(gpa, bytes(payload[done : done + size]))
             done += written
             if written < size:
                 break
         if done < len(payload):
             raise TargetError.bad_address()
 
-    # --- breakpoints ----------------------------------------------------------------------------------
+    # --- breakpoints --------------------------------------------------------------------------
 
     def insert_breakpoint(self, kind: int, address: int, length: int) -> None:
         """``Z0``..``Z4``."""
@@ -377,8 +433,9 @@ class HvTarget:
         if not chunks or not self.memory.contains(chunks[0][0]):
             raise TargetError.bad_address()
         gpa = chunks[0][0]
-        bp = Breakpoint(0, address, max(length, 1), "int3", physical=[(gpa, 1)],
-                        saved=self.memory.read(gpa, 1))
+        bp = Breakpoint(
+            0, address, max(length, 1), "int3", physical=[(gpa, 1)], saved=self.memory.read(gpa, 1)
+        )
         self.memory.write(gpa, b"\xcc")
         self._set_exception_bitmap()
         return bp
@@ -398,10 +455,12 @@ class HvTarget:
         dr7 = dr7_value(self._slots)
         addresses = [bp.address if bp else 0 for bp in self._slots]
         for thread in self._threads.values():
+
             def program(vcpu: int) -> None:
                 for index, value in enumerate(addresses):
                     hv.hv_vcpu_write_register(vcpu, hv.HV_X86_DR0 + index, value)
                 hv.hv_vcpu_write_register(vcpu, hv.HV_X86_DR7, dr7)
+
             thread.worker.call(program)
             if thread.regs is not None:
                 thread.regs.update({f"dr{i}": a for i, a in enumerate(addresses)}, dr7=dr7)
@@ -413,9 +472,12 @@ class HvTarget:
             bitmap |= 1 << hv.IDT_BP  # also so that a guest's own int3 is seen and re-injected
         if any(self._slots):
             bitmap |= 1 << hv.IDT_DB
+
+        def write_bitmap(vcpu: int) -> None:
+            hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_EXC_BITMAP, bitmap)
+
         for thread in self._threads.values():
-            thread.worker.call(
-                lambda vcpu: hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_EXC_BITMAP, bitmap))
+            thread.worker.call(write_bitmap)
 
     def _insert_page_watch(self, tid: int, kind: int, address: int, length: int) -> Breakpoint:
         chunks = self.physical_chunks(tid, address, length)
@@ -435,21 +497,30 @@ class HvTarget:
                 self._protected[page] -= 1
                 if not self._protected[page]:
                     del self._protected[page]
-                    hv.hv_vm_protect(page, PAGE, hv.HV_MEMORY_READ | hv.HV_MEMORY_WRITE
-                                     | hv.HV_MEMORY_EXEC)
+                    hv.hv_vm_protect(
+                        page, PAGE, hv.HV_MEMORY_READ | hv.HV_MEMORY_WRITE | hv.HV_MEMORY_EXEC
+                    )
 
     def breakpoint_report(self) -> str:
         """``monitor info breakpoints``."""
         lines = [bp.describe() for bp in self._breakpoints.values()] or ["no breakpoints"]
         return "\n".join(lines) + "\n" + self.features.describe() + "\n"
 
-    # --- running --------------------------------------------------------------------------------------
+    # --- running ------------------------------------------------------------------------------
 
     def resume(self, actions: dict[int, ResumeAction], default: ResumeAction | None) -> None:
         """Run the threads gdb asked for (all-stop); the stop arrives through ``take_stop``."""
         if self._exited is not None:
-            self._queue(StopEvent(thread=1, signal=0, reason=None, address=None,
-                                  exit_status=self._exited, expedite=()))
+            self._queue(
+                StopEvent(
+                    thread=1,
+                    signal=0,
+                    reason=None,
+                    address=None,
+                    exit_status=self._exited,
+                    expedite=(),
+                )
+            )
             return
         plan: list[tuple[_Thread, bool]] = []
         for tid, thread in self._threads.items():
@@ -466,11 +537,21 @@ class HvTarget:
             thread.regs = thread.fpstate = None
             thread.stop = None
             thread.stepping = step
-            thread.worker.call(lambda vcpu, s=step: self._set_step(vcpu, s))
-            parked = getattr(self.vmm, "parked", None)
-            vcpu = thread.worker.vcpu
-            thread.worker.resume(self._handler(thread, step),
-                                 None if parked is None else lambda: vcpu in parked)
+            thread.worker.call(partial(self._set_step, step=step))
+            thread.worker.resume(self._handler(thread, step), self._parked_check(thread))
+
+    def _parked_check(self, thread: _Thread) -> Callable[[], bool] | None:
+        """For the worker: whether the VMM has parked this vCPU (halted, nothing to wake it)."""
+        parked = getattr(self.vmm, "parked", None)
+        if parked is None:
+            return None
+        vcpu: int = thread.worker.vcpu
+        members: set[int] = parked
+
+        def is_parked() -> bool:
+            return vcpu in members
+
+        return is_parked
 
     def _set_step(self, vcpu: int, step: bool) -> None:
         proc = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_CTRL_CPU_BASED)
@@ -519,8 +600,11 @@ class HvTarget:
         # the guest's own int3: deliver it as the CPU would have
         length = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_RO_VMEXIT_INSTR_LEN) or 1
         hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_VMENTRY_INSTR_LEN, length)
-        hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_VMENTRY_IRQ_INFO,
-                                  hv.IRQ_INFO_VALID | hv.IRQ_INFO_SOFT_EXC | hv.IDT_BP)
+        hv.hv_vmx_vcpu_write_vmcs(
+            vcpu,
+            hv.VMCS_CTRL_VMENTRY_IRQ_INFO,
+            hv.IRQ_INFO_VALID | hv.IRQ_INFO_SOFT_EXC | hv.IDT_BP,
+        )
         return Stop("continue")
 
     def _on_db(self, vcpu: int, info: int, step: bool) -> Stop:
@@ -534,8 +618,11 @@ class HvTarget:
                 return Stop("debug", SIGTRAP, reason=STOP_REASONS[bp.kind], address=bp.address)
         if dr6 & hv.DR6_BS and step:
             return Stop("debug", SIGTRAP)
-        hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_VMENTRY_IRQ_INFO,
-                                  hv.IRQ_INFO_VALID | hv.IRQ_INFO_HARD_EXC | hv.IDT_DB)
+        hv.hv_vmx_vcpu_write_vmcs(
+            vcpu,
+            hv.VMCS_CTRL_VMENTRY_IRQ_INFO,
+            hv.IRQ_INFO_VALID | hv.IRQ_INFO_HARD_EXC | hv.IDT_DB,
+        )
         return Stop("continue")
 
     def _on_watched_page(self, vcpu: int, gpa: int) -> Stop:
@@ -551,7 +638,11 @@ class HvTarget:
             value = int.from_bytes(self.memory.read(gpa, size), "little")
             hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.GDBSTUB_VMCS_MMIO_DATA, value)
         for bp in self._breakpoints.values():
-            if bp.mechanism != "page" or (bp.kind == 2 and not is_write) or (bp.kind == 3 and is_write):
+            if (
+                bp.mechanism != "page"
+                or (bp.kind == 2 and not is_write)
+                or (bp.kind == 3 and is_write)
+            ):
                 continue
             for start, length in bp.physical:
                 if gpa < start + length and start < gpa + size:
@@ -571,8 +662,11 @@ class HvTarget:
             thread = self._threads[tid]
             thread.stop = stop
             first = self._pending_stop is None
-            if first or (self._pending_stop is not None and self._pending_stop[1].kind == "interrupted"
-                         and stop.kind != "interrupted"):
+            if first or (
+                self._pending_stop is not None
+                and self._pending_stop[1].kind == "interrupted"
+                and stop.kind != "interrupted"
+            ):
                 self._pending_stop = (tid, stop)
             others = [t for t in self._threads.values() if t.worker.running and t is not thread]
             everyone_stopped = not others
@@ -588,16 +682,28 @@ class HvTarget:
         thread.worker.call(lambda vcpu: self._set_step(vcpu, False))
         if stop.kind == "exited":
             self._exited = stop.exit_status
-            return StopEvent(thread=tid, signal=0, reason=None, address=None,
-                             exit_status=stop.exit_status, expedite=())
+            return StopEvent(
+                thread=tid,
+                signal=0,
+                reason=None,
+                address=None,
+                exit_status=stop.exit_status,
+                expedite=(),
+            )
         if stop.message:
             log.warning("vCPU %d: %s", tid - 1, stop.message)
         try:
             expedite = self._expedite(thread)
         except Exception:  # a vCPU that cannot report registers still reports the stop
             expedite = ()
-        return StopEvent(thread=tid, signal=stop.signal, reason=stop.reason, address=stop.address,
-                         exit_status=None, expedite=expedite)
+        return StopEvent(
+            thread=tid,
+            signal=stop.signal,
+            reason=stop.reason,
+            address=stop.address,
+            exit_status=None,
+            expedite=expedite,
+        )
 
     def _queue(self, event: StopEvent) -> None:
         self._last = event
@@ -640,7 +746,7 @@ class HvTarget:
         """Whether any vCPU is running."""
         return any(t.worker.running for t in self._threads.values())
 
-    # --- sessions ------------------------------------------------------------------------------------
+    # --- sessions -----------------------------------------------------------------------------
 
     def detach(self) -> None:
         """Remove the debugger's breakpoints and let the guest run."""
@@ -667,7 +773,7 @@ class HvTarget:
 
         return run_monitor_command(self, command)
 
-    # --- helpers for monitor commands -----------------------------------------------------------
+    # --- helpers for monitor commands ---------------------------------------------------------
 
     def on_vcpu(self, tid: int, fn: Callable[[int], Any]) -> Any:
         """Run ``fn(vcpu)`` on the owner thread of thread ``tid`` (it must be stopped)."""
@@ -734,43 +840,55 @@ def probe_host(memory: GuestMemory) -> HostDebugFeatures:
 
     def run(vcpu: int) -> tuple[int, int, int]:
         hv.hv_vcpu_run_until(vcpu, hv.deadline_after_ns(500_000_000))
-        return (hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_RO_EXIT_REASON),
-                hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_RO_VMEXIT_IRQ_INFO) & 0xFF,
-                hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_RO_EXIT_QUALIFIC))
+        return (
+            hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_RO_EXIT_REASON),
+            hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_RO_VMEXIT_IRQ_INFO) & 0xFF,
+            hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_RO_EXIT_QUALIFIC),
+        )
 
     def probes(vcpu: int) -> None:
         flat32(vcpu, b"\x90\xcc\xf4")  # nop; int3; hlt
         hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_EXC_BITMAP, 1 << hv.IDT_BP)
         reason, vector, _ = run(vcpu)
-        result["int3"] = reason == hv.VMX_REASON_EXC_NMI and vector == hv.IDT_BP and \
-            hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RIP) == scratch + 1
+        result["int3"] = (
+            reason == hv.VMX_REASON_EXC_NMI
+            and vector == hv.IDT_BP
+            and hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RIP) == scratch + 1
+        )
         flat32(vcpu, b"\x90\x90\xf4")  # nop; nop (DR0 here); hlt
         hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_EXC_BITMAP, 1 << hv.IDT_DB)
         hv.hv_vcpu_write_register(vcpu, hv.HV_X86_DR0, scratch + 1)
         hv.hv_vcpu_write_register(vcpu, hv.HV_X86_DR7, 0x703)
         reason, vector, qual = run(vcpu)
-        result["dr_exec"] = reason == hv.VMX_REASON_EXC_NMI and vector == hv.IDT_DB and bool(qual & 1)
+        result["dr_exec"] = (
+            reason == hv.VMX_REASON_EXC_NMI and vector == hv.IDT_DB and bool(qual & 1)
+        )
         flat32(vcpu, b"\x88\x03\xf4")  # mov [ebx], al; hlt
         hv.hv_vcpu_write_register(vcpu, hv.HV_X86_DR0, scratch + 0x1000)
         hv.hv_vcpu_write_register(vcpu, hv.HV_X86_DR7, 0x10703)  # write, 1 byte
         reason, vector, qual = run(vcpu)
-        result["dr_data"] = reason == hv.VMX_REASON_EXC_NMI and vector == hv.IDT_DB and bool(qual & 1)
+        result["dr_data"] = (
+            reason == hv.VMX_REASON_EXC_NMI and vector == hv.IDT_DB and bool(qual & 1)
+        )
         hv.hv_vcpu_write_register(vcpu, hv.HV_X86_DR7, 0x400)
         hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_EXC_BITMAP, 0)
         flat32(vcpu, b"\x90\x90\xf4")
         proc = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_CTRL_CPU_BASED)
         hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_CPU_BASED, proc | hv.CPU_BASED_MTF)
         reason, _, _ = run(vcpu)
-        result["step"] = reason == hv.VMX_REASON_MTF and \
-            hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RIP) == scratch + 1
+        result["step"] = (
+            reason == hv.VMX_REASON_MTF
+            and hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RIP) == scratch + 1
+        )
         hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_CPU_BASED, proc & ~hv.CPU_BASED_MTF)
         try:  # AVX: XCR0 takes YMM and a VEX instruction really executes (emulators may lack it)
             flat32(vcpu, b"\xc5\xfd\xef\xc0\xf4")  # vpxor ymm0, ymm0, ymm0; hlt
             hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_GUEST_CR4, 0x40600)  # OSXSAVE|OSXMMEXCPT|OSFXSR
             hv.hv_vcpu_write_register(vcpu, hv.HV_X86_XCR0, 7)
             reason, _, _ = run(vcpu)
-            result["avx"] = reason == hv.VMX_REASON_HLT and \
-                hv.hv_vcpu_read_register(vcpu, hv.HV_X86_XCR0) == 7
+            result["avx"] = (
+                reason == hv.VMX_REASON_HLT and hv.hv_vcpu_read_register(vcpu, hv.HV_X86_XCR0) == 7
+            )
         except hv.HvError:
             result["avx"] = False
 
@@ -795,5 +913,6 @@ def probe_host(memory: GuestMemory) -> HostDebugFeatures:
     memory.write(scratch, saved)
     if errors:
         log.warning("debug feature probe failed: %s", errors[0])
-    return HostDebugFeatures(**{k: result.get(k, False) for k in
-                                ("int3", "dr_exec", "dr_data", "step", "avx")})
+    return HostDebugFeatures(
+        **{k: result.get(k, False) for k in ("int3", "dr_exec", "dr_data", "step", "avx")}
+    )

@@ -52,19 +52,29 @@ def _help(target: HvTarget, args: list[str]) -> str:
 def _registers(target: HvTarget, args: list[str]) -> str:
     r = target.registers(_tid(target))
     rows = [
-        ("rax", "rbx", "rcx", "rdx"), ("rsi", "rdi", "rbp", "rsp"), ("r8", "r9", "r10", "r11"),
-        ("r12", "r13", "r14", "r15"), ("rip", "eflags", "cr0", "cr2"), ("cr3", "cr4", "cr8", "efer"),
-        ("fs_base", "gs_base", "k_gs_base", "dr7"), ("dr0", "dr1", "dr2", "dr3"),
+        ("rax", "rbx", "rcx", "rdx"),
+        ("rsi", "rdi", "rbp", "rsp"),
+        ("r8", "r9", "r10", "r11"),
+        ("r12", "r13", "r14", "r15"),
+        ("rip", "eflags", "cr0", "cr2"),
+        ("cr3", "cr4", "cr8", "efer"),
+        ("fs_base", "gs_base", "k_gs_base", "dr7"),
+        ("dr0", "dr1", "dr2", "dr3"),
     ]
     out = "".join("  ".join(f"{n:>9}={r.get(n, 0):016x}" for n in row) + "\n" for row in rows)
     segs = "  ".join(f"{n}={r.get(n, 0):04x}" for n in ("cs", "ss", "ds", "es", "fs", "gs"))
-    mode = paging.describe_mode(paging.PagingState(cr0=r["cr0"], cr3=r["cr3"], cr4=r["cr4"],
-                                                   efer=r["efer"]))
+    mode = paging.describe_mode(
+        paging.PagingState(cr0=r["cr0"], cr3=r["cr3"], cr4=r["cr4"], efer=r["efer"])
+    )
     return out + segs + f"\npaging: {mode}\n"
 
 
 def _msr(target: HvTarget, args: list[str]) -> str:
-    if len(args) < 2 or args[0] not in ("read", "write") or (args[0] == "write") != (len(args) == 3):
+    if (
+        len(args) < 2
+        or args[0] not in ("read", "write")
+        or (args[0] == "write") != (len(args) == 3)
+    ):
         raise MonitorError("usage: msr read MSR | msr write MSR VALUE")
     msr = _int(args[1])
     if args[0] == "read":
@@ -77,8 +87,11 @@ def _msr(target: HvTarget, args: list[str]) -> str:
 
 
 def _vmcs(target: HvTarget, args: list[str]) -> str:
-    fields = ([int(a, 0) if a[0].isdigit() else getattr(hv, a.upper(), -1) for a in args]
-              if args else sorted(hv.VMCS_FIELD_NAMES))
+    fields = (
+        [int(a, 0) if a[0].isdigit() else getattr(hv, a.upper(), -1) for a in args]
+        if args
+        else sorted(hv.VMCS_FIELD_NAMES)
+    )
     lines = []
 
     def read_all(vcpu: int) -> None:
@@ -102,7 +115,11 @@ def _translate(target: HvTarget, args: list[str]) -> str:
     state = paging.PagingState(cr0=r["cr0"], cr3=r["cr3"], cr4=r["cr4"], efer=r["efer"])
     result = paging.translate(target.memory.read, *state, address)
     lines = [f"{address:#x} ({paging.describe_mode(state)})"]
-    walk = result.steps if result is not None else paging.walk_steps(target.memory.read, state, address)
+    walk = (
+        result.steps
+        if result is not None
+        else paging.walk_steps(target.memory.read, state, address)
+    )
     lines += [f"  {step}" for step in walk]
     if result is None:
         lines.append("  -> not mapped")
@@ -135,8 +152,11 @@ def _exec_time(target: HvTarget, args: list[str]) -> str:
 
 
 def _sync_tsc(target: HvTarget, args: list[str]) -> str:
-    value = _int(args[0]) if args else target.on_vcpu(
-        _tid(target), lambda v: hv.hv_vcpu_read_msr(v, hv.MSR_TSC))
+    value = (
+        _int(args[0])
+        if args
+        else target.on_vcpu(_tid(target), lambda v: hv.hv_vcpu_read_msr(v, hv.MSR_TSC))
+    )
     hv.hv_vm_sync_tsc(value)
     return f"every vCPU's TSC set to {value:#x} (hv_vm_sync_tsc)\n"
 
@@ -144,15 +164,14 @@ def _sync_tsc(target: HvTarget, args: list[str]) -> str:
 def _disas(target: HvTarget, args: list[str]) -> str:
     import capstone
 
-    if not args:
-        address = target.registers(_tid(target))["rip"]
-    else:
-        address = _int(args[0], target)
+    address = _int(args[0], target) if args else target.registers(_tid(target))["rip"]
     count = _int(args[1]) if len(args) > 1 else 10
     code = target.read_memory(_tid(target), address, 15 * count)
     cs = capstone.Cs(capstone.CS_ARCH_X86, target.code_mode(_tid(target)))
-    lines = [f"{i.address:#018x}: {i.bytes.hex():<20} {i.mnemonic} {i.op_str}"
-             for i in list(cs.disasm(code, address))[:count]]
+    lines = [
+        f"{i.address:#018x}: {i.bytes.hex():<20} {i.mnemonic} {i.op_str}"
+        for i in list(cs.disasm(code, address))[:count]
+    ]
     return "\n".join(lines or ["(no instructions decoded)"]) + "\n"
 
 
@@ -175,7 +194,9 @@ def _status(target: HvTarget, args: list[str]) -> str:
 COMMANDS: tuple[Command, ...] = (
     Command(("help",), _help, "help", "list the monitor commands"),
     Command(("registers",), _registers, "registers", "every register on one screen"),
-    Command(("msr",), _msr, "msr read|write MSR [VALUE]", "read or write a model-specific register"),
+    Command(
+        ("msr",), _msr, "msr read|write MSR [VALUE]", "read or write a model-specific register"
+    ),
     Command(("vmcs",), _vmcs, "vmcs [FIELD...]", "VMCS fields the backend exposes"),
     Command(("translate",), _translate, "translate ADDR", "walk the page tables for ADDR"),
     Command(("page-table",), _page_tables, "page-table", "dump the guest's virtual mappings"),
@@ -184,8 +205,12 @@ COMMANDS: tuple[Command, ...] = (
     Command(("sync-tsc",), _sync_tsc, "sync-tsc [VALUE]", "hv_vm_sync_tsc (default: vCPU 0's TSC)"),
     Command(("disas",), _disas, "disas [ADDR [N]]", "disassemble N instructions (capstone)"),
     Command(("phys",), _phys, "phys on|off", "gdb addresses are physical / virtual"),
-    Command(("info", "breakpoints"), _info_breakpoints, "info breakpoints",
-            "breakpoints and the mechanism each one uses"),
+    Command(
+        ("info", "breakpoints"),
+        _info_breakpoints,
+        "info breakpoints",
+        "breakpoints and the mechanism each one uses",
+    ),
     Command(("status",), _status, "status", "backend, and what happened to the guest"),
 )
 

@@ -96,11 +96,15 @@ class GdbServer:
         attached ends the server; any other stop is kept for the next client's ``?``.
         """
         while not self._stopping.is_set():
-            ready, _, _ = select.select(
-                [self._listener, self._wake_r, self.target.wake_fd], [], [])
-            if self._wake_r in ready:
+            listener, wake, stops_fd = (
+                self._listener.fileno(),
+                self._wake_r.fileno(),
+                self.target.wake_fd,
+            )
+            ready, _, _ = select.select([listener, wake, stops_fd], [], [])
+            if wake in ready:
                 break
-            if self.target.wake_fd in ready:
+            if stops_fd in ready:
                 stops = self._take_stops()
                 self._held_stops += stops
                 if stops:

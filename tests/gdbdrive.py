@@ -30,18 +30,32 @@ def backends() -> list[str]:
 class Stub:
     """A ``gdbstub run`` process listening on a free port."""
 
-    def __init__(self, kernel: Path, backend: str, *extra: str, wait: bool = True,
-                 tmp: Path) -> None:
+    def __init__(
+        self, kernel: Path, backend: str, *extra: str, wait: bool = True, tmp: Path
+    ) -> None:
         self.serial = tmp / "serial.log"
         self.log = tmp / "stub.log"
-        args = [sys.executable, "-m", "gdbstub", "run", str(kernel), "--listen", "127.0.0.1:0",
-                "--backend", backend, "--serial", f"file:{self.serial}", *extra]
+        args = [
+            sys.executable,
+            "-m",
+            "gdbstub",
+            "run",
+            str(kernel),
+            "--listen",
+            "127.0.0.1:0",
+            "--backend",
+            backend,
+            "--serial",
+            f"file:{self.serial}",
+            *extra,
+        ]
         if wait:
             args.append("--wait")
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         self._log_file = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(args, stdout=self._log_file, stderr=subprocess.STDOUT,
-                                     env=env, cwd=ROOT)
+        self.proc = subprocess.Popen(
+            args, stdout=self._log_file, stderr=subprocess.STDOUT, env=env, cwd=ROOT
+        )
         self.port = self._wait_port()
 
     def _wait_port(self) -> int:
@@ -85,11 +99,21 @@ class Gdb:
             pytest.skip("gdb is not installed")
         env = dict(os.environ, TERM="dumb")
         files = [str(elf)] if elf is not None else ["-ex", "set architecture i386:x86-64"]
-        self.child = pexpect.spawn("gdb", ["-nx", "-q", *files], encoding="utf-8", env=env,
-                                   timeout=timeout, dimensions=(200, 250))
+        self.child = pexpect.spawn(
+            "gdb",
+            ["-nx", "-q", *files],
+            encoding="utf-8",
+            env=env,
+            timeout=timeout,
+            dimensions=(200, 250),
+        )
         self.child.expect(PROMPT)
-        for setting in ("set pagination off", "set confirm off", "set width 0",
-                        "set style enabled off"):
+        for setting in (
+            "set pagination off",
+            "set confirm off",
+            "set width 0",
+            "set style enabled off",
+        ):
             self.cmd(setting)
         self.connect(port)
 
@@ -126,8 +150,9 @@ class Gdb:
 
 
 @contextmanager
-def session(kernel: Path, backend: str, tmp: Path, *extra: str,
-            wait: bool = True) -> Iterator[tuple[Stub, Gdb]]:
+def session(
+    kernel: Path, backend: str, tmp: Path, *extra: str, wait: bool = True
+) -> Iterator[tuple[Stub, Gdb]]:
     """A stub booting ``kernel`` and a gdb attached to it."""
     stub = Stub(kernel, backend, *extra, wait=wait, tmp=tmp)
     gdb = None

@@ -20,8 +20,13 @@ def test_gdb_drives_the_example_vmm(backend: str) -> None:
     if backend not in backends():
         pytest.skip(f"no {backend} here")
     env = dict(os.environ, PYTHONPATH=str(ROOT), GDBSTUB_BACKEND=backend)
-    vmm = subprocess.Popen([sys.executable, "examples/tiny_vmm.py", "--port", "0"], cwd=ROOT,
-                           env=env, stdout=subprocess.PIPE, text=True)
+    vmm = subprocess.Popen(
+        [sys.executable, "examples/tiny_vmm.py", "--port", "0"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert vmm.stdout is not None
         line = vmm.stdout.readline()
@@ -52,7 +57,13 @@ def test_readme_example_vmm_runs(backend: str) -> None:
     if backend not in backends():
         pytest.skip(f"no {backend} here")
     env = dict(os.environ, PYTHONPATH=str(ROOT), GDBSTUB_BACKEND=backend)
-    result = subprocess.run([sys.executable, "examples/ten_line_vmm.py"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "examples/ten_line_vmm.py"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [f"out port 0x10 value {n}" for n in range(5)]

@@ -40,15 +40,19 @@ def to_main(gdb: Gdb, mode: int | None = None) -> None:
         gdb.cmd(f"set var *(long*)&mode = {mode}")
 
 
-def test_connect_wait_stops_before_first_instruction(kernel: Path, backend: str, tmp_path: Path) -> None:
+def test_connect_wait_stops_before_first_instruction(
+    kernel: Path, backend: str, tmp_path: Path
+) -> None:
     with session(kernel, backend, tmp_path) as (stub, gdb):
         assert gdb.value("$rip") == gdb.value("&pvh_start32")
         assert gdb.value("$cr0") & 0x80000000 == 0  # paging still off
         assert stub.serial_text() == ""  # nothing ran yet
 
 
-def test_break_in_higher_half_continue_and_registers(kernel: Path, backend: str, tmp_path: Path) -> None:
-    with session(kernel, backend, tmp_path) as (stub, gdb):
+def test_break_in_higher_half_continue_and_registers(
+    kernel: Path, backend: str, tmp_path: Path
+) -> None:
+    with session(kernel, backend, tmp_path) as (_stub, gdb):
         to_main(gdb, mode=0)
         out = gdb.cmd("break add_numbers")
         assert "Breakpoint 2" in out
@@ -68,7 +72,7 @@ def test_break_in_higher_half_continue_and_registers(kernel: Path, backend: str,
 
 
 def test_all_registers_xmm_ymm_control(kernel: Path, backend: str, tmp_path: Path) -> None:
-    with session(kernel, backend, tmp_path) as (stub, gdb):
+    with session(kernel, backend, tmp_path) as (_stub, gdb):
         to_main(gdb, mode=0)
         gdb.cmd("break add_numbers")
         gdb.cmd("continue")
@@ -78,11 +82,13 @@ def test_all_registers_xmm_ymm_control(kernel: Path, backend: str, tmp_path: Pat
         assert gdb.value("$xmm0.uint128") == int.from_bytes(bytes(range(16)), "little")
         if gdb.value("*(long*)&avx_enabled"):
             assert re.search(r"^ymm1\s", out, re.M)
-            assert gdb.value("$ymm1.v2_int128[1]") == int.from_bytes(bytes(range(0x30, 0x40)), "little")
+            assert gdb.value("$ymm1.v2_int128[1]") == int.from_bytes(
+                bytes(range(0x30, 0x40)), "little"
+            )
 
 
 def test_memory_virtual_and_physical(kernel: Path, backend: str, tmp_path: Path) -> None:
-    with session(kernel, backend, tmp_path) as (stub, gdb):
+    with session(kernel, backend, tmp_path) as (_stub, gdb):
         to_main(gdb, mode=0)
         gdb.cmd("break add_numbers")
         gdb.cmd("continue")
@@ -100,7 +106,7 @@ def test_memory_virtual_and_physical(kernel: Path, backend: str, tmp_path: Path)
 
 
 def test_set_var_stepi_nexti(kernel: Path, backend: str, tmp_path: Path) -> None:
-    with session(kernel, backend, tmp_path) as (stub, gdb):
+    with session(kernel, backend, tmp_path) as (_stub, gdb):
         to_main(gdb, mode=0)
         gdb.cmd("break *call_add_1")
         assert "Breakpoint 2," in gdb.cmd("continue")
@@ -128,7 +134,7 @@ def test_set_var_stepi_nexti(kernel: Path, backend: str, tmp_path: Path) -> None
 
 
 def test_watch_hbreak(kernel: Path, backend: str, tmp_path: Path) -> None:
-    with session(kernel, backend, tmp_path) as (stub, gdb):
+    with session(kernel, backend, tmp_path) as (_stub, gdb):
         to_main(gdb, mode=0)
         out = gdb.cmd("watch *(long*)&counter")
         assert "watchpoint 2" in out.lower()
@@ -145,7 +151,7 @@ def test_watch_hbreak(kernel: Path, backend: str, tmp_path: Path) -> None:
 
 
 def test_ctrl_c_while_spinning_and_halted(kernel: Path, backend: str, tmp_path: Path) -> None:
-    with session(kernel, backend, tmp_path) as (stub, gdb):
+    with session(kernel, backend, tmp_path) as (_stub, gdb):
         to_main(gdb, mode=1)
         gdb.child.sendline("continue")
         gdb.child.expect("Continuing")
@@ -162,8 +168,10 @@ def test_ctrl_c_while_spinning_and_halted(kernel: Path, backend: str, tmp_path: 
         assert gdb.value("*(long*)&counter") > first
 
 
-def test_halt_with_interrupts_off_waits_for_ctrl_c(kernel: Path, backend: str, tmp_path: Path) -> None:
-    with session(kernel, backend, tmp_path) as (stub, gdb):
+def test_halt_with_interrupts_off_waits_for_ctrl_c(
+    kernel: Path, backend: str, tmp_path: Path
+) -> None:
+    with session(kernel, backend, tmp_path) as (_stub, gdb):
         to_main(gdb, mode=4)
         gdb.child.sendline("continue")
         gdb.child.expect("Continuing")
@@ -194,7 +202,7 @@ def test_exit_status_reaches_gdb(kernel: Path, backend: str, tmp_path: Path) -> 
 
 
 def test_triple_fault_is_a_stop(kernel: Path, backend: str, tmp_path: Path) -> None:
-    with session(kernel, backend, tmp_path) as (stub, gdb):
+    with session(kernel, backend, tmp_path) as (_stub, gdb):
         to_main(gdb, mode=3)
         out = gdb.cmd("continue")
         assert "SIGSEGV" in out, out
@@ -204,7 +212,7 @@ def test_triple_fault_is_a_stop(kernel: Path, backend: str, tmp_path: Path) -> N
 
 def test_mode_switch_32_to_64(backend: str, tmp_path: Path) -> None:
     elf = build("mode_switch")
-    with session(elf, backend, tmp_path) as (stub, gdb):
+    with session(elf, backend, tmp_path) as (_stub, gdb):
         gdb.cmd("break loop32")
         assert "loop32" in gdb.cmd("continue")
         assert gdb.value("$efer") & 0x400 == 0  # 32-bit protected mode: no LMA
@@ -287,8 +295,13 @@ def test_malformed_packets_get_answers(kernel: Path, backend: str, tmp_path: Pat
 )
 def test_bad_command_lines(args: list[str], message: str, kernel: Path) -> None:
     argv = [a.format(kernel=kernel, self=ROOT / "pyproject.toml") for a in args]
-    result = subprocess.run([sys.executable, "-m", "gdbstub", *argv], capture_output=True,
-                            text=True, cwd=ROOT, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "gdbstub", *argv],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -296,6 +309,11 @@ def test_bad_command_lines(args: list[str], message: str, kernel: Path) -> None:
 
 
 def test_version() -> None:
-    result = subprocess.run([sys.executable, "-m", "gdbstub", "--version"], capture_output=True,
-                            text=True, cwd=ROOT, timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-m", "gdbstub", "--version"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=30,
+    )
     assert result.returncode == 0 and result.stdout.startswith("gdbstub ")

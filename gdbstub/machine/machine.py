@@ -198,10 +198,7 @@ class Machine:
         if qual & hv.EXIT_QUAL_IO_IN:
             value = self.bus.read(port, size) & mask
             rax = hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RAX)
-            if size == 4:
-                rax = value  # a 32-bit result zero-extends
-            else:
-                rax = rax & ~mask | value
+            rax = value if size == 4 else rax & ~mask | value  # 32-bit results zero-extend
             hv.hv_vcpu_write_register(vcpu, hv.HV_X86_RAX, rax)
             self._advance(vcpu)
             return None
@@ -226,8 +223,9 @@ class Machine:
         subleaf = hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RCX) & 0xFFFFFFFF
         xcr0 = hv.hv_vcpu_read_register(vcpu, hv.HV_X86_XCR0)
         cr4 = hv.hv_vcpu_read_register(vcpu, hv.HV_X86_CR4)
-        values = cpuid_model.cpuid(leaf, subleaf, xcr0=xcr0, cr4_osxsave=bool(cr4 & (1 << 18)),
-                                   avx=self.cpu_avx)
+        values = cpuid_model.cpuid(
+            leaf, subleaf, xcr0=xcr0, cr4_osxsave=bool(cr4 & (1 << 18)), avx=self.cpu_avx
+        )
         for reg, value in zip(
             (hv.HV_X86_RAX, hv.HV_X86_RBX, hv.HV_X86_RCX, hv.HV_X86_RDX), values, strict=True
         ):
@@ -273,8 +271,12 @@ class Machine:
             size = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.GDBSTUB_VMCS_MMIO_SIZE)
             if not qual & hv.EPT_VIOLATION_DATA_WRITE:
                 hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.GDBSTUB_VMCS_MMIO_DATA, (1 << (8 * size)) - 1)
-            log.info("guest %s of %d bytes at unmapped %#x ignored",
-                     "write" if qual & 2 else "read", size, gpa)
+            log.info(
+                "guest %s of %d bytes at unmapped %#x ignored",
+                "write" if qual & 2 else "read",
+                size,
+                gpa,
+            )
             return None
         self.what = f"guest access to unmapped memory at {gpa:#x}"
         return Stop("fault", signal=SIGSEGV, message=self.what)

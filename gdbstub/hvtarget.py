@@ -31,8 +31,8 @@ import os
 import queue
 import threading
 from collections.abc import Callable
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 from . import hv, paging, regs, xsave

@@ -535,10 +535,12 @@ class GdbSession:
         return OK
 
     def _h_kill(self, cmd: Command) -> _Reply:
+        # gdb does not wait for an answer; lldb does ("failed to send the k packet" otherwise),
+        # and gdbserver answers X09: the process ended by SIGKILL.
         self.target.kill()
         self._state = SessionState.KILLED
         self._after.append(Shutdown())
-        return None
+        return b"X09"
 
     # --- handlers: lldb ---------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ pytest.importorskip("unicorn")
 from gdbstub import hv
 
 try:
-    from guestbuild import assemble_flat  # type: ignore[import-not-found]
+    from guestbuild import assemble_flat  # type: ignore[import-not-found,unused-ignore]
 except ImportError:  # pragma: no cover - another engineer's helper
     from tests.guestbuild import assemble_flat  # type: ignore[import-not-found,no-redef]
 
@@ -337,8 +337,8 @@ def test_two_address_spaces(vm: dict[str, object]) -> None:
     ram = vm["ram"]
     ram[0x100000] = 0x11  # type: ignore[index]
     other = hv.hv_vm_allocate(RAM)
-    other[:] = bytes(ram)  # type: ignore[arg-type]
-    other[0x100000] = 0x22
+    other[:] = bytes(ram)  # type: ignore[call-overload,index,unused-ignore]
+    other[0x100000] = 0x22  # type: ignore[index,unused-ignore]
     asid = hv.hv_vm_space_create()
     hv.hv_vm_map_space(asid, other, 0, RAM, RWX)
     assert run(vcpu) == hv.VMX_REASON_IO
@@ -443,3 +443,152 @@ def test_registers_and_segments_round_trip(vm: dict[str, object]) -> None:
     with pytest.raises(hv.HvError) as info:
         hv.hv_vcpu_read_register(vcpu, 999)
     assert info.value.code == hv.HV_BAD_ARGUMENT
+
+
+# --- code the host rewrites between runs (the VMM or the debugger writing guest RAM) -----------
+
+LOOP = "top: inc ecx\nspot: nop\nnop\nout 0x80, al\njmp top\n"
+
+
+def exit_port(vcpu: int) -> int:
+    return vmcs(vcpu, hv.VMCS_RO_EXIT_QUALIFIC) >> 16
+
+
+def assert_int3_exit(vcpu: int, address: int) -> None:
+    assert vmcs(vcpu, hv.VMCS_RO_EXIT_REASON) == hv.VMX_REASON_EXC_NMI
+    info = vmcs(vcpu, hv.VMCS_RO_VMEXIT_IRQ_INFO)
+    assert info & 0xFF == hv.IDT_BP
+    assert info & hv.IRQ_INFO_TYPE_MASK == hv.IRQ_INFO_SOFT_EXC
+    assert vmcs(vcpu, hv.VMCS_RO_VMEXIT_INSTR_LEN) == 1
+    assert hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RIP) == address
+
+
+@pytest.mark.parametrize("mode", [32, 64])
+def test_host_rewrites_code_between_runs(vm: dict[str, object], mode: int) -> None:
+    code = assemble_flat(LOOP, mode, ORG)
+    vcpu = new_vcpu(vm, mode, code)
+    ram = vm["ram"]
+    spot = ORG + code.index(b"\x90\x90")
+    hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_EXC_BITMAP, 1 << hv.IDT_BP)
+
+    def rcx() -> int:
+        return hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RCX) & 0xFFFF
+
+    assert run(vcpu) == hv.VMX_REASON_IO and rcx() == 1  # the loop is translated and scanned
+    skip_instruction(vcpu)
+    ram[spot] = 0xCC  # type: ignore[index]  # nop -> int3: intercepted at once
+    run(vcpu)
+    assert_int3_exit(vcpu, spot)
+    assert rcx() == 2
+    ram[spot] = 0x90  # type: ignore[index]  # int3 -> nop: no #BP any more
+    assert run(vcpu) == hv.VMX_REASON_IO and exit_port(vcpu) == 0x80 and rcx() == 2
+    skip_instruction(vcpu)
+    ram[spot : spot + 2] = b"\xe6\x81"  # type: ignore[index]  # nop; nop -> out 0x81, al
+    assert run(vcpu) == hv.VMX_REASON_IO and exit_port(vcpu) == 0x81 and rcx() == 3
+    assert hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RIP) == spot
+    assert vmcs(vcpu, hv.VMCS_RO_VMEXIT_INSTR_LEN) == 2
+    skip_instruction(vcpu)
+    assert run(vcpu) == hv.VMX_REASON_IO and exit_port(vcpu) == 0x80
+    skip_instruction(vcpu)
+    ram[spot : spot + 2] = b"\x90\x90"  # type: ignore[index]  # and back: that exit is gone
+    for count in (4, 5):
+        assert run(vcpu) == hv.VMX_REASON_IO and exit_port(vcpu) == 0x80 and rcx() == count
+        skip_instruction(vcpu)
+    ram[spot : spot + 2] = b"\x0f\xa2"  # type: ignore[index]  # cpuid
+    assert run(vcpu) == hv.VMX_REASON_CPUID
+    assert hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RIP) == spot
+
+
+def test_step_over_replanted_int3(vm: dict[str, object]) -> None:
+    """gdb's step over a breakpoint: remove it, single-step (MTF), plant it again, continue."""
+    code = assemble_flat(LOOP, 64, ORG)
+    vcpu = new_vcpu(vm, 64, code)
+    ram = vm["ram"]
+    spot = ORG + code.index(b"\x90\x90")
+    hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_EXC_BITMAP, 1 << hv.IDT_BP)
+    ram[spot] = 0xCC  # type: ignore[index]
+    for hit in range(1, 5):
+        run(vcpu)
+        assert_int3_exit(vcpu, spot)
+        assert hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RCX) == hit
+        ram[spot] = 0x90  # type: ignore[index]
+        hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_CPU_BASED, hv.CPU_BASED_MTF)
+        assert run(vcpu) == hv.VMX_REASON_MTF
+        assert hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RIP) == spot + 1
+        ram[spot] = 0xCC  # type: ignore[index]
+        hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_CPU_BASED, 0)
+        assert run(vcpu) == hv.VMX_REASON_IO
+        skip_instruction(vcpu)
+
+
+INT3_HANDLER = """
+        int3
+after:  out 0x81, al
+        hlt
+align 16
+handler:
+        inc ebx
+        out 0x80, al
+        iretq
+"""
+
+
+def install_bp_gate(vm: dict[str, object], vcpu: int, handler: int) -> None:
+    gate = struct.pack("<HHBBHIi", handler & 0xFFFF, 8, 0, 0x8E, handler >> 16, 0, 0)
+    vm["ram"][0xA000 + 16 * 3 : 0xA000 + 16 * 4] = gate  # type: ignore[index]
+    hv.hv_vcpu_write_register(vcpu, hv.HV_X86_IDT_BASE, 0xA000)
+    hv.hv_vcpu_write_register(vcpu, hv.HV_X86_IDT_LIMIT, 0xFFF)
+
+
+def test_guest_int3_reinjected_handler_returns(vm: dict[str, object]) -> None:
+    code = assemble_flat(INT3_HANDLER, 64, ORG)
+    vcpu = new_vcpu(vm, 64, code)
+    install_bp_gate(vm, vcpu, ORG + 16)
+    hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_EXC_BITMAP, 1 << hv.IDT_BP)
+    run(vcpu)
+    assert_int3_exit(vcpu, ORG)
+    hv.hv_vmx_vcpu_write_vmcs(
+        vcpu, hv.VMCS_CTRL_VMENTRY_IRQ_INFO, hv.IRQ_INFO_VALID | hv.IRQ_INFO_SOFT_EXC | hv.IDT_BP
+    )
+    hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_VMENTRY_INSTR_LEN, 1)
+    assert run(vcpu) == hv.VMX_REASON_IO and exit_port(vcpu) == 0x80  # in the handler
+    skip_instruction(vcpu)
+    assert run(vcpu) == hv.VMX_REASON_IO and exit_port(vcpu) == 0x81  # returned after the int3
+    assert hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RIP) == ORG + 1
+    assert hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RBX) == 1
+    assert hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RSP) == 0x8000
+
+
+def test_host_written_int3_not_intercepted_goes_to_guest(vm: dict[str, object]) -> None:
+    code = assemble_flat("nop\n" + INT3_HANDLER.replace("int3", "nop", 1), 64, ORG)
+    vcpu = new_vcpu(vm, 64, code)
+    install_bp_gate(vm, vcpu, ORG + code.index(b"\xff\xc3"))  # inc ebx
+    hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_CPU_BASED, hv.CPU_BASED_HLT)
+    assert run(vcpu) == hv.VMX_REASON_IO and exit_port(vcpu) == 0x81
+    skip_instruction(vcpu)
+    assert run(vcpu) == hv.VMX_REASON_HLT  # nop; nop; out; hlt ran and were scanned
+    hv.hv_vcpu_write_register(vcpu, hv.HV_X86_RIP, ORG)
+    vm["ram"][ORG + 1] = 0xCC  # type: ignore[index]
+    assert run(vcpu) == hv.VMX_REASON_IO and exit_port(vcpu) == 0x80
+    skip_instruction(vcpu)
+    assert run(vcpu) == hv.VMX_REASON_IO and exit_port(vcpu) == 0x81
+    assert hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RIP) == ORG + 2
+    assert hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RBX) == 1
+
+
+def test_data_next_to_code_keeps_exits(vm: dict[str, object]) -> None:
+    """Guest and host writing data on a code page: exits stay exact, the code is rescanned
+    only where it changed."""
+    code = assemble_flat(
+        "top: inc dword [rel var]\nout 0x80, al\njmp top\nalign 64\nvar: dd 0\n", 64, ORG
+    )
+    vcpu = new_vcpu(vm, 64, code)
+    ram = vm["ram"]
+    var = ORG + len(code) - 4
+    for i in range(1, 20):
+        assert run(vcpu) == hv.VMX_REASON_IO
+        assert struct.unpack_from("<I", ram, var)[0] == i  # type: ignore[arg-type]
+        skip_instruction(vcpu)
+    struct.pack_into("<I", ram, var, 100)  # type: ignore[arg-type]
+    assert run(vcpu) == hv.VMX_REASON_IO
+    assert struct.unpack_from("<I", ram, var)[0] == 101  # type: ignore[arg-type]

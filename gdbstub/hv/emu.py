@@ -15,18 +15,30 @@ semantics are the KVM backend's (see ``kvm.py``); what unicorn lacks, this modul
   that races with the start of ``emu_start`` is not lost); a kick before entry makes the next
   run return exit 1 at once. Deadlines are ``emu_start`` timeouts (exit 52).
 * **Instruction exits.** A block hook scans each basic block once (capstone) for IN/OUT/INS/
-  OUTS, HLT, RDMSR/WRMSR, CPUID and INT3, and puts a code hook on exactly those addresses; the
+  OUTS, HLT, RDMSR/WRMSR and CPUID, and puts a code hook on exactly those addresses; the
   block is then retranslated. A code hook stops emulation *before* the instruction, so RIP is
   at the instruction and nothing of it has executed (the framework's contract): the VMM
   completes it and advances RIP by VMCS_RO_VMEXIT_INSTR_LEN. CPUID always exits (reason 10),
   as on the framework. RDMSR/WRMSR exit (31/32) unless the MSR is native or granted; then they
-  execute in unicorn.
+  execute in unicorn. INT3 is not scanned for: it reaches the interrupt hook (below) whenever
+  it executes, so an int3 written a moment ago is seen like any other.
+* **Code written by the host.** The VMM and the debugger write guest RAM through their own
+  buffers, which unicorn never sees. Every guest-physical page holding a scanned block is
+  remembered with a copy of its bytes; each entry (``hv_vcpu_run``/``run_until``) compares
+  them (runs of contiguous pages at once: about 1 us plus 0.2 us a page). In a changed page
+  the differing bytes are found; the blocks and instruction sites overlapping them are
+  forgotten (rescanned when executed) and the translated blocks are flushed, so the guest runs
+  what the host wrote, as on the framework. Data written next to code costs only the compare.
+  A code hook also checks that its instruction is still there (guest-modified code).
 * **Exceptions.** Faults and traps reach a UC_HOOK_INTR hook. Vectors set in the exception
-  bitmap exit (reason 0 with interruption info); others are delivered through the guest's IDT
-  by this module (real-mode IVT, protected-mode and long-mode interrupt/trap gates, same
-  privilege level only, no task gates). A delivery that fails becomes #DF, then a triple
-  fault (exit 2). Error codes: #PF has P from a page walk plus W/I from the faulting access
-  when known; other faults push 0.
+  bitmap exit (reason 0 with interruption info; #BP from INT3 as the framework reports it:
+  software exception, RIP back at the int3, instruction length 1); others are delivered
+  through the guest's IDT by this module (as is an event injected through
+  VMCS_CTRL_VMENTRY_IRQ_INFO; a software one returns after VMCS_CTRL_VMENTRY_INSTR_LEN bytes):
+  real-mode IVT, protected-mode and long-mode interrupt/trap gates, same privilege level
+  only, no task gates. A delivery that fails becomes #DF, then a triple fault (exit 2). Error
+  codes: #PF has P from a page walk plus W/I from the faulting access when known; other
+  faults push 0.
 * **Debug registers.** DR0-DR3/DR7 are evaluated here: execution breakpoints are code hooks on
   the exact linear addresses (fault-like, RIP at the instruction, RFLAGS.RF suppresses one
   hit); data breakpoints write-protect (or, for read/write, access-protect) the guest-physical
@@ -44,10 +56,10 @@ Approximations: the TSC is unicorn's (not settable; ``hv_vm_sync_tsc`` and IA32_
 writes are kept as an offset on the emulated clock, guest RDTSC does not see them); XCR0 is
 kept here; string I/O (INS/OUTS) exits like other I/O but the VMM has to emulate the memory
 side; interrupt delivery does not switch stacks on a privilege change (except long-mode IST).
-Blocks are scanned once per (address, size): code rewritten in place into a block of the same
-extent is not rescanned, so a newly written IN/OUT/HLT/MSR/CPUID there is executed by unicorn
-without an exit. The block hook costs about 1.5 us per executed block (a `dec; jnz` loop runs
-at about 0.6 million iterations per second).
+Code the guest itself rewrites is rescanned at the next entry, not at once: an IN/OUT/HLT/MSR/
+CPUID the guest writes into an already scanned block and runs within the same entry executes
+in unicorn without an exit. The block hook costs about 1.5 us per executed block (a `dec; jnz`
+loop runs at about 0.6 million iterations per second).
 """
 
 from __future__ import annotations
@@ -216,7 +228,13 @@ _SITE_KINDS = {
     capstone.x86.X86_INS_RDMSR: "rdmsr",
     capstone.x86.X86_INS_WRMSR: "wrmsr",
     capstone.x86.X86_INS_CPUID: "cpuid",
-    capstone.x86.X86_INS_INT3: "int3",
+}
+# What a site's bytes must still be (after prefixes) for its hook to act on it.
+_SITE_OPCODES = {
+    "hlt": (b"\xf4",),
+    "rdmsr": (b"\x0f\x32",),
+    "wrmsr": (b"\x0f\x30",),
+    "cpuid": (b"\x0f\xa2",),
 }
 _IN_OPCODES = frozenset({0xE4, 0xE5, 0xEC, 0xED, 0x6C, 0x6D})
 _IMM_OPCODES = frozenset({0xE4, 0xE5, 0xE6, 0xE7})
@@ -224,6 +242,20 @@ _STRING_IO = frozenset({0x6C, 0x6D, 0x6E, 0x6F})
 _PREFIXES = frozenset({0x66, 0x67, 0xF2, 0xF3, 0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65})
 
 _DISASM: dict[int, Any] = {}
+
+
+def _load_memcmp() -> Callable[[int, bytes, int], int] | None:
+    try:
+        function: Any = ctypes.CDLL(None).memcmp
+    except (OSError, TypeError, AttributeError):  # pragma: no cover - no C library to load
+        return None
+    function.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
+    function.restype = ctypes.c_int
+    return function  # type: ignore[no-any-return]
+
+
+_memcmp = _load_memcmp()
+_SMALL_RUN = 8 * PAGE
 
 
 def _disassembler(bits: int) -> Any:
@@ -268,6 +300,33 @@ class _Region:
 class _Space:
     asid: int
     regions: list[_Region] = field(default_factory=list)
+
+
+@dataclass
+class _CodePage:
+    """A guest-physical page holding scanned code, watched for writes by the host."""
+
+    view: memoryview | None  # the page in the VMM's buffer (None: no longer mapped)
+    saved: bytes  # its bytes when last checked
+    blocks: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)  # key -> span
+    sites: dict[int, tuple[int, int]] = field(default_factory=dict)  # linear address -> span
+
+
+@dataclass
+class _CodeRun:
+    """Watched pages contiguous in guest and host memory, compared in one go at each entry."""
+
+    address: int  # host address (0: no longer mapped)
+    view: memoryview | None
+    saved: bytes  # their bytes when last checked
+    pages: list[int]
+
+    def changed(self) -> bool:
+        if self.view is None:
+            return True
+        if len(self.saved) <= _SMALL_RUN or _memcmp is None:
+            return bytes(self.view) != self.saved  # cheaper than a ctypes call when small
+        return _memcmp(self.address, self.saved, len(self.saved)) != 0
 
 
 class _Exit(Exception):
@@ -317,6 +376,8 @@ class _Vcpu:
         self.site_hooks: dict[int, int] = {}
         self.new_sites: dict[int, str] = {}
         self.scanned: set[tuple[int, int]] = set()
+        self.code: dict[int, _CodePage] = {}  # gpa page -> scanned code on it
+        self.code_runs: list[_CodeRun] | None = None
         self.dr_exec_hooks: dict[int, int] = {}
         self.dr_exec: dict[int, int] = {}  # linear address -> DR index bits
         self.watch: list[tuple[int, int, int, bool]] = []  # (bit, lo, hi, reads too)
@@ -540,6 +601,9 @@ class EmuBackend:
                 uc.mem_protect(page, PAGE, self._uc_perms(watched.flags) & ~remove)
         _flush_tlb(uc)
         uc.ctl_flush_tb()
+        for gpa, code in vcpu.code.items():  # the host buffers may have moved
+            code.view = self._page_view(vcpu.space, gpa)
+        vcpu.code_runs = None
         vcpu.uc_dirty_memory = False  # type: ignore[attr-defined]
 
     @staticmethod
@@ -683,6 +747,8 @@ class EmuBackend:
         vcpu.site_hooks.clear()
         vcpu.new_sites.clear()
         vcpu.scanned.clear()
+        vcpu.code.clear()
+        vcpu.code_runs = None
         vcpu.dr_exec_hooks.clear()
         vcpu.dr_dirty = True
         self._install_hooks(vcpu)
@@ -1242,16 +1308,118 @@ class EmuBackend:
         if key in vcpu.scanned:
             return
         vcpu.scanned.add(key)
+        # The guest-physical pages under the block (at most two), watched for host writes.
+        spans: list[tuple[_CodePage, int, int, int]] = []  # (page, linear start, lo, hi)
+        linear = address
+        end = address + max(size, 1)
+        while linear < end:
+            stop = min(end, (linear | 0xFFF) + 1)
+            gpa = self._translate(vcpu, linear & _M64)
+            if gpa is not None:
+                page = self._code_page(vcpu, gpa & ~0xFFF)
+                if page is not None:
+                    lo = linear & 0xFFF
+                    page.blocks[key] = (lo, lo + stop - linear)
+                    spans.append((page, linear, lo, lo + stop - linear))
+            linear = stop
         bits = self._cpu_bits(vcpu)
         code = self._read_linear(vcpu, address, size)
         found = False
         for insn in _disassembler(bits).disasm(code, address):
             kind = _SITE_KINDS.get(insn.id)
-            if kind is not None and insn.address not in vcpu.sites:
+            if kind is None:
+                continue
+            for page, start, lo, hi in spans:
+                first = lo + insn.address - start
+                if lo <= first < hi:
+                    page.sites[insn.address] = (first, first + insn.size)
+            if insn.address not in vcpu.sites:
                 vcpu.new_sites[insn.address] = kind
                 found = True
         if found:
             vcpu.uc.emu_stop()
+
+    def _code_page(self, vcpu: _Vcpu, gpa: int) -> _CodePage | None:
+        page = vcpu.code.get(gpa)
+        if page is None:
+            view = self._page_view(vcpu.space, gpa)
+            if view is None:
+                return None
+            page = vcpu.code[gpa] = _CodePage(view, bytes(view))
+            vcpu.code_runs = None
+        return page
+
+    def _page_view(self, space: _Space, gpa: int) -> memoryview | None:
+        region = self._region(space, gpa)
+        if region is None:
+            return None
+        array = (ctypes.c_char * PAGE).from_address(region.uva + (gpa - region.gpa))
+        return memoryview(array).cast("B")
+
+    def _code_runs(self, vcpu: _Vcpu) -> list[_CodeRun]:
+        """The watched pages as runs contiguous in guest and host memory."""
+        groups: list[tuple[int, list[int]]] = []
+        runs: list[_CodeRun] = []
+        for gpa in sorted(vcpu.code):
+            region = self._region(vcpu.space, gpa)
+            if region is None or vcpu.code[gpa].view is None:
+                runs.append(_CodeRun(0, None, b"", [gpa]))
+                continue
+            uva = region.uva + (gpa - region.gpa)
+            if groups:
+                start, pages = groups[-1]
+                if pages[-1] + PAGE == gpa and start + PAGE * len(pages) == uva:
+                    pages.append(gpa)
+                    continue
+            groups.append((uva, [gpa]))
+        for start, pages in groups:
+            array = (ctypes.c_char * (PAGE * len(pages))).from_address(start)
+            saved = b"".join(vcpu.code[gpa].saved for gpa in pages)
+            runs.append(_CodeRun(start, memoryview(array).cast("B"), saved, pages))
+        return runs
+
+    def _check_code(self, vcpu: _Vcpu) -> None:
+        """See what the host wrote into scanned code since the last entry (the VMM and the
+        debugger write guest RAM through their own buffers, behind unicorn's back): forget the
+        scans and instruction sites of the changed bytes and drop the translated blocks.
+
+        Per entry: one compare per run of contiguous watched pages (about 1 us, plus 0.2 us a
+        page); a changed page is diffed, so that data written next to code costs no
+        retranslation."""
+        if vcpu.code_runs is None:
+            vcpu.code_runs = self._code_runs(vcpu)
+        suspects = [gpa for run in vcpu.code_runs if run.changed() for gpa in run.pages]
+        if not suspects:
+            return
+        vcpu.code_runs = None
+        stale = False
+        for gpa in suspects:
+            page = vcpu.code[gpa]
+            if page.view is None:
+                current = b""
+            else:
+                current = bytes(page.view)
+                if current == page.saved:
+                    continue
+            changed = _changed_spans(page.saved, current)
+            page.saved = current
+            for key, (lo, hi) in list(page.blocks.items()):
+                if any(a < hi and lo < b for a, b in changed):
+                    del page.blocks[key]
+                    vcpu.scanned.discard(key)
+                    stale = True
+            for address, (lo, hi) in list(page.sites.items()):
+                if any(a < hi and lo < b for a, b in changed):
+                    del page.sites[address]
+                    vcpu.sites.pop(address, None)
+                    hook = vcpu.site_hooks.pop(address, None)
+                    if hook is not None:
+                        vcpu.uc.hook_del(hook)
+                    stale = True
+            if page.view is None or not page.blocks:
+                del vcpu.code[gpa]
+        if stale:
+            vcpu.uc.ctl_flush_tb()
 
     def _add_sites(self, vcpu: _Vcpu) -> None:
         uc = vcpu.uc
@@ -1275,6 +1443,8 @@ class EmuBackend:
         if vcpu.exit_recorded:  # type: ignore[attr-defined]
             return
         uc = vcpu.uc
+        if kind in _SITE_OPCODES and not self._site_intact(vcpu, address, kind):
+            return  # rewritten by the guest since the scan (I/O is decoded again below)
         if kind == "io":
             self._exit_io(vcpu, address)
         elif kind == "hlt":
@@ -1295,13 +1465,13 @@ class EmuBackend:
                 uc.emu_stop()
         elif kind == "cpuid":
             self._stop(vcpu, C.VMX_REASON_CPUID, length=2)
-        elif kind == "int3" and vcpu.controls[C.VMCS_CTRL_EXC_BITMAP] & (1 << C.IDT_BP):
-            self._stop(
-                vcpu,
-                C.VMX_REASON_EXC_NMI,
-                length=1,
-                irq_info=C.IRQ_INFO_VALID | C.IRQ_INFO_SOFT_EXC | C.IDT_BP,
-            )
+
+    def _site_intact(self, vcpu: _Vcpu, address: int, kind: str) -> bool:
+        code = self._read_linear(vcpu, address, 6)
+        i = 0
+        while i < min(len(code), 4) and (code[i] in _PREFIXES or 0x40 <= code[i] <= 0x4F):
+            i += 1
+        return any(code.startswith(op, i) for op in _SITE_OPCODES[kind])
 
     def _exit_io(self, vcpu: _Vcpu, address: int) -> None:
         uc = vcpu.uc
@@ -1476,6 +1646,8 @@ class EmuBackend:
             return
         if getattr(vcpu, "uc_dirty_memory", False):
             self._remap(vcpu)
+        if vcpu.code:
+            self._check_code(vcpu)
         try:
             self._inject_entry_event(vcpu)
             while True:
@@ -1843,6 +2015,23 @@ class EmuBackend:
 def _flush_tlb(uc: Any) -> None:
     """Drop unicorn's software TLB (permissions and translations are looked up again)."""
     uc.ctl(unicorn.UC_CTL_TLB_FLUSH, unicorn.UC_CTL_IO_WRITE)
+
+
+def _changed_spans(old: bytes, new: bytes) -> list[tuple[int, int]]:
+    """The byte ranges in which two versions of a page differ (everything if one is missing)."""
+    if len(old) != len(new):
+        return [(0, PAGE)]
+    spans: list[tuple[int, int]] = []
+    for chunk in range(0, len(old), 64):
+        if old[chunk : chunk + 64] == new[chunk : chunk + 64]:
+            continue
+        for i in range(chunk, chunk + 64):
+            if old[i] != new[i]:
+                if spans and spans[-1][1] == i:
+                    spans[-1] = (spans[-1][0], i + 1)
+                else:
+                    spans.append((i, i + 1))
+    return spans
 
 
 def _decode_io(code: bytes) -> tuple[int, int | None, int]:

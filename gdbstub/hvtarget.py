@@ -94,6 +94,7 @@ class _Thread:
     dirty: set[str] = field(default_factory=set)
     stepping: bool = False
     stop: Stop | None = None
+    watch_hit: Stop | None = None  # a page-watchpoint hit, reported once its instruction is done
 
 
 # gdb register name -> how to read it from the vCPU
@@ -560,7 +561,7 @@ class HvTarget:
 
     def _handler(self, thread: _Thread, step: bool) -> Callable[[int], Stop | None]:
         def handle(vcpu: int) -> Stop | None:
-            stop = self._debug_exit(vcpu, step)
+            stop = self._debug_exit(thread, vcpu, step)
             if stop is not None:
                 return stop if stop.kind != "continue" else None
             stop = self.vmm.handle_exit(vcpu)
@@ -572,9 +573,14 @@ class HvTarget:
 
         return handle
 
-    def _debug_exit(self, vcpu: int, step: bool) -> Stop | None:
+    def _debug_exit(self, thread: _Thread, vcpu: int, step: bool) -> Stop | None:
         """Consume the exits that belong to the debugger; Stop("continue") = consumed, go on."""
         reason = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_RO_EXIT_REASON)
+        if reason == hv.VMX_REASON_MTF and thread.watch_hit is not None:
+            hit, thread.watch_hit = thread.watch_hit, None  # the instruction is complete now
+            if not step:
+                self._set_step(vcpu, False)
+            return hit
         if reason == hv.VMX_REASON_MTF:
             return Stop("debug", SIGTRAP) if step else Stop("continue")
         if reason == hv.VMX_REASON_EXC_NMI:
@@ -588,7 +594,7 @@ class HvTarget:
         if reason == hv.VMX_REASON_EPT_VIOLATION:
             gpa = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_GUEST_PHYSICAL_ADDRESS)
             if gpa & ~(PAGE - 1) in self._protected:
-                return self._on_watched_page(vcpu, gpa)
+                return self._on_watched_page(thread, vcpu, gpa)
         return None
 
     def _on_int3(self, vcpu: int, info: int) -> Stop:
@@ -625,7 +631,7 @@ class HvTarget:
         )
         return Stop("continue")
 
-    def _on_watched_page(self, vcpu: int, gpa: int) -> Stop:
+    def _on_watched_page(self, thread: _Thread, vcpu: int, gpa: int) -> Stop:
         qual = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_RO_EXIT_QUALIFIC)
         if not hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.GDBSTUB_VMCS_MMIO_DECODED):
             return Stop("fault", 11, message="watched page access was not decoded by the backend")
@@ -647,7 +653,13 @@ class HvTarget:
             for start, length in bp.physical:
                 if gpa < start + length and start < gpa + size:
                     bp.hits += 1
-                    return Stop("debug", SIGTRAP, reason=STOP_REASONS[bp.kind], address=bp.address)
+                    hit = Stop("debug", SIGTRAP, reason=STOP_REASONS[bp.kind], address=bp.address)
+                    if thread.watch_hit is None:
+                        # x86 watchpoints trap after the access: finish the instruction with
+                        # one monitor-trap step (see _debug_exit), then report
+                        thread.watch_hit = hit
+                        self._set_step(vcpu, True)
+                    return Stop("continue")
         return Stop("continue")
 
     def interrupt(self) -> None:

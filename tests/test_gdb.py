@@ -317,3 +317,25 @@ def test_version() -> None:
         timeout=30,
     )
     assert result.returncode == 0 and result.stdout.startswith("gdbstub ")
+
+
+def test_rwatch_awatch(kernel: Path, backend: str, tmp_path: Path) -> None:
+    with session(kernel, backend, tmp_path) as (_stub, gdb):
+        to_main(gdb, mode=0)
+        # set after main64's lgdt/lidt: a protected page (the fallback where DR data
+        # breakpoints never fire) must not hold a descriptor-table operand when it is loaded
+        gdb.cmd("break *call_add_1")
+        gdb.cmd("continue")
+        gdb.cmd("delete")
+        out = gdb.cmd("rwatch *(long*)&add_calls")
+        assert "read watchpoint" in out, out
+        out = gdb.cmd("continue")  # add_numbers reads add_calls (inc qword [add_calls])
+        assert "Value = 1" in out, out  # trap-after: the inc that read it has completed
+        assert gdb.value("$rip") in range(gdb.value("&add_numbers"), gdb.value("&add_numbers") + 64)
+        gdb.cmd("delete")
+        out = gdb.cmd("awatch *(long*)&sum_total")
+        assert "acc watchpoint" in out.lower() or "access" in out.lower(), out
+        out = gdb.cmd("continue")
+        assert "sum_total" in out and ("Value = " in out or "New value" in out), out
+        gdb.cmd("delete")
+        assert "exited with code 041" in gdb.cmd("continue")

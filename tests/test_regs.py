@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gdbstub import regs
@@ -87,6 +87,7 @@ def _values(with_avx: bool) -> st.SearchStrategy[dict[str, int]]:
     return st.fixed_dictionaries({r.name: st.integers(0, r.mask) for r in regs.g_layout(with_avx)})
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.booleans().flatmap(lambda avx: st.tuples(st.just(avx), _values(avx))))
 def test_g_round_trip(case: tuple[bool, dict[str, int]]) -> None:
     with_avx, values = case

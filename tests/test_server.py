@@ -92,6 +92,10 @@ def test_loopback_session(tmp_path: Path) -> None:
         # Third client kills the target: serve_forever returns.
         three = Wire(server.port)
         three.sock.sendall(rsp.encode(b"k"))
+        received = b""
+        while chunk := three.sock.recv(4096):
+            received += chunk
+        assert b"$X09#" in received  # lldb waits for it; then the server closes
         assert three.closed()
         thread.join(10)
         assert not thread.is_alive()

@@ -592,3 +592,34 @@ def test_data_next_to_code_keeps_exits(vm: dict[str, object]) -> None:
     struct.pack_into("<I", ram, var, 100)  # type: ignore[arg-type]
     assert run(vcpu) == hv.VMX_REASON_IO
     assert struct.unpack_from("<I", ram, var)[0] == 101  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("insn", ["ud2", "db 0x06", "db 0x0f, 0xff"])
+def test_invalid_opcode_with_code_hooks(vm: dict[str, object], insn: str) -> None:
+    """unicorn loses the #UD of an invalid opcode once a code hook (here: the OUT's) exists."""
+    code = assemble_flat(f"out 0x80, al\nnop\nbad: {insn}\n", 64, ORG)
+    vcpu = new_vcpu(vm, 64, code)
+    hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_EXC_BITMAP, 1 << hv.IDT_UD)
+    assert run(vcpu) == hv.VMX_REASON_IO
+    skip_instruction(vcpu)
+    assert run(vcpu) == hv.VMX_REASON_EXC_NMI
+    assert vmcs(vcpu, hv.VMCS_RO_VMEXIT_IRQ_INFO) & 0x7FF == hv.IRQ_INFO_HARD_EXC | hv.IDT_UD
+    assert hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RIP) == ORG + 3
+    hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_CPU_BASED, hv.CPU_BASED_MTF)  # and stepping
+    assert run(vcpu) == hv.VMX_REASON_EXC_NMI
+    assert hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RIP) == ORG + 3
+    hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_CPU_BASED, 0)
+    hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_EXC_BITMAP, 0)
+    hv.hv_vcpu_write_register(vcpu, hv.HV_X86_IDT_LIMIT, 0)
+    assert run(vcpu) == hv.VMX_REASON_TRIPLE_FAULT
+
+
+def test_jmp_self_runs_until_the_deadline(vm: dict[str, object]) -> None:
+    vcpu = new_vcpu(vm, 64, assemble_flat("out 0x80, al\nl: jmp l\n", 64, ORG))
+    assert run(vcpu) == hv.VMX_REASON_IO
+    skip_instruction(vcpu)
+    hv.hv_vcpu_run_until(vcpu, hv.deadline_after_ns(50_000_000))
+    assert vmcs(vcpu, hv.VMCS_RO_EXIT_REASON) == hv.VMX_REASON_VMX_TIMER_EXPIRED
+    hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_CPU_BASED, hv.CPU_BASED_MTF)
+    assert run(vcpu) == hv.VMX_REASON_MTF
+    assert hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RIP) == ORG + 2

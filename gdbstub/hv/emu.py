@@ -38,7 +38,10 @@ semantics are the KVM backend's (see ``kvm.py``); what unicorn lacks, this modul
   real-mode IVT, protected-mode and long-mode interrupt/trap gates, same privilege level
   only, no task gates. A delivery that fails becomes #DF, then a triple fault (exit 2). Error
   codes: #PF has P from a page walk plus W/I from the faulting access when known; other
-  faults push 0.
+  faults push 0. unicorn 2.1 drops the #UD of an invalid opcode once any code hook exists
+  (emu_start returns at the instruction with no event): a run that stops without progress
+  and without a kick or deadline, or a single step that stays on UD0/UD1/UD2 or on bytes that
+  do not decode, raises #UD here.
 * **Debug registers.** DR0-DR3/DR7 are evaluated here: execution breakpoints are code hooks on
   the exact linear addresses (fault-like, RIP at the instruction, RFLAGS.RF suppresses one
   hit); data breakpoints write-protect (or, for read/write, access-protect) the guest-physical
@@ -236,6 +239,7 @@ _SITE_OPCODES = {
     "wrmsr": (b"\x0f\x30",),
     "cpuid": (b"\x0f\xa2",),
 }
+_UD_IDS = frozenset({capstone.x86.X86_INS_UD0, capstone.x86.X86_INS_UD1, capstone.x86.X86_INS_UD2})
 _IN_OPCODES = frozenset({0xE4, 0xE5, 0xEC, 0xED, 0x6C, 0x6D})
 _IMM_OPCODES = frozenset({0xE4, 0xE5, 0xE6, 0xE7})
 _STRING_IO = frozenset({0x6C, 0x6D, 0x6E, 0x6F})
@@ -1845,7 +1849,28 @@ class EmuBackend:
             uc.reg_write(X.UC_X86_REG_RIP, uc.reg_read(X.UC_X86_REG_RIP) + 1)
             vcpu.controls[C.VMCS_GUEST_ACTIVITY_STATE] = C.GUEST_ACTIVITY_HLT
             return False
+        if self._lost_invalid_opcode(vcpu, start_rip, stepping, deadline):
+            vcpu.pending_event = (C.IDT_UD, C.IRQ_INFO_HARD_EXC, None)
+            return self._exception(vcpu)
         return self._after_instruction(vcpu, stepping, deadline, any_exit)
+
+    def _lost_invalid_opcode(
+        self, vcpu: _Vcpu, start_rip: int, stepping: bool, deadline: int | None
+    ) -> bool:
+        """unicorn (2.1) drops the #UD of an invalid opcode once any code hook exists: emu_start
+        returns with RIP still at the instruction and no event. Free-running, returning without
+        progress and without a kick or a deadline means exactly that; single-stepping (where
+        ``jmp $`` stays put too), the bytes at RIP must be UD0/UD1/UD2 or not decode."""
+        if int(vcpu.uc.reg_read(X.UC_X86_REG_RIP)) != start_rip or vcpu.kick.is_set():
+            return False
+        if deadline is not None and time.monotonic_ns() >= deadline - 2_000_000:
+            return False
+        if not stepping:
+            return True
+        linear = self._linear_rip(vcpu)
+        code = self._read_linear(vcpu, linear, 15)
+        insn = next(iter(_disassembler(self._cpu_bits(vcpu)).disasm(code, linear, 1)), None)
+        return insn is None or insn.id in _UD_IDS
 
     @staticmethod
     def _step_mode(vcpu: _Vcpu, stepping: bool) -> None:

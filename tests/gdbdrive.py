@@ -142,11 +142,15 @@ class Gdb:
         return _clean(str(self.child.before))
 
     def close(self) -> None:
-        """End gdb."""
-        if self.child.isalive():
-            self.child.sendline("quit")
-            self.child.expect(pexpect.EOF, timeout=10)
-        self.child.close(force=True)
+        """End gdb (forcibly if it does not quit, e.g. while stuck in ``continue``)."""
+        try:
+            if self.child.isalive():
+                self.child.sendline("quit")
+                self.child.expect(pexpect.EOF, timeout=10)
+        except pexpect.ExceptionPexpect:
+            pass
+        finally:
+            self.child.close(force=True)
 
 
 @contextmanager
@@ -160,6 +164,8 @@ def session(
         gdb = Gdb(kernel, stub.port)
         yield stub, gdb
     finally:
-        if gdb is not None:
-            gdb.close()
-        stub.stop()
+        try:
+            if gdb is not None:
+                gdb.close()
+        finally:
+            stub.stop()

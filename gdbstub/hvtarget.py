@@ -95,6 +95,7 @@ class _Thread:
     stepping: bool = False
     stop: Stop | None = None
     watch_hit: Stop | None = None  # a page-watchpoint hit, reported once its instruction is done
+    reprotect: list[tuple[int, int]] | None = None  # (page, flags) to restore after that step
 
 
 # gdb register name -> how to read it from the vCPU
@@ -576,11 +577,14 @@ class HvTarget:
     def _debug_exit(self, thread: _Thread, vcpu: int, step: bool) -> Stop | None:
         """Consume the exits that belong to the debugger; Stop("continue") = consumed, go on."""
         reason = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_RO_EXIT_REASON)
-        if reason == hv.VMX_REASON_MTF and thread.watch_hit is not None:
+        if reason == hv.VMX_REASON_MTF and (thread.watch_hit or thread.reprotect):
             hit, thread.watch_hit = thread.watch_hit, None  # the instruction is complete now
+            for page, flags in thread.reprotect or ():
+                hv.hv_vm_protect(page, PAGE, flags)
+            thread.reprotect = None
             if not step:
                 self._set_step(vcpu, False)
-            return hit
+            return hit or Stop("continue")
         if reason == hv.VMX_REASON_MTF:
             return Stop("debug", SIGTRAP) if step else Stop("continue")
         if reason == hv.VMX_REASON_EXC_NMI:
@@ -634,7 +638,7 @@ class HvTarget:
     def _on_watched_page(self, thread: _Thread, vcpu: int, gpa: int) -> Stop:
         qual = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_RO_EXIT_QUALIFIC)
         if not hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.GDBSTUB_VMCS_MMIO_DECODED):
-            return Stop("fault", 11, message="watched page access was not decoded by the backend")
+            return self._step_through_watched_page(thread, vcpu, gpa, qual)
         size = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.GDBSTUB_VMCS_MMIO_SIZE)
         is_write = bool(qual & hv.EPT_VIOLATION_DATA_WRITE)
         if is_write:
@@ -660,6 +664,36 @@ class HvTarget:
                         thread.watch_hit = hit
                         self._set_step(vcpu, True)
                     return Stop("continue")
+        return Stop("continue")
+
+    def _step_through_watched_page(self, thread: _Thread, vcpu: int, gpa: int, qual: int) -> Stop:
+        """The framework's way (nothing decoded the access): open the page, let the vCPU
+        execute the faulting instruction under the monitor trap flag, close the page again at
+        the MTF exit and report the hit then (trap-after, as x86 watchpoints are)."""
+        page = gpa & ~(PAGE - 1)
+        is_write = bool(qual & hv.EPT_VIOLATION_DATA_WRITE)
+        hit = None
+        for bp in self._breakpoints.values():
+            if (
+                bp.mechanism != "page"
+                or (bp.kind == 2 and not is_write)
+                or (bp.kind == 3 and is_write)
+            ):
+                continue
+            if any(
+                start <= gpa < start + length or gpa <= start < gpa + 8
+                for start, length in bp.physical
+            ):
+                bp.hits += 1
+                hit = Stop("debug", SIGTRAP, reason=STOP_REASONS[bp.kind], address=bp.address)
+                break
+        flags = hv.HV_MEMORY_READ | hv.HV_MEMORY_EXEC if is_write else 0
+        if any(b.mechanism == "page" and b.kind != 2 for b in self._breakpoints.values()):
+            flags = 0
+        hv.hv_vm_protect(page, PAGE, hv.HV_MEMORY_READ | hv.HV_MEMORY_WRITE | hv.HV_MEMORY_EXEC)
+        thread.reprotect = [*(thread.reprotect or []), (page, flags)]
+        thread.watch_hit = thread.watch_hit or hit
+        self._set_step(vcpu, True)
         return Stop("continue")
 
     def interrupt(self) -> None:

@@ -24,7 +24,10 @@ def backends() -> list[str]:
     sys.path.insert(0, str(ROOT))
     from gdbstub import hv
 
-    return [b for b in hv.available_backends() if b in ("kvm", "emu")]
+    found = [b for b in hv.available_backends() if b in ("kvm", "emu")]
+    if "kvm" in found and shutil.which("gcc"):
+        found.append("hvf-shim")  # the hvf binding over a C library forwarding to KVM
+    return found
 
 
 class Stub:
@@ -35,10 +38,12 @@ class Stub:
     ) -> None:
         self.serial = tmp / "serial.log"
         self.log = tmp / "stub.log"
+        launcher = ["-m", "gdbstub"]
+        if backend == "hvf-shim":  # gdbstub run with the hvf binding on tests/shim/hvshim.c
+            launcher, backend = [str(ROOT / "tests" / "shim" / "run_stub.py")], "hvf"
         args = [
             sys.executable,
-            "-m",
-            "gdbstub",
+            *launcher,
             "run",
             str(kernel),
             "--listen",

@@ -133,7 +133,15 @@ def test_set_var_stepi_nexti(kernel: Path, backend: str, tmp_path: Path) -> None
         assert gdb.value("*(long*)&add_calls") == before + 1
 
 
+SHIM_MMIO = (
+    "hvf-shim forwards to KVM, which decodes and retires MMIO accesses itself; the framework "
+    "reports them undecoded at the instruction, which the shim cannot model"
+)
+
+
 def test_watch_hbreak(kernel: Path, backend: str, tmp_path: Path) -> None:
+    if backend == "hvf-shim":
+        pytest.skip(SHIM_MMIO)
     with session(kernel, backend, tmp_path) as (_stub, gdb):
         to_main(gdb, mode=0)
         out = gdb.cmd("watch *(long*)&counter")
@@ -320,6 +328,8 @@ def test_version() -> None:
 
 
 def test_rwatch_awatch(kernel: Path, backend: str, tmp_path: Path) -> None:
+    if backend == "hvf-shim":
+        pytest.skip(SHIM_MMIO)
     with session(kernel, backend, tmp_path) as (_stub, gdb):
         to_main(gdb, mode=0)
         # set after main64's lgdt/lidt: a protected page (the fallback where DR data

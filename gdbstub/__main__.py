@@ -134,7 +134,11 @@ def run(args: argparse.Namespace) -> int:
         machine = Machine(plan, serial_sink=sink)
     except hv.HvError as exc:
         raise UsageError(f"cannot create the VM: {exc}") from exc
-    target = HvTarget(machine, 1, symbols=symbols(kernel))
+    try:
+        kernel_symbols = symbols(kernel)
+    except BootError:  # a raw image (Multiboot a.out kludge) has no symbol table
+        kernel_symbols = {}
+    target = HvTarget(machine, 1, symbols=kernel_symbols)
     machine.cpu_avx = target.features.avx
     if args.serial == "stdio" and not sys.stdin.isatty():
         threading.Thread(target=_feed_stdin, args=(machine,), daemon=True).start()

@@ -157,7 +157,12 @@ def _sync_tsc(target: HvTarget, args: list[str]) -> str:
         if args
         else target.on_vcpu(_tid(target), lambda v: hv.hv_vcpu_read_msr(v, hv.MSR_TSC))
     )
-    hv.hv_vm_sync_tsc(value)
+    try:
+        hv.hv_vm_sync_tsc(value)
+    except hv.HvError as exc:
+        if exc.code != hv.HV_UNSUPPORTED:
+            raise
+        return f"this host cannot set the guest TSC ({exc})\n"
     return f"every vCPU's TSC set to {value:#x} (hv_vm_sync_tsc)\n"
 
 

@@ -349,3 +349,49 @@ def test_rwatch_awatch(kernel: Path, backend: str, tmp_path: Path) -> None:
         assert "sum_total" in out and ("Value = " in out or "New value" in out), out
         gdb.cmd("delete")
         assert "exited with code 041" in gdb.cmd("continue")
+
+
+@pytest.mark.parametrize(
+    "image, greeting",
+    [
+        ("mb_kernel", "hello from multiboot"),
+        ("mb_kernel.bin", "hello from multiboot"),
+        ("elf64_kernel", "hello from elf64"),
+        ("pvh_kernel", "hello from pvh"),
+    ],
+)
+def test_boot_protocols_run_to_exit(image: str, greeting: str, backend: str, tmp_path: Path) -> None:
+    stub = Stub(build(image), backend, "--cmdline", "console=ttyS0", wait=False, tmp=tmp_path)
+    try:
+        assert stub.wait_exit(90) == 0x21, stub.log.read_text()
+        serial = stub.serial_text()
+        assert greeting in serial
+        if image != "pvh_kernel":
+            assert "console=ttyS0" in serial  # the command line reached the kernel
+    finally:
+        stub.stop()
+
+
+def test_monitor_commands(kernel: Path, backend: str, tmp_path: Path) -> None:
+    with session(kernel, backend, tmp_path) as (_stub, gdb):
+        to_main(gdb, mode=0)
+        gdb.cmd("break add_numbers")
+        gdb.cmd("continue")
+        out = gdb.cmd("monitor help")
+        for word in ("registers", "msr", "vmcs", "translate", "page-table", "tlb flush",
+                     "exec-time", "sync-tsc", "disas", "phys", "info breakpoints"):
+            assert word in out, word
+        out = gdb.cmd("monitor registers")
+        assert re.search(r"rip=ffffffff801", out) and "4-level" in out, out
+        assert "0x0000123456789abc" in gdb.cmd("monitor msr read 0xc0000100")
+        gdb.cmd("monitor msr write 0xc0000102 0x4242")
+        assert gdb.value("$k_gs_base") == 0x4242
+        assert "VMCS_GUEST_CR3" in gdb.cmd("monitor vmcs VMCS_GUEST_CR3")
+        assert "0xffffffff80000000" in gdb.cmd("monitor page-table")
+        assert "invalidated" in gdb.cmd("monitor tlb flush")
+        assert "s in the guest" in gdb.cmd("monitor exec-time")
+        out = gdb.cmd("monitor sync-tsc")
+        assert "every vCPU's TSC set" in out or "cannot set the guest TSC" in out, out
+        out = gdb.cmd("monitor disas add_numbers 3")
+        assert "push" in out or "mov" in out, out
+        assert "unknown monitor command" in gdb.cmd("monitor frobnicate")

@@ -360,7 +360,9 @@ def test_rwatch_awatch(kernel: Path, backend: str, tmp_path: Path) -> None:
         ("pvh_kernel", "hello from pvh"),
     ],
 )
-def test_boot_protocols_run_to_exit(image: str, greeting: str, backend: str, tmp_path: Path) -> None:
+def test_boot_protocols_run_to_exit(
+    image: str, greeting: str, backend: str, tmp_path: Path
+) -> None:
     stub = Stub(build(image), backend, "--cmdline", "console=ttyS0", wait=False, tmp=tmp_path)
     try:
         assert stub.wait_exit(90) == 0x21, stub.log.read_text()
@@ -378,8 +380,19 @@ def test_monitor_commands(kernel: Path, backend: str, tmp_path: Path) -> None:
         gdb.cmd("break add_numbers")
         gdb.cmd("continue")
         out = gdb.cmd("monitor help")
-        for word in ("registers", "msr", "vmcs", "translate", "page-table", "tlb flush",
-                     "exec-time", "sync-tsc", "disas", "phys", "info breakpoints"):
+        for word in (
+            "registers",
+            "msr",
+            "vmcs",
+            "translate",
+            "page-table",
+            "tlb flush",
+            "exec-time",
+            "sync-tsc",
+            "disas",
+            "phys",
+            "info breakpoints",
+        ):
             assert word in out, word
         out = gdb.cmd("monitor registers")
         assert re.search(r"rip=ffffffff801", out) and "4-level" in out, out

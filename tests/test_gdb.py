@@ -408,3 +408,36 @@ def test_monitor_commands(kernel: Path, backend: str, tmp_path: Path) -> None:
         out = gdb.cmd("monitor disas add_numbers 3")
         assert "push" in out or "mov" in out, out
         assert "unknown monitor command" in gdb.cmd("monitor frobnicate")
+
+
+@pytest.mark.parametrize(
+    "setup, signal",
+    [
+        ("set $pc = 0xf0000000", "SIGSEGV"),  # fetch from guest-physical memory that is not RAM
+        ("set var *(unsigned short*)$pc = 0x0b0f", "SIGSEGV"),  # ud2 with no IDT: triple fault
+        # at 0x100000: inc byte [0x100009]; jmp $+2; mov al, imm8 (rewritten); jmp 0x100000:
+        # a loop rewriting its own code forever, interrupted by Ctrl-C
+        (
+            "set var *(unsigned long long*)$pc = 0xeb0010000905fe\n"
+            "set var *(unsigned int*)($pc + 8) = 0xf4eb00b0",
+            "SIGINT",
+        ),
+    ],
+    ids=["unmapped-fetch", "undefined-instruction", "self-modifying-loop"],
+)
+def test_faulty_guests_stop_with_a_signal(
+    setup: str, signal: str, kernel: Path, backend: str, tmp_path: Path
+) -> None:
+    with session(kernel, backend, tmp_path) as (stub, gdb):
+        for line in setup.splitlines():
+            gdb.cmd(line)  # at pvh_start32 (0x100000): 32-bit, paging off, no IDT
+        if signal == "SIGINT":
+            gdb.child.sendline("continue")
+            gdb.child.expect("Continuing")
+            time.sleep(1.0)
+            out = gdb.interrupt()
+        else:
+            out = gdb.cmd("continue")
+        assert signal in out, out
+        assert stub.proc.poll() is None
+        gdb.cmd("info registers rip")  # the stub still answers

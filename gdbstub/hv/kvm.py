@@ -1771,6 +1771,8 @@ class KvmBackend:
         long64 = sregs.efer & C.EFER_LMA and sregs.cs.l
         linear = (regs.rip if long64 else sregs.cs.base + regs.rip) % (1 << 64)
         code = self._read_linear(vcpu, linear, 15)
+        if not code:
+            return self._fetch_violation(vcpu, linear)
         prefixes = _PREFIXES | _REX if long64 else _PREFIXES
         i = 0
         while i < len(code) - 1 and code[i] in prefixes:
@@ -1786,13 +1788,58 @@ class KvmBackend:
             return self._undefined_opcode(vcpu)
         return None
 
+    def _fetch_violation(self, vcpu: _Vcpu, linear: int) -> bool | None:
+        """KVM could not fetch the instruction: the guest executes from guest-physical memory
+        that is not RAM. On VMX that is an EPT violation on an instruction fetch (exit 48,
+        RIP at the instruction, nothing decoded)."""
+        sregs = self._get(vcpu, "sregs")
+        gpa: int | None = linear & 0xFFFFFFFF if not sregs.cr0 & (1 << 31) else None
+        if gpa is None:
+            host_page = self._linear_to_host(vcpu, linear)
+            if host_page is not None:
+                return None  # the page is RAM after all: not a fetch violation
+            gpa = self._translate(vcpu, linear)
+            if gpa is None:
+                return None  # not mapped by the guest: KVM would have raised #PF itself
+        self._set_exit(
+            vcpu,
+            C.VMX_REASON_EPT_VIOLATION,
+            gpa=gpa,
+            gla=linear,
+            qual=C.EPT_VIOLATION_INST_FETCH | C.EPT_VIOLATION_GLA_VALID,
+        )
+        return True
+
+    def _translate(self, vcpu: _Vcpu, linear: int) -> int | None:
+        """Guest-physical address of ``linear`` through KVM_TRANSLATE, None if not mapped."""
+
+        class _Translation(ctypes.Structure):
+            _fields_ = [
+                ("linear", ctypes.c_uint64),
+                ("physical", ctypes.c_uint64),
+                ("valid", ctypes.c_uint8),
+                ("writeable", ctypes.c_uint8),
+                ("usermode", ctypes.c_uint8),
+                ("pad", ctypes.c_uint8 * 5),
+            ]
+
+        tr = _Translation(linear)
+        try:
+            ioctl(vcpu.fd, 0xC018AE85, tr)  # KVM_TRANSLATE
+        except OSError:
+            return None
+        return int(tr.physical) if tr.valid else None
+
     def _undefined_opcode(self, vcpu: _Vcpu) -> bool:
         """A VEX (AVX) instruction where the probe showed CPL0 AVX cannot run: #UD, as a CPU
         without usable AVX raises. Intercepted #UD exits like any exception; otherwise the
         guest's handler runs (RIP stays at the instruction: #UD is a fault)."""
         if vcpu.controls[C.VMCS_CTRL_EXC_BITMAP] & 1 << C.IDT_UD:
-            self._set_exit(vcpu, C.VMX_REASON_EXC_NMI,
-                           irq_info=C.IRQ_INFO_VALID | C.IRQ_INFO_HARD_EXC | C.IDT_UD)
+            self._set_exit(
+                vcpu,
+                C.VMX_REASON_EXC_NMI,
+                irq_info=C.IRQ_INFO_VALID | C.IRQ_INFO_HARD_EXC | C.IDT_UD,
+            )
             return True
         events = self._dirty(vcpu, "events")
         events.exception.injected = 1

@@ -121,7 +121,7 @@ def test_against_the_running_kernel() -> None:
 
 @pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="no /dev/kvm")
 def test_probed_habits() -> None:
-    from gdbstub.hv.kvm import _probe_habits
+    from gdbstub.hv.kvm_probes import probe_habits as _probe_habits
 
     habits = _probe_habits()
     assert set(habits) == {"out", "in", "hlt", "msr", "tsc"}

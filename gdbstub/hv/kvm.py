@@ -43,7 +43,7 @@ KVM *is* the framework here: same calls, same return codes, exits described thro
   that pushes RIP as it is, so the guest sees the return address VMX would push.
 * **INT3 where KVM cannot run it.** On kvm_pvm a guest INT3 (or INT n) at CPL0 ends in
   KVM_EXIT_INTERNAL_ERROR / emulation failure with RIP at the instruction and the vCPU intact.
-  ``_probe_int3_habit`` (a scratch 32-bit guest, once per process) learns whether this happens
+  ``kvm_probes.probe_int3`` (a scratch 32-bit guest, once per process) learns whether this happens
   and whether the vCPU runs on afterwards; if so the backend does what VMX does: INT3 with #BP
   in the exception bitmap is exit 0 (soft exception 3, length 1, RIP at the INT3), otherwise
   (and for INT n, which the bitmap does not intercept) RIP moves past the instruction and the
@@ -52,10 +52,16 @@ KVM *is* the framework here: same calls, same return codes, exits described thro
   there; where KVM intercepts INT3 itself (VMX/SVM: KVM_EXIT_DEBUG) it stays
   KVM_GUESTDBG_USE_SW_BP / KVM_GUESTDBG_INJECT_BP. XGETBV, which kvm_pvm's emulator lacks,
   is executed the same way (EDX:EAX from KVM_GET_XCRS).
-* **Host habits.** ``_probe_habits`` runs a scratch guest once per process to learn what this
-  host's KVM does: whether OUT/IN/HLT are completed before the exit, whether RIP is past a
+* **Host habits.** ``kvm_probes.probe_habits`` runs a scratch guest once per process to learn
+  what this host's KVM does: whether OUT/IN/HLT are completed before the exit, whether RIP is past a
   RDMSR/WRMSR sent to user space, and whether the guest TSC can be written at all
   (``hv_vm_sync_tsc`` raises HV_UNSUPPORTED where it cannot, as on kvm_pvm).
+* **AVX in guest kernels.** ``kvm_probes.probe_cpl0_avx`` checks that CPL0 code can execute a
+  VEX instruction. Where it cannot (kvm_pvm's emulator), the AVX family is taken out of the
+  vCPUs' CPUID table and a VEX instruction KVM fails to emulate raises #UD in the guest, as on
+  a CPU without usable AVX, instead of killing the vCPU.
+* **Fetches from non-RAM.** An instruction fetch KVM cannot satisfy (the guest jumped to a
+  guest-physical address that is not RAM) is exit 48 with the fetch bit, as VMX reports it.
 """
 
 from __future__ import annotations
@@ -75,6 +81,7 @@ from typing import Any
 from ..buffers import Buffer, buffer_address
 from . import constants as C
 from . import kvm_abi as K
+from . import kvm_probes
 from .errors import HvError
 from .posix import ThreadTimer, ioctl
 
@@ -322,9 +329,11 @@ class KvmBackend:
         self._cpuid = K.KvmCpuid2()
         self._cpuid.nent = K.CPUID_MAX_ENTRIES
         ioctl(self._kvm, K.KVM_GET_SUPPORTED_CPUID, self._cpuid)
-        self.cpl0_avx = _probe_cpl0_avx(self._cpuid)
+        self.cpl0_avx = kvm_probes.probe_cpl0_avx(self._cpuid)
         if not self.cpl0_avx:
-            _hide_avx(self._cpuid)  # this host cannot run AVX in guest kernels: do not offer it
+            kvm_probes.hide_avx(
+                self._cpuid
+            )  # this host cannot run AVX in guest kernels: do not offer it
         self._xsave_size = self._compute_xsave_size()
         self._msr_index = self._read_msr_index_list()
         self._lock = threading.RLock()
@@ -1557,14 +1566,14 @@ class KvmBackend:
         """Whether this host's KVM finishes a ``kind`` instruction before the exit (probed once;
         kind "tsc" instead tells whether a host write of IA32_TSC reaches the guest)."""
         if self._habits is None:
-            self._habits = _probe_habits()
+            self._habits = kvm_probes.probe_habits()
         return self._habits.get(kind, False)
 
     def _emulates_int3(self) -> bool:
         """Whether KVM fails on a guest INT3 (and INT n) at CPL0 and the backend reports or
-        delivers it instead (probed once per process, see _probe_int3_habit)."""
+        delivers it instead (probed once per process, see kvm_probes.probe_int3)."""
         if self._int3 is None:
-            self._int3 = _probe_int3_habit()
+            self._int3 = kvm_probes.probe_int3()
         return self._int3
 
     def _exit_io(self, vcpu: _Vcpu) -> bool:
@@ -2019,161 +2028,6 @@ def _decode_io(code: bytes) -> tuple[int, int | None, int]:
     return 0, None, 0
 
 
-def _probe_habits() -> dict[str, bool]:
-    """Run a scratch real-mode guest to learn whether KVM finishes OUT, IN and HLT before
-    exiting to user space (it does when it emulates them, as kvm_pvm does), and whether RIP is
-    still at a RDMSR that the MSR filter sent to user space (it is on VMX and on kvm_pvm: KVM
-    skips the instruction when user space completes it; the "msr" habit records the opposite)."""
-    # out 0x80,al; in al,0x80; hlt; mov ecx,0x174; rdmsr; hlt
-    code = bytes([0xE6, 0x80, 0xE4, 0x80, 0xF4, 0x66, 0xB9, 0x74, 0x01, 0, 0, 0x0F, 0x32, 0xF4])
-    habits: dict[str, bool] = {}
-    kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-    vm = vcpu_fd = -1
-    memory = mmap.mmap(-1, 0x2000)
-    run: mmap.mmap | None = None
-    try:
-        vm = ioctl(kvm, K.KVM_CREATE_VM, 0)
-        address = buffer_address(memory)[0]
-        ioctl(
-            vm, K.KVM_SET_USER_MEMORY_REGION, K.KvmUserspaceMemoryRegion(0, 0, 0, 0x2000, address)
-        )
-        memory[0x1000 : 0x1000 + len(code)] = code
-        vcpu_fd = ioctl(vm, K.KVM_CREATE_VCPU, 0)
-        run = mmap.mmap(
-            vcpu_fd,
-            ioctl(kvm, K.KVM_GET_VCPU_MMAP_SIZE),
-            mmap.MAP_SHARED,
-            mmap.PROT_READ | mmap.PROT_WRITE,
-        )
-        sregs = K.KvmSregs()
-        ioctl(vcpu_fd, K.KVM_GET_SREGS, sregs)
-        sregs.cs.base, sregs.cs.selector = 0, 0
-        ioctl(vcpu_fd, K.KVM_SET_SREGS, sregs)
-        regs = K.KvmRegs()
-        regs.rip, regs.rflags = 0x1000, 2
-        ioctl(vcpu_fd, K.KVM_SET_REGS, regs)
-        for kind, start, length in (("out", 0x1000, 2), ("in", 0x1002, 2), ("hlt", 0x1004, 1)):
-            ioctl(vcpu_fd, K.KVM_RUN)
-            ioctl(vcpu_fd, K.KVM_GET_REGS, regs)
-            habits[kind] = regs.rip == start + length
-        habits["msr"] = _probe_msr_habit(kvm, vm, vcpu_fd, run, regs)
-        # "tsc": whether a host write of IA32_TSC moves the guest TSC (kvm_pvm ignores it)
-        msrs: Any = K.kvm_msrs(1)
-        msrs.entries[0].index = C.MSR_TSC
-        msrs.entries[0].data = 1 << 62
-        ioctl(vcpu_fd, K.KVM_SET_MSRS, msrs)
-        msrs.entries[0].data = 0
-        ioctl(vcpu_fd, K.KVM_GET_MSRS, msrs)
-        habits["tsc"] = msrs.entries[0].data >= 1 << 62
-    except OSError:
-        pass
-    finally:
-        if run is not None:
-            run.close()
-        for fd in (vcpu_fd, vm, kvm):
-            if fd >= 0:
-                os.close(fd)
-    return habits
-
-
-def _probe_msr_habit(kvm: int, vm: int, vcpu_fd: int, run: mmap.mmap, regs: K.KvmRegs) -> bool:
-    """Second part of _probe_habits: deny every MSR, run the RDMSR at 0x100b, look at RIP."""
-    if not (
-        ioctl(kvm, K.KVM_CHECK_EXTENSION, K.KVM_CAP_X86_USER_SPACE_MSR)
-        and ioctl(kvm, K.KVM_CHECK_EXTENSION, K.KVM_CAP_X86_MSR_FILTER)
-    ):
-        return False
-    cap = K.KvmEnableCap()
-    cap.cap = K.KVM_CAP_X86_USER_SPACE_MSR
-    cap.args[0] = K.KVM_MSR_EXIT_REASON_FILTER
-    ioctl(vm, K.KVM_ENABLE_CAP, cap)
-    flt = K.KvmMsrFilter()
-    flt.flags = K.KVM_MSR_FILTER_DEFAULT_DENY
-    bitmap = (ctypes.c_uint8 * 8)()
-    flt.ranges[0].flags = K.KVM_MSR_FILTER_READ | K.KVM_MSR_FILTER_WRITE
-    flt.ranges[0].nmsrs = 1
-    flt.ranges[0].bitmap = ctypes.cast(bitmap, ctypes.c_void_p)
-    ioctl(vm, K.KVM_X86_SET_MSR_FILTER, flt)
-    regs.rip = 0x1005
-    ioctl(vcpu_fd, K.KVM_SET_REGS, regs)
-    ioctl(vcpu_fd, K.KVM_RUN)
-    if struct.unpack_from("<I", run, K.RUN_EXIT_REASON)[0] != K.KVM_EXIT_X86_RDMSR:
-        return False
-    ioctl(vcpu_fd, K.KVM_GET_REGS, regs)
-    return bool(regs.rip == 0x100B + 2)
-
-
-def _probe_int3_habit() -> bool:
-    """Whether this host's KVM fails on a guest ``int3`` in a way the backend can build on.
-
-    A scratch 32-bit flat protected-mode guest runs ``int3; hlt`` with KVM_GUESTDBG_USE_SW_BP.
-    On VMX/SVM KVM reports KVM_EXIT_DEBUG (exception 3): KVM intercepts #BP itself (False).
-    Where KVM's emulator cannot execute it (kvm_pvm runs CPL0 code through the emulator), the
-    exit is KVM_EXIT_INTERNAL_ERROR / emulation failure with RIP at the int3; True when, in
-    addition, the vCPU runs on after user space moves RIP past it (it reaches the HLT), i.e.
-    the backend can report or deliver the #BP itself."""
-    code = bytes([0xCC, 0xF4])  # int3; hlt at 0x1000
-    kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-    vm = vcpu_fd = -1
-    memory = mmap.mmap(-1, 0x2000)
-    run: mmap.mmap | None = None
-    try:
-        vm = ioctl(kvm, K.KVM_CREATE_VM, 0)
-        address = buffer_address(memory)[0]
-        ioctl(
-            vm, K.KVM_SET_USER_MEMORY_REGION, K.KvmUserspaceMemoryRegion(0, 0, 0, 0x2000, address)
-        )
-        memory[0x1000 : 0x1000 + len(code)] = code
-        vcpu_fd = ioctl(vm, K.KVM_CREATE_VCPU, 0)
-        run = mmap.mmap(
-            vcpu_fd,
-            ioctl(kvm, K.KVM_GET_VCPU_MMAP_SIZE),
-            mmap.MAP_SHARED,
-            mmap.PROT_READ | mmap.PROT_WRITE,
-        )
-        sregs = K.KvmSregs()
-        ioctl(vcpu_fd, K.KVM_GET_SREGS, sregs)
-        for name, selector, kind in (
-            ("cs", 8, 0xB), ("ds", 16, 3), ("es", 16, 3), ("ss", 16, 3), ("fs", 16, 3),
-            ("gs", 16, 3),
-        ):  # fmt: skip
-            seg = getattr(sregs, name)
-            seg.base, seg.limit, seg.selector, seg.type = 0, 0xFFFFFFFF, selector, kind
-            seg.present, seg.dpl, seg.db, seg.s, seg.l, seg.g, seg.unusable = 1, 0, 1, 1, 0, 1, 0
-        sregs.cr0 = (sregs.cr0 | 1) & ~(1 << 31)
-        ioctl(vcpu_fd, K.KVM_SET_SREGS, sregs)
-        regs = K.KvmRegs()
-        regs.rip, regs.rflags, regs.rsp = 0x1000, 2, 0x1F00
-        ioctl(vcpu_fd, K.KVM_SET_REGS, regs)
-        dbg = K.KvmGuestDebug()
-        dbg.control = K.KVM_GUESTDBG_ENABLE | K.KVM_GUESTDBG_USE_SW_BP
-        ioctl(vcpu_fd, K.KVM_SET_GUEST_DEBUG, dbg)
-        ioctl(vcpu_fd, K.KVM_RUN)
-        reason = struct.unpack_from("<I", run, K.RUN_EXIT_REASON)[0]
-        suberror = struct.unpack_from("<I", run, K.RUN_INTERNAL_SUBERROR)[0]
-        ioctl(vcpu_fd, K.KVM_GET_REGS, regs)
-        if not (
-            reason == K.KVM_EXIT_INTERNAL_ERROR
-            and suberror == K.KVM_INTERNAL_ERROR_EMULATION
-            and regs.rip == 0x1000
-        ):
-            return False
-        regs.rip = 0x1001
-        ioctl(vcpu_fd, K.KVM_SET_REGS, regs)
-        ioctl(vcpu_fd, K.KVM_RUN)
-        ioctl(vcpu_fd, K.KVM_GET_REGS, regs)
-        reason = struct.unpack_from("<I", run, K.RUN_EXIT_REASON)[0]
-        return bool(reason == K.KVM_EXIT_HLT and regs.rip in (0x1001, 0x1002))
-    except OSError:
-        return False
-    finally:
-        if run is not None:
-            run.close()
-        for fd in (vcpu_fd, vm, kvm):
-            if fd >= 0:
-                os.close(fd)
-
-
 _EXIT_HANDLERS: dict[int, Callable[[KvmBackend, _Vcpu], bool]] = {
     K.KVM_EXIT_IO: KvmBackend._exit_io,
     K.KVM_EXIT_HLT: KvmBackend._exit_hlt,
@@ -2188,95 +2042,3 @@ _EXIT_HANDLERS: dict[int, Callable[[KvmBackend, _Vcpu], bool]] = {
     K.KVM_EXIT_X86_WRMSR: KvmBackend._exit_msr,
     K.KVM_EXIT_SYSTEM_EVENT: KvmBackend._exit_system_event,
 }
-
-
-def _probe_cpl0_avx(cpuid: K.KvmCpuid2) -> bool:
-    """Whether a CPL0 guest can execute AVX instructions on this host.
-
-    kvm_pvm runs CPL0 code through KVM's instruction emulator, which has no AVX: a kernel that
-    believes CPUID and uses AVX would die. A scratch 32-bit guest with CR4.OSXSAVE and XCR0 = 7
-    runs ``vpxor ymm0, ymm0, ymm0; hlt``; True when it reaches the HLT.
-    """
-    code = bytes([0xC5, 0xFD, 0xEF, 0xC0, 0xF4])
-    kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-    vm = vcpu_fd = -1
-    memory = mmap.mmap(-1, 0x2000)
-    run: mmap.mmap | None = None
-    try:
-        vm = ioctl(kvm, K.KVM_CREATE_VM, 0)
-        address = buffer_address(memory)[0]
-        ioctl(
-            vm, K.KVM_SET_USER_MEMORY_REGION, K.KvmUserspaceMemoryRegion(0, 0, 0, 0x2000, address)
-        )
-        memory[0x1000 : 0x1000 + len(code)] = code
-        vcpu_fd = ioctl(vm, K.KVM_CREATE_VCPU, 0)
-        run = mmap.mmap(
-            vcpu_fd,
-            ioctl(kvm, K.KVM_GET_VCPU_MMAP_SIZE),
-            mmap.MAP_SHARED,
-            mmap.PROT_READ | mmap.PROT_WRITE,
-        )
-        ioctl(vcpu_fd, K.KVM_SET_CPUID2, cpuid)
-        sregs = K.KvmSregs()
-        ioctl(vcpu_fd, K.KVM_GET_SREGS, sregs)
-        for name, selector, kind in (
-            ("cs", 8, 0xB),
-            ("ds", 16, 3),
-            ("es", 16, 3),
-            ("ss", 16, 3),
-            ("fs", 16, 3),
-            ("gs", 16, 3),
-        ):
-            seg = getattr(sregs, name)
-            seg.base, seg.limit, seg.selector, seg.type = 0, 0xFFFFFFFF, selector, kind
-            seg.present, seg.dpl, seg.db, seg.s, seg.l, seg.g, seg.unusable = 1, 0, 1, 1, 0, 1, 0
-        sregs.cr0 = (sregs.cr0 | 1) & ~(1 << 31)
-        sregs.cr4 |= (1 << 18) | (1 << 9) | (1 << 10)  # OSXSAVE, OSFXSR, OSXMMEXCPT
-        ioctl(vcpu_fd, K.KVM_SET_SREGS, sregs)
-        xcrs = K.KvmXcrs()
-        xcrs.nr_xcrs = 1
-        xcrs.xcrs[0].xcr, xcrs.xcrs[0].value = 0, 7
-        ioctl(vcpu_fd, K.KVM_SET_XCRS, xcrs)
-        regs = K.KvmRegs()
-        regs.rip, regs.rflags, regs.rsp = 0x1000, 2, 0x1F00
-        ioctl(vcpu_fd, K.KVM_SET_REGS, regs)
-        ioctl(vcpu_fd, K.KVM_RUN)
-        return bool(struct.unpack_from("<I", run, K.RUN_EXIT_REASON)[0] == K.KVM_EXIT_HLT)
-    except OSError:
-        return False
-    finally:
-        if run is not None:
-            run.close()
-        for fd in (vcpu_fd, vm, kvm):
-            if fd >= 0:
-                os.close(fd)
-        memory.close()
-
-
-# CPUID bits of the AVX family: (leaf, subleaf, register, mask)
-_AVX_CPUID_BITS = (
-    (1, 0, "ecx", (1 << 12) | (1 << 28) | (1 << 29)),  # FMA, AVX, F16C
-    (
-        7,
-        0,
-        "ebx",
-        (1 << 5) | (1 << 16) | (1 << 17) | (1 << 21) | (0xF << 26) | (1 << 30) | (1 << 31),
-    ),
-    (7, 0, "ecx", (1 << 1) | (1 << 6) | (1 << 9) | (1 << 10) | (1 << 11) | (1 << 12) | (1 << 14)),
-    (7, 0, "edx", (1 << 2) | (1 << 3) | (1 << 8) | (1 << 23)),
-    (7, 1, "eax", (1 << 4) | (1 << 5)),
-    (0xD, 0, "eax", 0xE4),  # XCR0 components AVX, opmask, ZMM_Hi256, Hi16_ZMM
-)
-
-
-def _hide_avx(cpuid: K.KvmCpuid2) -> None:
-    """Take the AVX family out of the CPUID the guest sees (XSAVE itself stays)."""
-    for i in range(cpuid.nent):
-        entry = cpuid.entries[i]
-        for leaf, subleaf, register, mask in _AVX_CPUID_BITS:
-            if entry.function == leaf and entry.index == subleaf:
-                setattr(entry, register, getattr(entry, register) & ~mask)
-        if entry.function == 0xD and entry.index == 0:
-            entry.ebx = entry.ecx = 576  # legacy area + XSAVE header
-        if entry.function == 0xD and 2 <= entry.index <= 7:
-            entry.eax = entry.ebx = entry.ecx = entry.edx = 0

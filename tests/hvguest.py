@@ -1,7 +1,12 @@
 """Shared helpers for the ``gdbstub.hv`` tests: a VM fixture, guest memory, vCPU mode setup.
 
+* ``hv_backend`` (a pytest fixture in tests/conftest.py, used directly or through ``hv_vm``):
+  runs the test once per backend this machine offers, ``kvm``, ``emu`` and ``hvf-shim`` (the
+  hvf binding over the C shim of tests/shim, forwarding to KVM). Yields the parameter's name.
 * ``hv_vm`` (a pytest fixture, import it into a test module): creates the process's VM, yields
   a :class:`Vm`, then destroys the vCPUs the test thread created and the VM.
+* :func:`kvm_backend`: the KvmBackend under the backend in use (itself on kvm, the shim's on
+  hvf-shim), for tests that look inside KVM; skips on emu, which has no KVM underneath.
 * :class:`Vm` holds guest RAM (``Vm.mem``, a :class:`GuestMemory` mapped at GPA 0) and creates
   vCPUs already set up for real mode, 32-bit protected mode (optionally with paging) or long mode,
   everything through ``hv_vcpu_write_register`` / ``hv_vmx_vcpu_write_vmcs`` as a VMM on the
@@ -14,16 +19,20 @@ Guests run at CPL0, which this host's kvm_pvm emulates at ~1-2 M instructions/s:
 from __future__ import annotations
 
 import mmap
+import shutil
 import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import pytest
 from guestbuild import assemble_flat
 
 from gdbstub import hv
+
+if TYPE_CHECKING:
+    from gdbstub.hv.kvm import KvmBackend
 
 RAM_SIZE = 0x40000  # 256 KiB at GPA 0
 CODE = 0x1000  # where guest programs are loaded
@@ -303,8 +312,39 @@ def skip_instruction(vcpu: int) -> None:
     set_reg(vcpu, hv.HV_X86_RIP, reg(vcpu, hv.HV_X86_RIP) + length)
 
 
+def backend_params() -> list[str]:
+    """The backends this machine offers, as test parameters (``hvf-shim`` needs KVM and gcc)."""
+    found = [name for name in ("kvm", "emu") if name in hv.available_backends()]
+    if "hvf" in hv.available_backends():
+        found.insert(0, "hvf")
+    if "kvm" in found and shutil.which("gcc") is not None:
+        found.append("hvf-shim")
+    return found
+
+
+def backend_kind() -> str:
+    """``kvm``, ``emu``, ``hvf-shim`` (the hvf binding over the test shim) or ``hvf``."""
+    name = hv.backend_name()
+    if name == "hvf" and "hvshim_" in str(getattr(hv.backend(), "library_path", "")):
+        return "hvf-shim"
+    return name
+
+
+def kvm_backend() -> KvmBackend:
+    """The KvmBackend that runs the vCPUs: the backend itself on kvm, the shim host's behind
+    hvf-shim. Skips on emu and on a real hvf, where no KVM is underneath."""
+    kind = backend_kind()
+    if kind == "kvm":
+        return cast("KvmBackend", hv.backend())
+    if kind == "hvf-shim":
+        from shim import hvshim
+
+        return hvshim.HOST.kvm
+    pytest.skip(f"looks inside KVM: the {kind} backend has no KVM underneath")
+
+
 @pytest.fixture
-def hv_vm() -> Iterator[Vm]:
+def hv_vm(hv_backend: str) -> Iterator[Vm]:
     """The process's VM with RAM_SIZE bytes of RWX memory at GPA 0."""
     hv.hv_vm_create(hv.HV_VM_DEFAULT)
     mem = GuestMemory(RAM_SIZE)

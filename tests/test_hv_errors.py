@@ -14,6 +14,9 @@ from gdbstub import hv
 
 __all__ = ["hv_vm"]
 
+# every test runs on each backend this machine offers (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("hv_backend")
+
 BAD = hv.HV_BAD_ARGUMENT
 
 

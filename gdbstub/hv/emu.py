@@ -48,7 +48,9 @@ semantics are the KVM backend's (see ``kvm.py``); what unicorn lacks, this modul
   page, single-step the access with the page opened, and raise a trap-like #DB (RIP after the
   instruction) when the access overlaps the DR range. With #DB in the exception bitmap they
   exit (reason 0, vector 1, DR6 bits B0-B3/BS in the qualification), else #DB is delivered to
-  the guest. MTF is ``emu_start(count=1)`` (exit 37).
+  the guest. MTF is ``emu_start(count=1)`` (exit 37). Interrupt-window exiting (exit 7) steps
+  one instruction at a time while RFLAGS.IF is clear or an STI shadow is pending (MOV SS
+  shadows are not tracked).
 * **Memory exits.** Unmapped or protected accesses stop with RIP at the instruction and exit 48
   with GPA and access bits; the MMIO extension fields read 0 (not decoded): the VMM decodes.
 * **MSR permissions and address spaces** are kept as in ``kvm.py``. An address space is a
@@ -56,9 +58,12 @@ semantics are the KVM backend's (see ``kvm.py``); what unicorn lacks, this modul
   remaps them.
 
 Approximations: the TSC is unicorn's (not settable; ``hv_vm_sync_tsc`` and IA32_TSC reads and
-writes are kept as an offset on the emulated clock, guest RDTSC does not see them); XCR0 is
-kept here; string I/O (INS/OUTS) exits like other I/O but the VMM has to emulate the memory
-side; interrupt delivery does not switch stacks on a privilege change (except long-mode IST).
+writes are kept as an offset on the emulated clock, guest RDTSC does not see them); no
+VEX-encoded (AVX) instructions (unicorn 2 is QEMU 5.0's TCG: #UD), though the YMM state
+round-trips through the XSAVE image; hv_vcpu_read_msr/write_msr know only the MSRs unicorn keeps
+(_KNOWN_MSRS); XCR0 is kept here; string I/O (INS/OUTS) exits like other I/O but the VMM
+has to emulate the memory side; interrupt delivery does not switch stacks on a privilege change
+(except long-mode IST).
 Code the guest itself rewrites is rescanned at the next entry, not at once: an IN/OUT/HLT/MSR/
 CPUID the guest writes into an already scanned block and runs within the same entry executes
 in unicorn without an exit. The block hook costs about 1.5 us per executed block (a `dec; jnz`
@@ -181,6 +186,20 @@ _CAPABILITIES[C.HV_VMX_CAP_TRUE_EXIT] = _CAPABILITIES[C.HV_VMX_CAP_EXIT]
 _XSAVE_SIZE = 832  # legacy area, XSAVE header, AVX (YMM upper halves) at 576
 _XSTATE_X87_SSE_AVX = 7
 _MSR_LIMIT = 0xFFFFFFFF
+# MSRs the software vCPU has (QEMU's rdmsr/wrmsr in unicorn keep these; it reads any other as 0
+# and drops writes): others are HV_BAD_ARGUMENT for hv_vcpu_read_msr/write_msr, as on KVM for
+# an MSR it does not know.
+_KNOWN_MSRS = frozenset(
+    {C.MSR_TSC, 0xFE, 0x179, 0x17A, 0x17B, C.MSR_IA32_MISC_ENABLE, C.MSR_IA32_PAT, 0x2FF}
+    | set(range(C.MSR_IA32_SYSENTER_CS, C.MSR_IA32_SYSENTER_EIP + 1))
+    | set(range(0x200, 0x210))  # variable-range MTRRs
+    | {0x250, 0x258, 0x259, *range(0x268, 0x270)}  # fixed-range MTRRs
+    | set(range(0x400, 0x400 + 4 * 10))  # machine-check banks (MCG_CAP: 10)
+    | {0xD90}  # IA32_BNDCFGS
+    | set(range(C.MSR_EFER, C.MSR_SF_MASK + 1))
+    | set(range(C.MSR_FSBASE, C.MSR_TSC_AUX + 1))
+    | {0xC0010117}  # VM_HSAVE_PA
+)
 _ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17})
 _VCPU_MAX = 64
 _SPACE_MAX = 8
@@ -371,6 +390,11 @@ class _Vcpu:
             C.VMCS_GUEST_INTERRUPTIBILITY: 0,
         }
         self.exit: dict[int, int] = {C.VMCS_RO_EXIT_REASON: 0}
+        # access rights as the VMM wrote them, by segment index, with the QEMU cache entry
+        # (selector, base, limit, flags) they became: QEMU has no "unusable" bit and drops the
+        # other bits of an unusable segment; while the entry is unchanged they read back as
+        # written (as on KVM), once the guest reloads the segment they come from QEMU's flags
+        self.seg_ar: dict[int, tuple[tuple[int, int, int, int], int]] = {}
         self.msr_perm: dict[int, int] = {}
         self.managed: set[int] = set()
         self.tsc_offset = 0
@@ -826,6 +850,9 @@ class EmuBackend:
         blob = self._blob(vcpu)
         off = self._env + _ENV_SEGS + 24 * index
         selector, base, limit, flags = struct.unpack_from("<I4xQII", blob, off)
+        written = vcpu.seg_ar.get(index)
+        if written is not None and written[0] == (selector, base, limit, flags):
+            return selector & 0xFFFF, base, limit, written[1]
         return selector & 0xFFFF, base, limit, _flags_to_ar(flags)
 
     def _table(self, vcpu: _Vcpu, which: int) -> tuple[int, int]:
@@ -848,6 +875,12 @@ class EmuBackend:
         ctx = uc.context_save()
         data = bytearray(bytes(ctx))
         env = self._env
+        kept_ar: dict[int, int] = {}  # written access rights still valid before this patch
+        for index in segs or {}:
+            written = vcpu.seg_ar.get(index)
+            current = struct.unpack_from("<I4xQII", data, env + _ENV_SEGS + 24 * index)
+            if written is not None and written[0] == current:
+                kept_ar[index] = written[1]
         if efer is not None:
             struct.pack_into("<Q", data, env + _ENV_EFER, efer)
         for index, (selector, base, limit, ar) in (segs or {}).items():
@@ -873,6 +906,18 @@ class EmuBackend:
         target = ctypes.cast(ctx.context, ctypes.c_void_p).value or 0
         ctypes.memmove(target, bytes(data), len(data))
         uc.context_restore(ctx)
+        for index in raw_flags or {}:
+            vcpu.seg_ar.pop(index, None)
+        for index, (_sel, _base, _limit, ar) in (segs or {}).items():
+            if index in (raw_flags or {}):
+                continue
+            entry = struct.unpack_from("<I4xQII", data, env + _ENV_SEGS + 24 * index)
+            if ar is not None:
+                vcpu.seg_ar[index] = (entry, ar)
+            elif index in kept_ar:
+                vcpu.seg_ar[index] = (entry, kept_ar[index])
+            else:
+                vcpu.seg_ar.pop(index, None)
 
     def _recompute_hflags(self, data: bytearray) -> None:
         env = self._env
@@ -1125,12 +1170,16 @@ class EmuBackend:
         vcpu = self._vcpu(vid, "hv_vcpu_read_msr")
         if not 0 <= msr <= _MSR_LIMIT:
             raise _bad("hv_vcpu_read_msr", f"MSR {msr:#x} out of range")
+        if msr not in _KNOWN_MSRS:
+            raise _bad("hv_vcpu_read_msr", f"MSR {msr:#x} is not implemented")
         return self._get_msr(vcpu, msr)
 
     def hv_vcpu_write_msr(self, vid: int, msr: int, value: int) -> None:
         vcpu = self._vcpu(vid, "hv_vcpu_write_msr")
         if not 0 <= msr <= _MSR_LIMIT or not 0 <= value < 1 << 64:
             raise _bad("hv_vcpu_write_msr", f"MSR {msr:#x} / value out of range")
+        if msr not in _KNOWN_MSRS:
+            raise _bad("hv_vcpu_write_msr", f"MSR {msr:#x} is not implemented")
         self._set_msr(vcpu, msr, value)
 
     def hv_vcpu_enable_native_msr(self, vid: int, msr: int, enable: bool) -> None:
@@ -1802,6 +1851,17 @@ class EmuBackend:
             vcpu.skip_rip = self._linear_rip(vcpu)
             uc.reg_write(X.UC_X86_REG_RFLAGS, rflags & ~(1 << 16))
         stepping = bool(vcpu.controls[C.VMCS_CTRL_CPU_BASED] & C.CPU_BASED_MTF)
+        window = bool(vcpu.controls[C.VMCS_CTRL_CPU_BASED] & C.CPU_BASED_IRQ_WND)
+        sti = False
+        blocking = C.GUEST_INTRBILITY_STI_BLOCKING | C.GUEST_INTRBILITY_MOVSS_BLOCKING
+        if window:
+            # interrupt-window exiting: exit before the first instruction at which the guest
+            # can take an interrupt (IF set, no STI/MOV SS shadow); until then, one instruction
+            # at a time, so that the moment IF opens is seen
+            if rflags & 0x200 and not vcpu.controls[C.VMCS_GUEST_INTERRUPTIBILITY] & blocking:
+                self._set_exit(vcpu, C.VMX_REASON_IRQ_WND)
+                return True
+            sti = self._read_linear(vcpu, self._linear_rip(vcpu), 1) == b"\xfb"
         timeout_us = 0
         if deadline is not None:
             timeout_us = max(1, (deadline - time.monotonic_ns()) // 1000)
@@ -1810,7 +1870,7 @@ class EmuBackend:
         vcpu.halted = False  # type: ignore[attr-defined]
         vcpu.emulate_msr = None  # type: ignore[attr-defined]
         start_rip = int(uc.reg_read(X.UC_X86_REG_RIP))
-        self._step_mode(vcpu, stepping)
+        self._step_mode(vcpu, stepping or window)
         error: Any = None
         with vcpu.lock:
             if vcpu.kick.is_set():
@@ -1820,7 +1880,7 @@ class EmuBackend:
             vcpu.running = True
         start = time.thread_time_ns()
         try:
-            uc.emu_start(start_rip, _UNTIL, timeout_us, 1 if stepping else 0)
+            uc.emu_start(start_rip, _UNTIL, timeout_us, 1 if stepping or window else 0)
         except unicorn.UcError as exc:
             error = exc
         finally:
@@ -1828,6 +1888,11 @@ class EmuBackend:
             with vcpu.lock:
                 vcpu.running = False
         vcpu.skip_rip = None
+        if window:  # one instruction ran (or none): the STI shadow covers the next one only
+            moved = int(uc.reg_read(X.UC_X86_REG_RIP)) != start_rip
+            vcpu.controls[C.VMCS_GUEST_INTERRUPTIBILITY] &= ~blocking
+            if sti and moved and not rflags & 0x200:
+                vcpu.controls[C.VMCS_GUEST_INTERRUPTIBILITY] |= C.GUEST_INTRBILITY_STI_BLOCKING
         if vcpu.exit_recorded:  # type: ignore[attr-defined]
             return True
         if vcpu.new_sites:
@@ -1849,7 +1914,7 @@ class EmuBackend:
             uc.reg_write(X.UC_X86_REG_RIP, uc.reg_read(X.UC_X86_REG_RIP) + 1)
             vcpu.controls[C.VMCS_GUEST_ACTIVITY_STATE] = C.GUEST_ACTIVITY_HLT
             return False
-        if self._lost_invalid_opcode(vcpu, start_rip, stepping, deadline):
+        if self._lost_invalid_opcode(vcpu, start_rip, stepping or window, deadline):
             vcpu.pending_event = (C.IDT_UD, C.IRQ_INFO_HARD_EXC, None)
             return self._exception(vcpu)
         return self._after_instruction(vcpu, stepping, deadline, any_exit)

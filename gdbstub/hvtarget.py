@@ -658,9 +658,14 @@ class HvTarget:
                 if gpa < start + length and start < gpa + size:
                     bp.hits += 1
                     hit = Stop("debug", SIGTRAP, reason=STOP_REASONS[bp.kind], address=bp.address)
+                    if is_write and thread.watch_hit is None:
+                        # KVM retires a decoded write before it exits: the access is done
+                        # (we stored it above), so this is already trap-after
+                        return hit
                     if thread.watch_hit is None:
-                        # x86 watchpoints trap after the access: finish the instruction with
-                        # one monitor-trap step (see _debug_exit), then report
+                        # x86 watchpoints trap after the access: a decoded read completes on
+                        # the next entry; finish the instruction with one monitor-trap step
+                        # (see _debug_exit), then report
                         thread.watch_hit = hit
                         self._set_step(vcpu, True)
                     return Stop("continue")

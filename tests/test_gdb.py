@@ -148,6 +148,8 @@ def test_watch_hbreak(kernel: Path, backend: str, tmp_path: Path) -> None:
         assert "watchpoint 2" in out.lower()
         out = gdb.cmd("continue")
         assert "Old value = 0" in out and "New value = 1" in out, out
+        # trap-after, exactly: the stop is at the instruction after the 7-byte inc that wrote
+        assert gdb.value("$rip") == gdb.value("&demo_loop") + 7
         out = gdb.cmd("continue")
         assert "Old value = 1" in out and "New value = 2" in out, out
         gdb.cmd("delete")

@@ -92,8 +92,6 @@ class _Thread:
     regs: dict[str, int] | None = None  # register cache for the current stop
     fpstate: bytearray | None = None
     dirty: set[str] = field(default_factory=set)
-    stepping: bool = False
-    stop: Stop | None = None
     watch_hit: Stop | None = None  # a page-watchpoint hit, reported once its instruction is done
     reprotect: list[tuple[int, int]] | None = None  # (page, flags) to restore after that step
 
@@ -537,8 +535,6 @@ class HvTarget:
         for thread, step in plan:
             self._commit(thread)
             thread.regs = thread.fpstate = None
-            thread.stop = None
-            thread.stepping = step
             thread.worker.call(partial(self._set_step, step=step))
             thread.worker.resume(self._handler(thread, step), self._parked_check(thread))
 
@@ -711,7 +707,6 @@ class HvTarget:
         tid = worker.index + 1
         with self._lock:
             thread = self._threads[tid]
-            thread.stop = stop
             first = self._pending_stop is None
             if first or (
                 self._pending_stop is not None
@@ -805,14 +800,6 @@ class HvTarget:
             self.remove_breakpoint(kind, address, length)
         if self._exited is None and not self.is_running():
             self.resume({}, ResumeAction(kind="c", signal=None, range=None))
-
-    def halt(self, timeout: float = 10.0) -> StopEvent | None:
-        """Stop a running guest and wait for it (a new client finds the guest stopped, as with
-        QEMU); returns the stop, which is not reported to anyone."""
-        if not self.is_running():
-            return None
-        self.interrupt()
-        return self.wait_stop(timeout)
 
     def kill(self) -> None:
         """End the VM (the process exits after the server's reply)."""

@@ -44,6 +44,8 @@ def test_connect_wait_stops_before_first_instruction(
     kernel: Path, backend: str, tmp_path: Path
 ) -> None:
     with session(kernel, backend, tmp_path) as (stub, gdb):
+        first_line = stub.log.read_text().splitlines()[0]
+        assert f"backend {backend.removesuffix('-shim')}" in first_line, first_line
         assert gdb.value("$rip") == gdb.value("&pvh_start32")
         assert gdb.value("$cr0") & 0x80000000 == 0  # paging still off
         assert stub.serial_text() == ""  # nothing ran yet
@@ -157,7 +159,10 @@ def test_watch_hbreak(kernel: Path, backend: str, tmp_path: Path) -> None:
         out = gdb.cmd("continue")
         assert "demo_done" in out
         assert gdb.value("*(long*)&counter") == 100
-        assert "breakpoint" in gdb.cmd("monitor info breakpoints")
+        out = gdb.cmd("monitor info breakpoints")
+        assert "breakpoint" in out
+        if backend == "emu":  # the framework's normal paths: int3 and DR data breakpoints
+            assert "software breakpoints: int3" in out and "watchpoints: debug registers" in out
 
 
 def test_ctrl_c_while_spinning_and_halted(kernel: Path, backend: str, tmp_path: Path) -> None:
@@ -443,3 +448,15 @@ def test_faulty_guests_stop_with_a_signal(
         assert signal in out, out
         assert stub.proc.poll() is None
         gdb.cmd("info registers rip")  # the stub still answers
+
+
+def test_backend_auto_picks_the_first_available_and_says_so(kernel: Path, tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT))
+    from gdbstub import hv
+
+    expected = hv.available_backends()[0]  # hvf, then kvm, then emu
+    stub = Stub(kernel, "auto", tmp=tmp_path)
+    try:
+        assert stub.log.read_text().splitlines()[0].endswith(f"backend {expected}")
+    finally:
+        stub.stop()

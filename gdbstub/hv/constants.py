@@ -499,3 +499,29 @@ GDBSTUB_VMCS_MMIO_DECODED = 0x10004
 instruction itself on the next entry: the VMM must leave RIP alone and, for a read, write the value
 to GDBSTUB_VMCS_MMIO_DATA. Only KVM sets it; on hvf and emu it reads 0 and the VMM decodes the
 instruction (capstone) and advances RIP, as on the framework."""
+
+VMCS_EXIT_INFORMATION_FIELDS = frozenset(
+    {
+        VMCS_RO_INSTR_ERROR,
+        VMCS_RO_EXIT_REASON,
+        VMCS_RO_VMEXIT_IRQ_INFO,
+        VMCS_RO_VMEXIT_IRQ_ERROR,
+        VMCS_RO_IDT_VECTOR_INFO,
+        VMCS_RO_IDT_VECTOR_ERROR,
+        VMCS_RO_VMEXIT_INSTR_LEN,
+        VMCS_RO_VMX_INSTR_INFO,
+        VMCS_RO_EXIT_QUALIFIC,
+        VMCS_RO_IO_RCX,
+        VMCS_RO_IO_RSI,
+        VMCS_RO_IO_RDI,
+        VMCS_RO_IO_RIP,
+        VMCS_RO_GUEST_LIN_ADDR,
+        VMCS_GUEST_PHYSICAL_ADDRESS,
+    }
+)
+"""The read-only fields that describe the last exit (what a kick exit reads as 0 on hvf)."""
+
+GDBSTUB_VMCS_MMIO_FIELDS = frozenset(
+    {GDBSTUB_VMCS_MMIO_DATA, GDBSTUB_VMCS_MMIO_SIZE, GDBSTUB_VMCS_MMIO_DECODED}
+)
+"""The gdbstub.hv extension fields of an exit 48."""

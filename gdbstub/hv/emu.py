@@ -74,7 +74,6 @@ from __future__ import annotations
 
 import ctypes
 import importlib
-import itertools
 import struct
 import threading
 import time
@@ -84,9 +83,12 @@ from typing import Any
 
 import capstone
 
-from ..buffers import Buffer, buffer_address
+from ..buffers import Buffer
+from . import common
 from . import constants as C
 from .errors import HvError
+
+_EXIT_FIELDS = C.VMCS_EXIT_INFORMATION_FIELDS | C.GDBSTUB_VMCS_MMIO_FIELDS
 
 # unicorn ships partial type hints; it is used untyped here.
 unicorn: Any = importlib.import_module("unicorn")
@@ -185,7 +187,6 @@ _CAPABILITIES[C.HV_VMX_CAP_TRUE_EXIT] = _CAPABILITIES[C.HV_VMX_CAP_EXIT]
 
 _XSAVE_SIZE = 832  # legacy area, XSAVE header, AVX (YMM upper halves) at 576
 _XSTATE_X87_SSE_AVX = 7
-_MSR_LIMIT = 0xFFFFFFFF
 # MSRs the software vCPU has (QEMU's rdmsr/wrmsr in unicorn keep these; it reads any other as 0
 # and drops writes): others are HV_BAD_ARGUMENT for hv_vcpu_read_msr/write_msr, as on KVM for
 # an MSR it does not know.
@@ -203,29 +204,6 @@ _KNOWN_MSRS = frozenset(
 _ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17})
 _VCPU_MAX = 64
 _SPACE_MAX = 8
-
-_EXIT_FIELDS = frozenset(
-    {
-        C.VMCS_RO_INSTR_ERROR,
-        C.VMCS_RO_EXIT_REASON,
-        C.VMCS_RO_VMEXIT_IRQ_INFO,
-        C.VMCS_RO_VMEXIT_IRQ_ERROR,
-        C.VMCS_RO_IDT_VECTOR_INFO,
-        C.VMCS_RO_IDT_VECTOR_ERROR,
-        C.VMCS_RO_VMEXIT_INSTR_LEN,
-        C.VMCS_RO_VMX_INSTR_INFO,
-        C.VMCS_RO_EXIT_QUALIFIC,
-        C.VMCS_RO_IO_RCX,
-        C.VMCS_RO_IO_RSI,
-        C.VMCS_RO_IO_RDI,
-        C.VMCS_RO_IO_RIP,
-        C.VMCS_RO_GUEST_LIN_ADDR,
-        C.VMCS_GUEST_PHYSICAL_ADDRESS,
-        C.GDBSTUB_VMCS_MMIO_DATA,
-        C.GDBSTUB_VMCS_MMIO_SIZE,
-        C.GDBSTUB_VMCS_MMIO_DECODED,
-    }
-)
 
 _MSR_FIELDS = {
     C.VMCS_GUEST_IA32_PAT: C.MSR_IA32_PAT,
@@ -259,10 +237,7 @@ _SITE_OPCODES = {
     "cpuid": (b"\x0f\xa2",),
 }
 _UD_IDS = frozenset({capstone.x86.X86_INS_UD0, capstone.x86.X86_INS_UD1, capstone.x86.X86_INS_UD2})
-_IN_OPCODES = frozenset({0xE4, 0xE5, 0xEC, 0xED, 0x6C, 0x6D})
-_IMM_OPCODES = frozenset({0xE4, 0xE5, 0xE6, 0xE7})
 _STRING_IO = frozenset({0x6C, 0x6D, 0x6E, 0x6F})
-_PREFIXES = frozenset({0x66, 0x67, 0xF2, 0xF3, 0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65})
 
 _DISASM: dict[int, Any] = {}
 
@@ -290,10 +265,6 @@ def _disassembler(bits: int) -> Any:
     return md
 
 
-def _bad(call: str, detail: str) -> HvError:
-    return HvError(C.HV_BAD_ARGUMENT, call, detail)
-
-
 def _ar_to_flags(ar: int) -> int:
     if ar & 0x10000 or not ar & 0x80:
         return 0
@@ -311,18 +282,9 @@ class _Guard(Exception):
 
 
 @dataclass
-class _Region:
-    gpa: int
-    size: int
-    uva: int
-    flags: int
-    keep: object = None
-
-
-@dataclass
 class _Space:
     asid: int
-    regions: list[_Region] = field(default_factory=list)
+    regions: list[common.Region] = field(default_factory=list)
 
 
 @dataclass
@@ -395,8 +357,7 @@ class _Vcpu:
         # other bits of an unusable segment; while the entry is unchanged they read back as
         # written (as on KVM), once the guest reloads the segment they come from QEMU's flags
         self.seg_ar: dict[int, tuple[tuple[int, int, int, int], int]] = {}
-        self.msr_perm: dict[int, int] = {}
-        self.managed: set[int] = set()
+        self.msr = common.MsrPermissions()
         self.tsc_offset = 0
         self.xcr0 = 1
         # instruction sites: linear address -> kind; hooks by linear address
@@ -463,15 +424,15 @@ class EmuBackend:
         self._space0(call)
         space = self._spaces.get(asid)
         if space is None:
-            raise _bad(call, f"unknown address space {asid}")
+            raise common.bad(call, f"unknown address space {asid}")
         return space
 
     def _vcpu(self, vid: int, call: str) -> _Vcpu:
         vcpu = self._vcpus.get(vid)
         if vcpu is None or vcpu.destroyed:
-            raise _bad(call, f"no vCPU {vid}")
+            raise common.bad(call, f"no vCPU {vid}")
         if vcpu.owner != threading.get_ident():
-            raise _bad(call, f"vCPU {vid} belongs to another thread")
+            raise common.bad(call, f"vCPU {vid} belongs to another thread")
         return vcpu
 
     # --- VM --------------------------------------------------------------------------------------
@@ -481,14 +442,14 @@ class EmuBackend:
             return _VCPU_MAX
         if cap == C.HV_CAP_ADDRSPACEMAX:
             return _SPACE_MAX
-        raise _bad("hv_capability", f"unknown capability {cap}")
+        raise common.bad("hv_capability", f"unknown capability {cap}")
 
     def hv_vm_create(self, flags: int) -> None:
         with self._lock:
             if self._spaces:
                 raise HvError(C.HV_BUSY, "hv_vm_create", "this process already has a VM")
             if flags & ~0x7FF:
-                raise _bad("hv_vm_create", f"unknown flags 0x{flags:x}")
+                raise common.bad("hv_vm_create", f"unknown flags 0x{flags:x}")
             self._spaces[0] = _Space(0)
             self._next_vcpu = 0
             self._next_space = 1
@@ -512,13 +473,6 @@ class EmuBackend:
     def hv_vm_protect(self, gpa: int, size: int, flags: int) -> None:
         self.hv_vm_protect_space(0, gpa, size, flags, call="hv_vm_protect")
 
-    @staticmethod
-    def _check_range(call: str, gpa: int, size: int, flags: int) -> None:
-        if size <= 0 or size % PAGE or gpa < 0 or gpa % PAGE or gpa + size > 1 << 52:
-            raise _bad(call, f"range 0x{gpa:x}+0x{size:x} is not page-aligned or out of range")
-        if flags & ~(C.HV_MEMORY_READ | C.HV_MEMORY_WRITE | C.HV_MEMORY_EXEC | C.HV_MEMORY_UEXEC):
-            raise _bad(call, f"unknown memory flags 0x{flags:x}")
-
     def hv_vm_map_space(
         self,
         asid: int,
@@ -528,66 +482,26 @@ class EmuBackend:
         flags: int,
         call: str = "hv_vm_map_space",
     ) -> None:
-        self._check_range(call, gpa, size, flags)
-        if isinstance(uva, int):
-            address, keep = uva, None
-            if address <= 0 or address % PAGE:
-                raise _bad(call, f"host address 0x{address:x} is not page-aligned")
-        else:
-            try:
-                address, length = buffer_address(uva)
-            except (TypeError, ValueError) as exc:
-                raise _bad(call, f"host memory: {exc}") from exc
-            if address % PAGE:
-                raise _bad(call, "host memory is not page-aligned (use hv_vm_allocate)")
-            if length < size:
-                raise _bad(call, f"host memory holds 0x{length:x} bytes, map wants 0x{size:x}")
-            keep = uva
+        region = common.new_region(call, uva, gpa, size, flags)
         with self._lock:
             space = self._space(asid, call)
-            for region in space.regions:
-                if gpa < region.gpa + region.size and region.gpa < gpa + size:
-                    raise _bad(call, f"0x{gpa:x}+0x{size:x} overlaps a mapping at 0x{region.gpa:x}")
-            space.regions.append(_Region(gpa, size, address, flags, keep))
-            space.regions.sort(key=lambda r: r.gpa)
+            common.add_region(space.regions, call, region)
             self._sync_space(space)
-
-    def _split(self, space: _Space, gpa: int, size: int, call: str) -> list[_Region]:
-        end = gpa + size
-        pieces: list[_Region] = []
-        for region in space.regions:
-            cuts = sorted(
-                {region.gpa, region.gpa + region.size}
-                | {c for c in (gpa, end) if region.gpa < c < region.gpa + region.size}
-            )
-            for lo, hi in itertools.pairwise(cuts):
-                pieces.append(
-                    _Region(lo, hi - lo, region.uva + (lo - region.gpa), region.flags, region.keep)
-                )
-        inside = [r for r in pieces if r.gpa >= gpa and r.gpa + r.size <= end]
-        if sum(r.size for r in inside) != size:
-            raise _bad(call, f"0x{gpa:x}+0x{size:x} is not entirely mapped")
-        space.regions = pieces
-        return inside
 
     def hv_vm_unmap_space(
         self, asid: int, gpa: int, size: int, call: str = "hv_vm_unmap_space"
     ) -> None:
-        self._check_range(call, gpa, size, 0)
         with self._lock:
             space = self._space(asid, call)
-            inside = self._split(space, gpa, size, call)
-            space.regions = [r for r in space.regions if r not in inside]
+            common.unmap_regions(space.regions, call, gpa, size)
             self._sync_space(space)
 
     def hv_vm_protect_space(
         self, asid: int, gpa: int, size: int, flags: int, call: str = "hv_vm_protect_space"
     ) -> None:
-        self._check_range(call, gpa, size, flags)
         with self._lock:
             space = self._space(asid, call)
-            for region in self._split(space, gpa, size, call):
-                region.flags = flags
+            common.protect_regions(space.regions, call, gpa, size, flags)
             self._sync_space(space)
 
     def _sync_space(self, space: _Space) -> None:
@@ -624,7 +538,7 @@ class EmuBackend:
         for gpa, size, uva, flags in merged:
             uc.mem_map_ptr(gpa, size, self._uc_perms(flags), uva)
         for page, remove in vcpu.watch_pages.items():
-            watched = self._region(vcpu.space, page)
+            watched = common.region_at(vcpu.space.regions, page)
             if watched is not None:
                 uc.mem_protect(page, PAGE, self._uc_perms(watched.flags) & ~remove)
         _flush_tlb(uc)
@@ -634,20 +548,13 @@ class EmuBackend:
         vcpu.code_runs = None
         vcpu.uc_dirty_memory = False  # type: ignore[attr-defined]
 
-    @staticmethod
-    def _region(space: _Space, gpa: int) -> _Region | None:
-        for region in space.regions:
-            if region.gpa <= gpa < region.gpa + region.size:
-                return region
-        return None
-
     # --- guest-physical and linear memory --------------------------------------------------------
 
     def _phys_read(self, vcpu: _Vcpu, gpa: int, size: int) -> bytes:
         out = b""
         while len(out) < size:
             address = gpa + len(out)
-            region = self._region(vcpu.space, address)
+            region = common.region_at(vcpu.space.regions, address)
             if region is None:
                 raise _Guard(f"guest-physical 0x{address:x} is not mapped")
             chunk = min(size - len(out), region.gpa + region.size - address)
@@ -658,7 +565,7 @@ class EmuBackend:
         done = 0
         while done < len(data):
             address = gpa + done
-            region = self._region(vcpu.space, address)
+            region = common.region_at(vcpu.space.regions, address)
             if region is None:
                 raise _Guard(f"guest-physical 0x{address:x} is not mapped")
             chunk = min(len(data) - done, region.gpa + region.size - address)
@@ -753,7 +660,9 @@ class EmuBackend:
     def hv_vm_space_destroy(self, asid: int) -> None:
         with self._lock:
             if asid == C.HV_VM_SPACE_DEFAULT:
-                raise _bad("hv_vm_space_destroy", "the default address space cannot be destroyed")
+                raise common.bad(
+                    "hv_vm_space_destroy", "the default address space cannot be destroyed"
+                )
             space = self._space(asid, "hv_vm_space_destroy")
             if any(v.space is space and not v.destroyed for v in self._vcpus.values()):
                 raise HvError(C.HV_BUSY, "hv_vm_space_destroy", f"a vCPU is in space {asid}")
@@ -787,7 +696,7 @@ class EmuBackend:
 
     def hv_vcpu_create(self, flags: int) -> int:
         if flags & ~(C.HV_VCPU_ACCEL_RDPMC | C.HV_VCPU_TSC_RELATIVE):
-            raise _bad("hv_vcpu_create", f"unknown flags 0x{flags:x}")
+            raise common.bad("hv_vcpu_create", f"unknown flags 0x{flags:x}")
         with self._lock:
             space = self._space0("hv_vcpu_create")
             if sum(1 for v in self._vcpus.values() if not v.destroyed) >= _VCPU_MAX:
@@ -1026,12 +935,12 @@ class EmuBackend:
             index = reg - C.HV_X86_DR0
             index = {4: 6, 5: 7}.get(index, index)
             return int(uc.reg_read(X.UC_X86_REG_DR0 + index)) & _M64
-        raise _bad("hv_vcpu_read_register", f"unknown register {reg}")
+        raise common.bad("hv_vcpu_read_register", f"unknown register {reg}")
 
     def hv_vcpu_write_register(self, vid: int, reg: int, value: int) -> None:
         vcpu = self._vcpu(vid, "hv_vcpu_write_register")
         if not 0 <= value < 1 << 64:
-            raise _bad("hv_vcpu_write_register", f"value {value:#x} does not fit 64 bits")
+            raise common.bad("hv_vcpu_write_register", f"value {value:#x} does not fit 64 bits")
         self._write_register(vcpu, reg, value)
 
     def _write_register(self, vcpu: _Vcpu, reg: int, value: int) -> None:
@@ -1073,10 +982,10 @@ class EmuBackend:
             return
         if reg == C.HV_X86_XCR0:
             if not value & 1 or value & ~0x7 or (value & 4 and not value & 2):
-                raise _bad("hv_vcpu_write_register", f"XCR0 {value:#x}: invalid")
+                raise common.bad("hv_vcpu_write_register", f"XCR0 {value:#x}: invalid")
             vcpu.xcr0 = value
             return
-        raise _bad("hv_vcpu_write_register", f"unknown register {reg}")
+        raise common.bad("hv_vcpu_write_register", f"unknown register {reg}")
 
     # --- fpstate ---------------------------------------------------------------------------------
 
@@ -1084,9 +993,9 @@ class EmuBackend:
         try:
             view = memoryview(buffer).cast("B")
         except TypeError as exc:
-            raise _bad(call, f"buffer: {exc}") from exc
+            raise common.bad(call, f"buffer: {exc}") from exc
         if size < _XSAVE_SIZE or size > len(view):
-            raise _bad(
+            raise common.bad(
                 call,
                 f"fpstate needs {_XSAVE_SIZE} bytes, got size {size} with a buffer of {len(view)}",
             )
@@ -1096,7 +1005,7 @@ class EmuBackend:
         vcpu = self._vcpu(vid, "hv_vcpu_read_fpstate")
         view = self._check_fp_buffer("hv_vcpu_read_fpstate", buffer, size)
         if view.readonly:
-            raise _bad("hv_vcpu_read_fpstate", "buffer is read-only")
+            raise common.bad("hv_vcpu_read_fpstate", "buffer is read-only")
         uc = vcpu.uc
         image = bytearray(_XSAVE_SIZE)
         fsw = uc.reg_read(X.UC_X86_REG_FPSW)
@@ -1126,7 +1035,7 @@ class EmuBackend:
         mxcsr = struct.unpack_from("<I", image, 24)[0]
         xstate_bv = struct.unpack_from("<Q", image, 512)[0]
         if mxcsr & ~0xFFFF or xstate_bv & ~_XSTATE_X87_SSE_AVX:
-            raise _bad("hv_vcpu_write_fpstate", "invalid XSAVE image")
+            raise common.bad("hv_vcpu_write_fpstate", "invalid XSAVE image")
         uc = vcpu.uc
         uc.reg_write(X.UC_X86_REG_FPCW, fcw)
         uc.reg_write(X.UC_X86_REG_FPSW, fsw)
@@ -1168,55 +1077,37 @@ class EmuBackend:
 
     def hv_vcpu_read_msr(self, vid: int, msr: int) -> int:
         vcpu = self._vcpu(vid, "hv_vcpu_read_msr")
-        if not 0 <= msr <= _MSR_LIMIT:
-            raise _bad("hv_vcpu_read_msr", f"MSR {msr:#x} out of range")
+        if not 0 <= msr <= common.MSR_LIMIT:
+            raise common.bad("hv_vcpu_read_msr", f"MSR {msr:#x} out of range")
         if msr not in _KNOWN_MSRS:
-            raise _bad("hv_vcpu_read_msr", f"MSR {msr:#x} is not implemented")
+            raise common.bad("hv_vcpu_read_msr", f"MSR {msr:#x} is not implemented")
         return self._get_msr(vcpu, msr)
 
     def hv_vcpu_write_msr(self, vid: int, msr: int, value: int) -> None:
         vcpu = self._vcpu(vid, "hv_vcpu_write_msr")
-        if not 0 <= msr <= _MSR_LIMIT or not 0 <= value < 1 << 64:
-            raise _bad("hv_vcpu_write_msr", f"MSR {msr:#x} / value out of range")
+        if not 0 <= msr <= common.MSR_LIMIT or not 0 <= value < 1 << 64:
+            raise common.bad("hv_vcpu_write_msr", f"MSR {msr:#x} / value out of range")
         if msr not in _KNOWN_MSRS:
-            raise _bad("hv_vcpu_write_msr", f"MSR {msr:#x} is not implemented")
+            raise common.bad("hv_vcpu_write_msr", f"MSR {msr:#x} is not implemented")
         self._set_msr(vcpu, msr, value)
 
     def hv_vcpu_enable_native_msr(self, vid: int, msr: int, enable: bool) -> None:
         vcpu = self._vcpu(vid, "hv_vcpu_enable_native_msr")
-        if not 0 <= msr <= _MSR_LIMIT:
-            raise _bad("hv_vcpu_enable_native_msr", f"MSR {msr:#x} out of range")
-        if enable:
-            vcpu.msr_perm[msr] = C.HV_MSR_READ | C.HV_MSR_WRITE
-        else:
-            vcpu.msr_perm.pop(msr, None)
+        vcpu.msr.enable_native(msr, enable)
 
     def hv_vcpu_enable_managed_msr(self, vid: int, msr: int, enable: bool) -> None:
         vcpu = self._vcpu(vid, "hv_vcpu_enable_managed_msr")
-        if not 0 <= msr <= _MSR_LIMIT:
-            raise _bad("hv_vcpu_enable_managed_msr", f"MSR {msr:#x} out of range")
-        if enable:
-            vcpu.managed.add(msr)
-        else:
-            vcpu.managed.discard(msr)
-            vcpu.msr_perm.pop(msr, None)
+        vcpu.msr.enable_managed(msr, enable)
 
     def hv_vcpu_set_msr_access(self, vid: int, msr: int, flags: int) -> None:
         vcpu = self._vcpu(vid, "hv_vcpu_set_msr_access")
-        if msr not in vcpu.managed:
-            raise _bad("hv_vcpu_set_msr_access", f"MSR {msr:#x} is not managed on this vCPU")
-        if flags & ~(C.HV_MSR_READ | C.HV_MSR_WRITE):
-            raise _bad("hv_vcpu_set_msr_access", f"unknown flags {flags:#x}")
-        if flags:
-            vcpu.msr_perm[msr] = flags
-        else:
-            vcpu.msr_perm.pop(msr, None)
+        vcpu.msr.set_access(msr, flags)
 
     # --- TSC and time ----------------------------------------------------------------------------
 
     def hv_vm_sync_tsc(self, tsc: int) -> None:
         if not 0 <= tsc < 1 << 64:
-            raise _bad("hv_vm_sync_tsc", "TSC value out of range")
+            raise common.bad("hv_vm_sync_tsc", "TSC value out of range")
         self._space0("hv_vm_sync_tsc")
         now = self._tsc_now()
         with self._lock:
@@ -1241,13 +1132,6 @@ class EmuBackend:
 
     # --- VMCS ------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _field_error(call: str, field_: int) -> HvError:
-        name = C.VMCS_FIELD_NAMES.get(field_)
-        if name is None:
-            return _bad(call, f"0x{field_:x} is not a VMCS field")
-        return HvError(C.HV_UNSUPPORTED, call, f"{name} is not available on the emu backend")
-
     def hv_vmx_vcpu_read_vmcs(self, vid: int, field_: int) -> int:
         vcpu = self._vcpu(vid, "hv_vmx_vcpu_read_vmcs")
         if field_ in _EXIT_FIELDS:
@@ -1261,12 +1145,12 @@ class EmuBackend:
                 lma = self._efer(vcpu) & C.EFER_LMA
                 value = value | C.VMENTRY_GUEST_IA32E if lma else value & ~C.VMENTRY_GUEST_IA32E
             return value
-        raise self._field_error("hv_vmx_vcpu_read_vmcs", field_)
+        raise common.field_error("hv_vmx_vcpu_read_vmcs", field_, "emu")
 
     def hv_vmx_vcpu_write_vmcs(self, vid: int, field_: int, value: int) -> None:
         vcpu = self._vcpu(vid, "hv_vmx_vcpu_write_vmcs")
         if not 0 <= value < 1 << 64:
-            raise _bad("hv_vmx_vcpu_write_vmcs", "value out of range")
+            raise common.bad("hv_vmx_vcpu_write_vmcs", "value out of range")
         if field_ == C.GDBSTUB_VMCS_MMIO_DATA:
             vcpu.exit[field_] = value
             return
@@ -1274,7 +1158,7 @@ class EmuBackend:
             return
         if field_ == C.VMCS_GUEST_ACTIVITY_STATE:
             if value not in (0, 1, 2, 3):
-                raise _bad("hv_vmx_vcpu_write_vmcs", f"activity state {value}")
+                raise common.bad("hv_vmx_vcpu_write_vmcs", f"activity state {value}")
             vcpu.controls[field_] = value
             return
         if field_ in vcpu.controls:
@@ -1282,7 +1166,7 @@ class EmuBackend:
             if field_ in (C.VMCS_CTRL_EXC_BITMAP, C.VMCS_CTRL_CPU_BASED):
                 vcpu.dr_dirty = True
             return
-        raise self._field_error("hv_vmx_vcpu_write_vmcs", field_)
+        raise common.field_error("hv_vmx_vcpu_write_vmcs", field_, "emu")
 
     def _guest_field(self, vcpu: _Vcpu, field_: int, value: int | None) -> int | None:
         """Read (value None) or write a guest-state field; None if ``field_`` is not one."""
@@ -1403,7 +1287,7 @@ class EmuBackend:
         return page
 
     def _page_view(self, space: _Space, gpa: int) -> memoryview | None:
-        region = self._region(space, gpa)
+        region = common.region_at(space.regions, gpa)
         if region is None:
             return None
         array = (ctypes.c_char * PAGE).from_address(region.uva + (gpa - region.gpa))
@@ -1414,7 +1298,7 @@ class EmuBackend:
         groups: list[tuple[int, list[int]]] = []
         runs: list[_CodeRun] = []
         for gpa in sorted(vcpu.code):
-            region = self._region(vcpu.space, gpa)
+            region = common.region_at(vcpu.space.regions, gpa)
             if region is None or vcpu.code[gpa].view is None:
                 runs.append(_CodeRun(0, None, b"", [gpa]))
                 continue
@@ -1509,7 +1393,7 @@ class EmuBackend:
         elif kind in ("rdmsr", "wrmsr"):
             msr = uc.reg_read(X.UC_X86_REG_RCX) & 0xFFFFFFFF
             bit = C.HV_MSR_WRITE if kind == "wrmsr" else C.HV_MSR_READ
-            if not vcpu.msr_perm.get(msr, 0) & bit:
+            if not vcpu.msr.access.get(msr, 0) & bit:
                 reason = C.VMX_REASON_WRMSR if kind == "wrmsr" else C.VMX_REASON_RDMSR
                 self._stop(vcpu, reason, length=2)
             elif msr in (C.MSR_EFER, C.MSR_TSC):
@@ -1522,17 +1406,17 @@ class EmuBackend:
     def _site_intact(self, vcpu: _Vcpu, address: int, kind: str) -> bool:
         code = self._read_linear(vcpu, address, 6)
         i = 0
-        while i < min(len(code), 4) and (code[i] in _PREFIXES or 0x40 <= code[i] <= 0x4F):
+        while i < min(len(code), 4) and (code[i] in common.PREFIXES or 0x40 <= code[i] <= 0x4F):
             i += 1
         return any(code.startswith(op, i) for op in _SITE_OPCODES[kind])
 
     def _exit_io(self, vcpu: _Vcpu, address: int) -> None:
         uc = vcpu.uc
         code = self._read_linear(vcpu, address, 15)
-        length, op, imm = _decode_io(code)
+        length, op, imm = common.decode_io(code)
         if op is None:
             return
-        port = imm if op in _IMM_OPCODES else uc.reg_read(X.UC_X86_REG_RDX) & 0xFFFF
+        port = imm if op in common.IMM_OPCODES else uc.reg_read(X.UC_X86_REG_RDX) & 0xFFFF
         prefixes = code[: length - 1]
         if op in (0xE4, 0xE6, 0xEC, 0xEE, 0x6C, 0x6E):
             opsize = 1
@@ -1541,7 +1425,7 @@ class EmuBackend:
         else:
             opsize = 2 if 0x66 in prefixes else 4
         qual = (opsize - 1) | port << C.EXIT_QUAL_IO_PORT_SHIFT
-        if op in _IN_OPCODES:
+        if op in common.IN_OPCODES:
             qual |= C.EXIT_QUAL_IO_IN
         if op in _STRING_IO:
             qual |= C.EXIT_QUAL_IO_STRING
@@ -1652,7 +1536,7 @@ class EmuBackend:
         for vid in vids:
             vcpu = self._vcpus.get(vid)
             if vcpu is None or vcpu.destroyed:
-                raise _bad("hv_vcpu_interrupt", f"no vCPU {vid}")
+                raise common.bad("hv_vcpu_interrupt", f"no vCPU {vid}")
             targets.append(vcpu)
         for vcpu in targets:
             vcpu.kick.set()
@@ -1670,7 +1554,7 @@ class EmuBackend:
     def hv_vcpu_run_until(self, vid: int, deadline: int) -> None:
         vcpu = self._vcpu(vid, "hv_vcpu_run_until")
         if not 0 <= deadline <= _FOREVER:
-            raise _bad("hv_vcpu_run_until", "deadline out of range")
+            raise common.bad("hv_vcpu_run_until", "deadline out of range")
         self._run(vcpu, None if deadline == _FOREVER else deadline, any_exit=False)
 
     def _set_exit(self, vcpu: _Vcpu, reason: int, **fields: int) -> None:
@@ -2013,7 +1897,7 @@ class EmuBackend:
         fetch = access in (unicorn.UC_MEM_FETCH_UNMAPPED, unicorn.UC_MEM_FETCH_PROT)
         gpa = address
         page = gpa & ~0xFFF
-        region = self._region(vcpu.space, gpa)
+        region = common.region_at(vcpu.space.regions, gpa)
         needed = C.HV_MEMORY_WRITE if write else C.HV_MEMORY_EXEC if fetch else C.HV_MEMORY_READ
         if region is not None and region.flags & needed and page in vcpu.watch_pages:
             return self._watch_step(vcpu, page, address, size, write, stepping, deadline, any_exit)
@@ -2050,7 +1934,7 @@ class EmuBackend:
     ) -> bool:
         """An access to a watched page: run the instruction with the page open, then check."""
         uc = vcpu.uc
-        found = self._region(vcpu.space, page)
+        found = common.region_at(vcpu.space.regions, page)
         assert found is not None
         region = found
         linear = self._access_linear(vcpu, address)
@@ -2122,18 +2006,3 @@ def _changed_spans(old: bytes, new: bytes) -> list[tuple[int, int]]:
                 else:
                     spans.append((i, i + 1))
     return spans
-
-
-def _decode_io(code: bytes) -> tuple[int, int | None, int]:
-    """Decode an IN/OUT/INS/OUTS at the start of ``code``: (length, opcode or None, imm8)."""
-    i = 0
-    while i < min(len(code), 4) and (code[i] in _PREFIXES or 0x40 <= code[i] <= 0x4F):
-        i += 1
-    if i >= len(code):
-        return 0, None, 0
-    op = code[i]
-    if op in _IMM_OPCODES:
-        return (i + 2, op, code[i + 1]) if i + 1 < len(code) else (0, None, 0)
-    if op in (0xEC, 0xED, 0xEE, 0xEF, 0x6C, 0x6D, 0x6E, 0x6F):
-        return i + 1, op, 0
-    return 0, None, 0

@@ -144,26 +144,6 @@ MACOS_11_MARKER = "hv_vcpu_enable_managed_msr"
 FOREVER_SLICE_NS = 1_000_000_000
 """Length of one run_until slice when HV_DEADLINE_FOREVER is emulated (macOS 10.15)."""
 
-# Exit fields the stop-flag override answers (all 0 except the reason), as a kick exit on VMX.
-_EXIT_FIELDS = frozenset(
-    {
-        C.VMCS_RO_INSTR_ERROR,
-        C.VMCS_RO_EXIT_REASON,
-        C.VMCS_RO_VMEXIT_IRQ_INFO,
-        C.VMCS_RO_VMEXIT_IRQ_ERROR,
-        C.VMCS_RO_IDT_VECTOR_INFO,
-        C.VMCS_RO_IDT_VECTOR_ERROR,
-        C.VMCS_RO_VMEXIT_INSTR_LEN,
-        C.VMCS_RO_VMX_INSTR_INFO,
-        C.VMCS_RO_EXIT_QUALIFIC,
-        C.VMCS_RO_IO_RCX,
-        C.VMCS_RO_IO_RSI,
-        C.VMCS_RO_IO_RDI,
-        C.VMCS_RO_IO_RIP,
-        C.VMCS_RO_GUEST_LIN_ADDR,
-        C.VMCS_GUEST_PHYSICAL_ADDRESS,
-    }
-)
 _EXTENSION_FIELDS = frozenset(
     {C.GDBSTUB_VMCS_MMIO_DATA, C.GDBSTUB_VMCS_MMIO_SIZE, C.GDBSTUB_VMCS_MMIO_DECODED}
 )
@@ -622,7 +602,7 @@ class HvfBackend:
             if field_ in _EXTENSION_FIELDS:
                 return 0  # the framework does not decode MMIO accesses
             override = vcpu.override
-            if override is not None and field_ in _EXIT_FIELDS:
+            if override is not None and field_ in C.VMCS_EXIT_INFORMATION_FIELDS:
                 return override.get(field_, 0)
         return self._read_vmcs(vid, field_)
 

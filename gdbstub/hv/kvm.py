@@ -67,7 +67,6 @@ KVM *is* the framework here: same calls, same return codes, exits described thro
 from __future__ import annotations
 
 import ctypes
-import itertools
 import mmap
 import os
 import signal
@@ -79,11 +78,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..buffers import Buffer, buffer_address
+from . import common, kvm_probes
 from . import constants as C
 from . import kvm_abi as K
-from . import kvm_probes
 from .errors import HvError
 from .posix import ThreadTimer, ioctl
+
+_EXIT_FIELDS = C.VMCS_EXIT_INFORMATION_FIELDS | C.GDBSTUB_VMCS_MMIO_FIELDS
 
 KICK_SIGNAL = signal.SIGRTMIN + 4
 """Signal used to kick a vCPU thread out of KVM_RUN (blocked outside KVM_RUN)."""
@@ -159,7 +160,6 @@ _CAPABILITIES[C.HV_VMX_CAP_TRUE_EXIT] = _CAPABILITIES[C.HV_VMX_CAP_EXIT]
 _SREGS_MSRS = {C.MSR_EFER, C.MSR_FSBASE, C.MSR_GSBASE, C.MSR_IA32_APIC_BASE}
 # MSR ranges covered by the filter bitmaps (base, count).
 _FILTER_BLOCKS = ((0x00000000, 0x2000), (0xC0000000, 0x2000), (0xC0010000, 0x2000))
-_MSR_LIMIT = 0xFFFFFFFF
 
 
 _get_ident = threading.get_ident
@@ -171,10 +171,6 @@ _MASK64 = (1 << 64) - 1
 # (rcx, rsi, rdi, rip) from struct kvm_regs; (cs.base, cr0, cr3, cr4) from struct kvm_sregs
 _IO_REGS = struct.Struct("<16xQ8xQQ80xQ").unpack_from
 _IO_SREGS = struct.Struct("<Q216xQ8xQQ").unpack_from
-
-
-def _bad(call: str, detail: str) -> HvError:
-    return HvError(C.HV_BAD_ARGUMENT, call, detail)
 
 
 def _seg_ar(seg: K.KvmSegment) -> int:
@@ -204,23 +200,12 @@ def _set_seg_ar(seg: K.KvmSegment, ar: int) -> None:
 
 
 @dataclass
-class _Region:
-    """One mapped range of a guest-physical address space."""
-
-    gpa: int
-    size: int
-    uva: int
-    flags: int
-    keep: object = None
-
-
-@dataclass
 class _Space:
     """A guest-physical address space: one KVM VM."""
 
     asid: int
     vm_fd: int
-    regions: list[_Region] = field(default_factory=list)
+    regions: list[common.Region] = field(default_factory=list)
     slots: dict[tuple[int, int, int, int], int] = field(default_factory=dict)
     free_slot: int = 0
     filter_bitmaps: list[Any] = field(default_factory=list)
@@ -299,8 +284,7 @@ class _Vcpu:
         }
         self.exit: dict[int, int] = {C.VMCS_RO_EXIT_REASON: 0}
         self.guest_debug_dirty = True
-        self.msr_perm: dict[int, int] = {}  # msr -> HV_MSR_READ|WRITE the guest may do natively
-        self.managed: set[int] = set()
+        self.msr = common.MsrPermissions()
         # completion owed to KVM for the last exit: ("msr", rip) / ("in", rax) / ("mmio", 0)
         self.pending: tuple[str, int] | None = None
         self.pending_tsc: tuple[int, int] | None = None  # (tsc value, monotonic ns when set)
@@ -376,15 +360,15 @@ class KvmBackend:
         self._space0(call)
         space = self._spaces.get(asid)
         if space is None:
-            raise _bad(call, f"unknown address space {asid}")
+            raise common.bad(call, f"unknown address space {asid}")
         return space
 
     def _vcpu(self, vid: int, call: str) -> _Vcpu:
         vcpu = self._vcpus.get(vid)
         if vcpu is None or vcpu.destroyed:
-            raise _bad(call, f"no vCPU {vid}")
+            raise common.bad(call, f"no vCPU {vid}")
         if vcpu.owner != _get_ident():
-            raise _bad(call, f"vCPU {vid} belongs to another thread")
+            raise common.bad(call, f"vCPU {vid} belongs to another thread")
         return vcpu
 
     def _new_vm(self) -> int:
@@ -410,14 +394,14 @@ class KvmBackend:
             return value or ioctl(self._kvm, K.KVM_CHECK_EXTENSION, K.KVM_CAP_NR_VCPUS) or 4
         if cap == C.HV_CAP_ADDRSPACEMAX:
             return 8
-        raise _bad("hv_capability", f"unknown capability {cap}")
+        raise common.bad("hv_capability", f"unknown capability {cap}")
 
     def hv_vm_create(self, flags: int) -> None:
         with self._lock:
             if self._spaces:
                 raise HvError(C.HV_BUSY, "hv_vm_create", "this process already has a VM")
             if flags & ~0x7FF:
-                raise _bad("hv_vm_create", f"unknown flags 0x{flags:x}")
+                raise common.bad("hv_vm_create", f"unknown flags 0x{flags:x}")
             self._spaces[0] = _Space(0, self._new_vm())
             self._update_msr_filter(self._spaces[0])
             self._next_vcpu = 0
@@ -444,13 +428,6 @@ class KvmBackend:
     def hv_vm_protect(self, gpa: int, size: int, flags: int) -> None:
         self.hv_vm_protect_space(0, gpa, size, flags, call="hv_vm_protect")
 
-    @staticmethod
-    def _check_range(call: str, gpa: int, size: int, flags: int) -> None:
-        if size <= 0 or size % PAGE or gpa < 0 or gpa % PAGE or gpa + size > 1 << 52:
-            raise _bad(call, f"range 0x{gpa:x}+0x{size:x} is not page-aligned or out of range")
-        if flags & ~(C.HV_MEMORY_READ | C.HV_MEMORY_WRITE | C.HV_MEMORY_EXEC | C.HV_MEMORY_UEXEC):
-            raise _bad(call, f"unknown memory flags 0x{flags:x}")
-
     def hv_vm_map_space(
         self,
         asid: int,
@@ -460,79 +437,26 @@ class KvmBackend:
         flags: int,
         call: str = "hv_vm_map_space",
     ) -> None:
-        self._check_range(call, gpa, size, flags)
-        if isinstance(uva, int):
-            address, keep = uva, None
-            if address <= 0 or address % PAGE:
-                raise _bad(call, f"host address 0x{address:x} is not page-aligned")
-        else:
-            try:
-                address, length = buffer_address(uva)
-            except (TypeError, ValueError) as exc:
-                raise _bad(call, f"host memory: {exc}") from exc
-            if address % PAGE:
-                raise _bad(call, "host memory is not page-aligned (use hv_vm_allocate)")
-            if length < size:
-                raise _bad(call, f"host memory holds 0x{length:x} bytes, map wants 0x{size:x}")
-            keep = uva
+        region = common.new_region(call, uva, gpa, size, flags)
         with self._lock:
             space = self._space(asid, call)
-            for region in space.regions:
-                if gpa < region.gpa + region.size and region.gpa < gpa + size:
-                    raise _bad(call, f"0x{gpa:x}+0x{size:x} overlaps a mapping at 0x{region.gpa:x}")
-            space.regions.append(_Region(gpa, size, address, flags, keep))
-            space.regions.sort(key=lambda r: r.gpa)
+            common.add_region(space.regions, call, region)
             self._sync_slots(space, call)
-
-    def _split(self, space: _Space, gpa: int, size: int, call: str) -> list[_Region]:
-        """Split regions at gpa and gpa+size; return the regions inside (all must be mapped)."""
-        end = gpa + size
-        pieces: list[_Region] = []
-        for region in space.regions:
-            cuts = sorted(
-                {region.gpa, region.gpa + region.size}
-                | {c for c in (gpa, end) if region.gpa < c < region.gpa + region.size}
-            )
-            for lo, hi in itertools.pairwise(cuts):
-                pieces.append(
-                    _Region(lo, hi - lo, region.uva + (lo - region.gpa), region.flags, region.keep)
-                )
-        space.regions = pieces
-        inside = [r for r in pieces if r.gpa >= gpa and r.gpa + r.size <= end]
-        covered = sum(r.size for r in inside)
-        if covered != size:
-            raise _bad(call, f"0x{gpa:x}+0x{size:x} is not entirely mapped")
-        return inside
 
     def hv_vm_unmap_space(
         self, asid: int, gpa: int, size: int, call: str = "hv_vm_unmap_space"
     ) -> None:
-        self._check_range(call, gpa, size, 0)
         with self._lock:
             space = self._space(asid, call)
-            saved = list(space.regions)
-            try:
-                inside = self._split(space, gpa, size, call)
-            except HvError:
-                space.regions = saved
-                raise
-            space.regions = [r for r in space.regions if r not in inside]
+            common.unmap_regions(space.regions, call, gpa, size)
             self._sync_slots(space, call)
 
     def hv_vm_protect_space(
         self, asid: int, gpa: int, size: int, flags: int, call: str = "hv_vm_protect_space"
     ) -> None:
-        self._check_range(call, gpa, size, flags)
         with self._lock:
             space = self._space(asid, call)
-            saved = list(space.regions)
-            try:
-                inside = self._split(space, gpa, size, call)
-            except HvError:
-                space.regions = saved
-                raise
-            for region in inside:
-                region.flags = flags
+            common.protect_regions(space.regions, call, gpa, size, flags)
             self._sync_slots(space, call)
 
     def _sync_slots(self, space: _Space, call: str) -> None:
@@ -582,10 +506,10 @@ class KvmBackend:
 
     def _host_address(self, space: _Space, gpa: int) -> tuple[int, int] | None:
         """Host address of ``gpa`` and the bytes left in its region (any permission)."""
-        for region in space.regions:
-            if region.gpa <= gpa < region.gpa + region.size:
-                return region.uva + (gpa - region.gpa), region.gpa + region.size - gpa
-        return None
+        region = common.region_at(space.regions, gpa)
+        if region is None:
+            return None
+        return region.uva + (gpa - region.gpa), region.gpa + region.size - gpa
 
     # --- address spaces ---------------------------------------------------------------------------
 
@@ -603,7 +527,9 @@ class KvmBackend:
     def hv_vm_space_destroy(self, asid: int) -> None:
         with self._lock:
             if asid == C.HV_VM_SPACE_DEFAULT:
-                raise _bad("hv_vm_space_destroy", "the default address space cannot be destroyed")
+                raise common.bad(
+                    "hv_vm_space_destroy", "the default address space cannot be destroyed"
+                )
             space = self._space(asid, "hv_vm_space_destroy")
             if any(v.space is space and not v.destroyed for v in self._vcpus.values()):
                 raise HvError(C.HV_BUSY, "hv_vm_space_destroy", f"a vCPU is in space {asid}")
@@ -714,7 +640,7 @@ class KvmBackend:
 
     def hv_vcpu_create(self, flags: int) -> int:
         if flags & ~(C.HV_VCPU_ACCEL_RDPMC | C.HV_VCPU_TSC_RELATIVE):
-            raise _bad("hv_vcpu_create", f"unknown flags 0x{flags:x}")
+            raise common.bad("hv_vcpu_create", f"unknown flags 0x{flags:x}")
         with self._lock:
             space = self._space0("hv_vcpu_create")
             vid = self._next_vcpu
@@ -854,16 +780,16 @@ class KvmBackend:
                 if xcrs.xcrs[i].xcr == 0:
                     return int(xcrs.xcrs[i].value)
             return 1
-        raise _bad("hv_vcpu_read_register", f"unknown register {reg}")
+        raise common.bad("hv_vcpu_read_register", f"unknown register {reg}")
 
     def hv_vcpu_write_register(self, vid: int, reg: int, value: int) -> None:
         vcpu = self._vcpus.get(vid)
         if vcpu is None or vcpu.destroyed or vcpu.owner != _get_ident():
             vcpu = self._vcpu(vid, "hv_vcpu_write_register")  # raises
         if not 0 <= reg < C.HV_X86_REGISTERS_MAX:
-            raise _bad("hv_vcpu_write_register", f"unknown register {reg}")
+            raise common.bad("hv_vcpu_write_register", f"unknown register {reg}")
         if not 0 <= value <= _MASK64:
-            raise _bad("hv_vcpu_write_register", f"value {value:#x} does not fit 64 bits")
+            raise common.bad("hv_vcpu_write_register", f"value {value:#x} does not fit 64 bits")
         name = _GPR_FIELDS.get(reg)
         if name is not None:
             state = vcpu.state
@@ -915,9 +841,11 @@ class KvmBackend:
             try:
                 ioctl(vcpu.fd, K.KVM_SET_XCRS, xcrs)
             except OSError as exc:
-                raise _bad("hv_vcpu_write_register", f"XCR0 {value:#x}: {exc.strerror}") from exc
+                raise common.bad(
+                    "hv_vcpu_write_register", f"XCR0 {value:#x}: {exc.strerror}"
+                ) from exc
             return
-        raise _bad("hv_vcpu_write_register", f"unknown register {reg}")
+        raise common.bad("hv_vcpu_write_register", f"unknown register {reg}")
 
     # --- fpstate ----------------------------------------------------------------------------------
 
@@ -925,9 +853,9 @@ class KvmBackend:
         try:
             view = memoryview(buffer).cast("B")
         except TypeError as exc:
-            raise _bad(call, f"buffer: {exc}") from exc
+            raise common.bad(call, f"buffer: {exc}") from exc
         if size < self._xsave_size or size > len(view):
-            raise _bad(
+            raise common.bad(
                 call,
                 f"fpstate needs {self._xsave_size} bytes, got size {size} "
                 f"with a buffer of {len(view)}",
@@ -938,7 +866,7 @@ class KvmBackend:
         vcpu = self._vcpu(vid, "hv_vcpu_read_fpstate")
         view = self._check_fp_buffer("hv_vcpu_read_fpstate", buffer, size)
         if view.readonly:
-            raise _bad("hv_vcpu_read_fpstate", "buffer is read-only")
+            raise common.bad("hv_vcpu_read_fpstate", "buffer is read-only")
         xsave = K.KvmXsave()
         ioctl(vcpu.fd, K.KVM_GET_XSAVE, xsave)
         count = min(size, ctypes.sizeof(xsave))
@@ -953,7 +881,9 @@ class KvmBackend:
         try:
             ioctl(vcpu.fd, K.KVM_SET_XSAVE, xsave)
         except OSError as exc:
-            raise _bad("hv_vcpu_write_fpstate", f"invalid XSAVE image: {exc.strerror}") from exc
+            raise common.bad(
+                "hv_vcpu_write_fpstate", f"invalid XSAVE image: {exc.strerror}"
+            ) from exc
 
     # --- MSRs -------------------------------------------------------------------------------------
 
@@ -961,7 +891,7 @@ class KvmBackend:
         msrs: Any = K.kvm_msrs(1)
         msrs.entries[0].index = index
         if ioctl(vcpu.fd, K.KVM_GET_MSRS, msrs) != 1:
-            raise _bad("hv_vcpu_read_msr", f"MSR 0x{index:x} is not readable")
+            raise common.bad("hv_vcpu_read_msr", f"MSR 0x{index:x} is not readable")
         return int(msrs.entries[0].data)
 
     def _set_msr(self, vcpu: _Vcpu, index: int, value: int) -> None:
@@ -969,7 +899,7 @@ class KvmBackend:
         msrs.entries[0].index = index
         msrs.entries[0].data = value
         if ioctl(vcpu.fd, K.KVM_SET_MSRS, msrs) != 1:
-            raise _bad("hv_vcpu_write_msr", f"MSR 0x{index:x} refused value 0x{value:x}")
+            raise common.bad("hv_vcpu_write_msr", f"MSR 0x{index:x} refused value 0x{value:x}")
 
     def _apply_pending_tsc(self, vcpu: _Vcpu) -> None:
         if vcpu.pending_tsc is not None:
@@ -985,8 +915,8 @@ class KvmBackend:
 
     def hv_vcpu_read_msr(self, vid: int, msr: int) -> int:
         vcpu = self._vcpu(vid, "hv_vcpu_read_msr")
-        if not 0 <= msr <= _MSR_LIMIT:
-            raise _bad("hv_vcpu_read_msr", f"MSR {msr:#x} out of range")
+        if not 0 <= msr <= common.MSR_LIMIT:
+            raise common.bad("hv_vcpu_read_msr", f"MSR {msr:#x} out of range")
         if msr in _SREGS_MSRS:
             sregs = self._get(vcpu, "sregs")
             return int(
@@ -1003,8 +933,8 @@ class KvmBackend:
 
     def hv_vcpu_write_msr(self, vid: int, msr: int, value: int) -> None:
         vcpu = self._vcpu(vid, "hv_vcpu_write_msr")
-        if not 0 <= msr <= _MSR_LIMIT or not 0 <= value < 1 << 64:
-            raise _bad("hv_vcpu_write_msr", f"MSR {msr:#x} / value out of range")
+        if not 0 <= msr <= common.MSR_LIMIT or not 0 <= value < 1 << 64:
+            raise common.bad("hv_vcpu_write_msr", f"MSR {msr:#x} / value out of range")
         if msr in _SREGS_MSRS:
             sregs = self._dirty(vcpu, "sregs")
             if msr == C.MSR_EFER:
@@ -1022,37 +952,19 @@ class KvmBackend:
 
     def hv_vcpu_enable_native_msr(self, vid: int, msr: int, enable: bool) -> None:
         vcpu = self._vcpu(vid, "hv_vcpu_enable_native_msr")
-        if not 0 <= msr <= _MSR_LIMIT:
-            raise _bad("hv_vcpu_enable_native_msr", f"MSR {msr:#x} out of range")
-        if enable:
-            vcpu.msr_perm[msr] = C.HV_MSR_READ | C.HV_MSR_WRITE
-        else:
-            vcpu.msr_perm.pop(msr, None)
+        vcpu.msr.enable_native(msr, enable)
         with self._lock:
             self._update_msr_filter(vcpu.space)
 
     def hv_vcpu_enable_managed_msr(self, vid: int, msr: int, enable: bool) -> None:
         vcpu = self._vcpu(vid, "hv_vcpu_enable_managed_msr")
-        if not 0 <= msr <= _MSR_LIMIT:
-            raise _bad("hv_vcpu_enable_managed_msr", f"MSR {msr:#x} out of range")
-        if enable:
-            vcpu.managed.add(msr)
-        else:
-            vcpu.managed.discard(msr)
-            vcpu.msr_perm.pop(msr, None)
+        vcpu.msr.enable_managed(msr, enable)
         with self._lock:
             self._update_msr_filter(vcpu.space)
 
     def hv_vcpu_set_msr_access(self, vid: int, msr: int, flags: int) -> None:
         vcpu = self._vcpu(vid, "hv_vcpu_set_msr_access")
-        if msr not in vcpu.managed:
-            raise _bad("hv_vcpu_set_msr_access", f"MSR {msr:#x} is not managed on this vCPU")
-        if flags & ~(C.HV_MSR_READ | C.HV_MSR_WRITE):
-            raise _bad("hv_vcpu_set_msr_access", f"unknown flags {flags:#x}")
-        if flags:
-            vcpu.msr_perm[msr] = flags
-        else:
-            vcpu.msr_perm.pop(msr, None)
+        vcpu.msr.set_access(msr, flags)
         with self._lock:
             self._update_msr_filter(vcpu.space)
 
@@ -1071,9 +983,9 @@ class KvmBackend:
                 bitmap = (ctypes.c_uint8 * (count // 8))()
                 any_set = False
                 if members:
-                    for msr in members[0].msr_perm:
+                    for msr in members[0].msr.access:
                         if base <= msr < base + count and all(
-                            v.msr_perm.get(msr, 0) & bit for v in members
+                            v.msr.access.get(msr, 0) & bit for v in members
                         ):
                             offset = msr - base
                             bitmap[offset // 8] |= 1 << (offset % 8)
@@ -1107,7 +1019,7 @@ class KvmBackend:
 
     def hv_vm_sync_tsc(self, tsc: int) -> None:
         if not 0 <= tsc < 1 << 64:
-            raise _bad("hv_vm_sync_tsc", "TSC value out of range")
+            raise common.bad("hv_vm_sync_tsc", "TSC value out of range")
         self._space0("hv_vm_sync_tsc")
         if not self._completes_before_exit("tsc"):
             raise HvError(
@@ -1156,19 +1068,12 @@ class KvmBackend:
                 lma = self._get(vcpu, "sregs").efer & C.EFER_LMA
                 value = value | C.VMENTRY_GUEST_IA32E if lma else value & ~C.VMENTRY_GUEST_IA32E
             return value
-        raise self._field_error("hv_vmx_vcpu_read_vmcs", field_)
-
-    @staticmethod
-    def _field_error(call: str, field_: int) -> HvError:
-        name = C.VMCS_FIELD_NAMES.get(field_)
-        if name is None:
-            return _bad(call, f"0x{field_:x} is not a VMCS field")
-        return HvError(C.HV_UNSUPPORTED, call, f"{name} is not available on the kvm backend")
+        raise common.field_error("hv_vmx_vcpu_read_vmcs", field_, "kvm")
 
     def hv_vmx_vcpu_write_vmcs(self, vid: int, field_: int, value: int) -> None:
         vcpu = self._vcpu(vid, "hv_vmx_vcpu_write_vmcs")
         if not 0 <= value < 1 << 64:
-            raise _bad("hv_vmx_vcpu_write_vmcs", "value out of range")
+            raise common.bad("hv_vmx_vcpu_write_vmcs", "value out of range")
         if field_ == C.GDBSTUB_VMCS_MMIO_DATA:
             vcpu.exit[field_] = value
             return
@@ -1181,10 +1086,10 @@ class KvmBackend:
             return
         if field_ == C.VMCS_GUEST_ACTIVITY_STATE:
             if value not in (0, 1, 2, 3):
-                raise _bad("hv_vmx_vcpu_write_vmcs", f"activity state {value}")
+                raise common.bad("hv_vmx_vcpu_write_vmcs", f"activity state {value}")
             vcpu.controls[field_] = value
             return
-        raise self._field_error("hv_vmx_vcpu_write_vmcs", field_)
+        raise common.field_error("hv_vmx_vcpu_write_vmcs", field_, "kvm")
 
     def _guest_field(self, vcpu: _Vcpu, field_: int, value: int | None) -> int | None:
         """Read (value None) or write a guest-state field kept in KVM state; None if not one."""
@@ -1240,7 +1145,7 @@ class KvmBackend:
         for vid in vids:
             vcpu = self._vcpus.get(vid)
             if vcpu is None or vcpu.destroyed:
-                raise _bad("hv_vcpu_interrupt", f"no vCPU {vid}")
+                raise common.bad("hv_vcpu_interrupt", f"no vCPU {vid}")
             targets.append(vcpu)
         for vcpu in targets:
             vcpu.kick.set()
@@ -1260,7 +1165,7 @@ class KvmBackend:
             self._run(vcpu, None, any_exit=False)
             return
         if not 0 <= deadline <= _FOREVER:
-            raise _bad("hv_vcpu_run_until", "deadline out of range")
+            raise common.bad("hv_vcpu_run_until", "deadline out of range")
         self._run(vcpu, None if deadline == _FOREVER else deadline, any_exit=False)
 
     def _set_exit(self, vcpu: _Vcpu, reason: int, **fields: int) -> None:
@@ -1481,25 +1386,10 @@ class KvmBackend:
         key = (sregs.cr0, sregs.cr3, sregs.cr4, page)
         gpa_page = vcpu.xlate_cache.get(key)
         if gpa_page is None:
-
-            class _Translation(ctypes.Structure):
-                _fields_ = [
-                    ("linear", ctypes.c_uint64),
-                    ("physical", ctypes.c_uint64),
-                    ("valid", ctypes.c_uint8),
-                    ("writeable", ctypes.c_uint8),
-                    ("usermode", ctypes.c_uint8),
-                    ("pad", ctypes.c_uint8 * 5),
-                ]
-
-            tr = _Translation(page)
-            try:
-                ioctl(vcpu.fd, 0xC018AE85, tr)  # KVM_TRANSLATE
-            except OSError:
+            gpa = self._translate(vcpu, page)
+            if gpa is None:
                 return None
-            if not tr.valid:
-                return None
-            gpa_page = int(tr.physical) & ~0xFFF
+            gpa_page = gpa & ~0xFFF
             vcpu.xlate_cache[key] = gpa_page
         host = self._host_address(vcpu.space, gpa_page | (linear & 0xFFF))
         return None if host is None else host[0]
@@ -1629,17 +1519,17 @@ class KvmBackend:
         dx = regs.rdx & 0xFFFF
 
         def matches(code: bytes) -> int:
-            length, op, operand = _decode_io(code)
-            if op is None or (op in _IN_OPCODES) != is_in_exit:
+            length, op, operand = common.decode_io(code)
+            if op is None or (op in common.IN_OPCODES) != is_in_exit:
                 return 0
-            return length if (operand if op in _IMM_OPCODES else dx) == port else 0
+            return length if (operand if op in common.IMM_OPCODES else dx) == port else 0
 
         rip, length, completed = self._locate_instruction(
             vcpu, matches, "in" if is_in_exit else "out", port << 1 | is_in_exit
         )
         back = (regs.rip - rip) & _MASK64
         code = self._read_linear(vcpu, (linear - back) & _MASK64, length)
-        _, op, _ = _decode_io(code)
+        _, op, _ = common.decode_io(code)
         qual = 0
         if op in (0x6C, 0x6D, 0x6E, 0x6F):
             qual |= C.EXIT_QUAL_IO_STRING
@@ -1782,7 +1672,7 @@ class KvmBackend:
         code = self._read_linear(vcpu, linear, 15)
         if not code:
             return self._fetch_violation(vcpu, linear)
-        prefixes = _PREFIXES | _REX if long64 else _PREFIXES
+        prefixes = common.PREFIXES | _REX if long64 else common.PREFIXES
         i = 0
         while i < len(code) - 1 and code[i] in prefixes:
             i += 1
@@ -1821,23 +1711,12 @@ class KvmBackend:
 
     def _translate(self, vcpu: _Vcpu, linear: int) -> int | None:
         """Guest-physical address of ``linear`` through KVM_TRANSLATE, None if not mapped."""
-
-        class _Translation(ctypes.Structure):
-            _fields_ = [
-                ("linear", ctypes.c_uint64),
-                ("physical", ctypes.c_uint64),
-                ("valid", ctypes.c_uint8),
-                ("writeable", ctypes.c_uint8),
-                ("usermode", ctypes.c_uint8),
-                ("pad", ctypes.c_uint8 * 5),
-            ]
-
-        tr = _Translation(linear)
+        translation = K.KvmTranslation(linear)
         try:
-            ioctl(vcpu.fd, 0xC018AE85, tr)  # KVM_TRANSLATE
+            ioctl(vcpu.fd, K.KVM_TRANSLATE, translation)
         except OSError:
             return None
-        return int(tr.physical) if tr.valid else None
+        return int(translation.physical_address) if translation.valid else None
 
     def _undefined_opcode(self, vcpu: _Vcpu) -> bool:
         """A VEX (AVX) instruction where the probe showed CPL0 AVX cannot run: #UD, as a CPU
@@ -1916,7 +1795,7 @@ class KvmBackend:
         reason = struct.unpack_from("<I", run, K.RUN_EXIT_REASON)[0]
         index = struct.unpack_from("<I", run, K.RUN_MSR_INDEX)[0]
         is_write = reason == K.KVM_EXIT_X86_WRMSR
-        allowed = vcpu.msr_perm.get(index, 0) & (C.HV_MSR_WRITE if is_write else C.HV_MSR_READ)
+        allowed = vcpu.msr.access.get(index, 0) & (C.HV_MSR_WRITE if is_write else C.HV_MSR_READ)
         if allowed:
             try:
                 if is_write:
@@ -1983,49 +1862,7 @@ _GET_REQUESTS = {
     "events": K.KVM_GET_VCPU_EVENTS,
 }
 
-_EXIT_FIELDS = frozenset(
-    {
-        C.VMCS_RO_INSTR_ERROR,
-        C.VMCS_RO_EXIT_REASON,
-        C.VMCS_RO_VMEXIT_IRQ_INFO,
-        C.VMCS_RO_VMEXIT_IRQ_ERROR,
-        C.VMCS_RO_IDT_VECTOR_INFO,
-        C.VMCS_RO_IDT_VECTOR_ERROR,
-        C.VMCS_RO_VMEXIT_INSTR_LEN,
-        C.VMCS_RO_VMX_INSTR_INFO,
-        C.VMCS_RO_EXIT_QUALIFIC,
-        C.VMCS_RO_IO_RCX,
-        C.VMCS_RO_IO_RSI,
-        C.VMCS_RO_IO_RDI,
-        C.VMCS_RO_IO_RIP,
-        C.VMCS_RO_GUEST_LIN_ADDR,
-        C.VMCS_GUEST_PHYSICAL_ADDRESS,
-        C.GDBSTUB_VMCS_MMIO_DATA,
-        C.GDBSTUB_VMCS_MMIO_SIZE,
-        C.GDBSTUB_VMCS_MMIO_DECODED,
-    }
-)
-
-
-_IN_OPCODES = frozenset({0xE4, 0xE5, 0xEC, 0xED, 0x6C, 0x6D})
-_IMM_OPCODES = frozenset({0xE4, 0xE5, 0xE6, 0xE7})
-_PREFIXES = frozenset({0x66, 0x67, 0xF2, 0xF3, 0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65})
 _REX = frozenset(range(0x40, 0x50))
-
-
-def _decode_io(code: bytes) -> tuple[int, int | None, int]:
-    """Decode an IN/OUT/INS/OUTS at the start of ``code``: (length, opcode or None, imm8)."""
-    i = 0
-    while i < min(len(code), 4) and (code[i] in _PREFIXES or 0x40 <= code[i] <= 0x4F):
-        i += 1
-    if i >= len(code):
-        return 0, None, 0
-    op = code[i]
-    if op in _IMM_OPCODES:
-        return (i + 2, op, code[i + 1]) if i + 1 < len(code) else (0, None, 0)
-    if op in (0xEC, 0xED, 0xEE, 0xEF, 0x6C, 0x6D, 0x6E, 0x6F):
-        return i + 1, op, 0
-    return 0, None, 0
 
 
 _EXIT_HANDLERS: dict[int, Callable[[KvmBackend, _Vcpu], bool]] = {

@@ -24,6 +24,7 @@ KVM_CREATE_VCPU = 0xAE41
 KVM_SET_USER_MEMORY_REGION = 0x4020AE46
 KVM_SET_TSS_ADDR = 0xAE47
 KVM_SET_IDENTITY_MAP_ADDR = 0x4008AE48
+KVM_TRANSLATE = 0xC018AE85
 KVM_RUN = 0xAE80
 KVM_GET_REGS = 0x8090AE81
 KVM_SET_REGS = 0x4090AE82
@@ -308,6 +309,19 @@ class KvmCpuid2(ctypes.Structure):
     ]
 
 
+class KvmTranslation(ctypes.Structure):
+    """``struct kvm_translation`` (24 bytes)."""
+
+    _fields_ = [
+        ("linear_address", c_u64),
+        ("physical_address", c_u64),
+        ("valid", c_u8),
+        ("writeable", c_u8),
+        ("usermode", c_u8),
+        ("pad", c_u8 * 5),
+    ]
+
+
 class KvmGuestDebug(ctypes.Structure):
     """``struct kvm_guest_debug`` (72 bytes)."""
 
@@ -398,6 +412,7 @@ STRUCT_SIZES: dict[type[ctypes.Structure], int] = {
     KvmXsave: 4096,
     KvmMsrEntry: 16,
     KvmCpuidEntry2: 40,
+    KvmTranslation: 24,
     KvmGuestDebug: 72,
     KvmUserspaceMemoryRegion: 32,
     KvmMsrFilterRange: 24,

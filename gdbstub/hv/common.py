@@ -1,0 +1,204 @@
+"""Bookkeeping the KVM and emu backends share: what the framework checks and keeps for them.
+
+On the real framework the kernel validates map ranges, keeps the guest-physical map and the
+MSR permissions; the backends that build the framework themselves keep them here, once:
+
+* ``bad`` / ``field_error``: the HvError for bad arguments and unknown or unsupported fields;
+* ``new_region``, ``add_region``, ``split_regions``, ``region_at``: one address space's list
+  of mapped regions (page-aligned, not overlapping, sorted); a failed call leaves it untouched;
+* ``MsrPermissions``: native, managed and per-access MSR permissions of one vCPU;
+* ``decode_io``: the length and form of an IN/OUT/INS/OUTS, for the I/O exit contract.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from ..buffers import Buffer, buffer_address
+from . import constants as C
+from .errors import HvError
+
+PAGE = 4096
+MSR_LIMIT = 0xFFFFFFFF
+_MEMORY_FLAGS = C.HV_MEMORY_READ | C.HV_MEMORY_WRITE | C.HV_MEMORY_EXEC | C.HV_MEMORY_UEXEC
+
+
+def bad(call: str, detail: str) -> HvError:
+    """HV_BAD_ARGUMENT for ``call``."""
+    return HvError(C.HV_BAD_ARGUMENT, call, detail)
+
+
+def field_error(call: str, field_: int, backend: str) -> HvError:
+    """HV_BAD_ARGUMENT for a number that is no VMCS field, HV_UNSUPPORTED for a known field the
+    backend does not provide (naming it)."""
+    name = C.VMCS_FIELD_NAMES.get(field_)
+    if name is None:
+        return bad(call, f"0x{field_:x} is not a VMCS field")
+    return HvError(C.HV_UNSUPPORTED, call, f"{name} is not available on the {backend} backend")
+
+
+# --- guest-physical map ------------------------------------------------------------------------
+
+
+@dataclass
+class Region:
+    """One mapped range of a guest-physical address space."""
+
+    gpa: int
+    size: int
+    uva: int
+    flags: int
+    keep: object = None
+
+
+def check_range(call: str, gpa: int, size: int, flags: int) -> None:
+    """Page-aligned, in range, known memory flags; else HV_BAD_ARGUMENT."""
+    if size <= 0 or size % PAGE or gpa < 0 or gpa % PAGE or gpa + size > 1 << 52:
+        raise bad(call, f"range 0x{gpa:x}+0x{size:x} is not page-aligned or out of range")
+    if flags & ~_MEMORY_FLAGS:
+        raise bad(call, f"unknown memory flags 0x{flags:x}")
+
+
+def new_region(call: str, uva: Buffer | int, gpa: int, size: int, flags: int) -> Region:
+    """A validated region for ``hv_vm_map``: ``uva`` is a page-aligned address or a writable,
+    page-aligned buffer of at least ``size`` bytes (kept alive by the region)."""
+    check_range(call, gpa, size, flags)
+    if isinstance(uva, int):
+        if uva <= 0 or uva % PAGE:
+            raise bad(call, f"host address 0x{uva:x} is not page-aligned")
+        return Region(gpa, size, uva, flags)
+    try:
+        address, length = buffer_address(uva)
+    except (TypeError, ValueError) as exc:
+        raise bad(call, f"host memory: {exc}") from exc
+    if address % PAGE:
+        raise bad(call, "host memory is not page-aligned (use hv_vm_allocate)")
+    if length < size:
+        raise bad(call, f"host memory holds 0x{length:x} bytes, map wants 0x{size:x}")
+    return Region(gpa, size, address, flags, uva)
+
+
+def add_region(regions: list[Region], call: str, region: Region) -> None:
+    """Insert ``region`` (sorted); HV_BAD_ARGUMENT if it overlaps a mapping."""
+    for other in regions:
+        if region.gpa < other.gpa + other.size and other.gpa < region.gpa + region.size:
+            raise bad(
+                call, f"0x{region.gpa:x}+0x{region.size:x} overlaps a mapping at 0x{other.gpa:x}"
+            )
+    regions.append(region)
+    regions.sort(key=lambda r: r.gpa)
+
+
+def split_regions(
+    regions: list[Region], call: str, gpa: int, size: int, flags: int = 0
+) -> tuple[list[Region], list[Region]]:
+    """``(all regions cut at gpa and gpa+size, the ones inside)``, without changing
+    ``regions``; HV_BAD_ARGUMENT unless ``[gpa, gpa+size)`` is entirely mapped."""
+    check_range(call, gpa, size, flags)
+    end = gpa + size
+    pieces: list[Region] = []
+    for region in regions:
+        top = region.gpa + region.size
+        cuts = sorted({region.gpa, top} | {c for c in (gpa, end) if region.gpa < c < top})
+        for lo, hi in itertools.pairwise(cuts):
+            pieces.append(
+                Region(lo, hi - lo, region.uva + (lo - region.gpa), region.flags, region.keep)
+            )
+    inside = [r for r in pieces if r.gpa >= gpa and r.gpa + r.size <= end]
+    if sum(r.size for r in inside) != size:
+        raise bad(call, f"0x{gpa:x}+0x{size:x} is not entirely mapped")
+    return pieces, inside
+
+
+def unmap_regions(regions: list[Region], call: str, gpa: int, size: int) -> None:
+    """``hv_vm_unmap`` on the list (unchanged on error)."""
+    pieces, inside = split_regions(regions, call, gpa, size)
+    regions[:] = [r for r in pieces if r not in inside]
+
+
+def protect_regions(regions: list[Region], call: str, gpa: int, size: int, flags: int) -> None:
+    """``hv_vm_protect`` on the list (unchanged on error)."""
+    pieces, inside = split_regions(regions, call, gpa, size, flags)
+    for region in inside:
+        region.flags = flags
+    regions[:] = pieces
+
+
+def region_at(regions: list[Region], gpa: int) -> Region | None:
+    """The region holding ``gpa``, if any."""
+    for region in regions:
+        if region.gpa <= gpa < region.gpa + region.size:
+            return region
+    return None
+
+
+# --- MSR permissions -----------------------------------------------------------------------------
+
+
+@dataclass
+class MsrPermissions:
+    """What the guest may do natively with each MSR, as the framework keeps it per vCPU."""
+
+    access: dict[int, int] = field(default_factory=dict)  # msr -> HV_MSR_READ | HV_MSR_WRITE
+    managed: set[int] = field(default_factory=set)
+
+    def allows(self, msr: int, flag: int) -> bool:
+        """Whether the guest may do ``flag`` (HV_MSR_READ/WRITE) on ``msr`` without an exit."""
+        return bool(self.access.get(msr, 0) & flag)
+
+    def enable_native(self, msr: int, enable: bool) -> None:
+        """``hv_vcpu_enable_native_msr``."""
+        _check_msr("hv_vcpu_enable_native_msr", msr)
+        if enable:
+            self.access[msr] = C.HV_MSR_READ | C.HV_MSR_WRITE
+        else:
+            self.access.pop(msr, None)
+
+    def enable_managed(self, msr: int, enable: bool) -> None:
+        """``hv_vcpu_enable_managed_msr``: unbinding also takes the guest's access away."""
+        _check_msr("hv_vcpu_enable_managed_msr", msr)
+        if enable:
+            self.managed.add(msr)
+        else:
+            self.managed.discard(msr)
+            self.access.pop(msr, None)
+
+    def set_access(self, msr: int, flags: int) -> None:
+        """``hv_vcpu_set_msr_access`` on a managed MSR."""
+        if msr not in self.managed:
+            raise bad("hv_vcpu_set_msr_access", f"MSR {msr:#x} is not managed on this vCPU")
+        if flags & ~(C.HV_MSR_READ | C.HV_MSR_WRITE):
+            raise bad("hv_vcpu_set_msr_access", f"unknown flags {flags:#x}")
+        if flags:
+            self.access[msr] = flags
+        else:
+            self.access.pop(msr, None)
+
+
+def _check_msr(call: str, msr: int) -> None:
+    if not 0 <= msr <= MSR_LIMIT:
+        raise bad(call, f"MSR {msr:#x} out of range")
+
+
+# --- I/O instructions ----------------------------------------------------------------------------
+
+IN_OPCODES = frozenset({0xE4, 0xE5, 0xEC, 0xED, 0x6C, 0x6D})
+IMM_OPCODES = frozenset({0xE4, 0xE5, 0xE6, 0xE7})
+STRING_OPCODES = frozenset({0x6C, 0x6D, 0x6E, 0x6F})
+PREFIXES = frozenset({0x66, 0x67, 0xF2, 0xF3, 0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65})
+
+
+def decode_io(code: bytes) -> tuple[int, int | None, int]:
+    """Decode an IN/OUT/INS/OUTS at the start of ``code``: (length, opcode or None, imm8)."""
+    i = 0
+    while i < min(len(code), 4) and (code[i] in PREFIXES or 0x40 <= code[i] <= 0x4F):
+        i += 1
+    if i >= len(code):
+        return 0, None, 0
+    op = code[i]
+    if op in IMM_OPCODES:
+        return (i + 2, op, code[i + 1]) if i + 1 < len(code) else (0, None, 0)
+    if op in (0xEC, 0xED, 0xEE, 0xEF) or op in STRING_OPCODES:
+        return i + 1, op, 0
+    return 0, None, 0

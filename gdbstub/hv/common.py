@@ -7,13 +7,17 @@ MSR permissions; the backends that build the framework themselves keep them here
 * ``new_region``, ``add_region``, ``split_regions``, ``region_at``: one address space's list
   of mapped regions (page-aligned, not overlapping, sorted); a failed call leaves it untouched;
 * ``MsrPermissions``: native, managed and per-access MSR permissions of one vCPU;
-* ``decode_io``: the length and form of an IN/OUT/INS/OUTS, for the I/O exit contract.
+* ``decode_io``: the length and form of an IN/OUT/INS/OUTS, for the I/O exit contract;
+* ``FrameworkBooks``: the base of those backends: spaces, vCPUs and owner threads, and the
+  calls that only touch the books (map/unmap/protect, MSR permissions, destroy).
 """
 
 from __future__ import annotations
 
 import itertools
+import threading
 from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
 
 from ..buffers import Buffer, buffer_address
 from . import constants as C
@@ -202,3 +206,162 @@ def decode_io(code: bytes) -> tuple[int, int | None, int]:
     if op in (0xEC, 0xED, 0xEE, 0xEF) or op in STRING_OPCODES:
         return i + 1, op, 0
     return 0, None, 0
+
+
+# --- the VM-wide books ---------------------------------------------------------------------------
+
+
+class SpaceRecord(Protocol):
+    """What the books need of a backend's address space."""
+
+    regions: list[Region]
+
+
+class VcpuRecord(Protocol):
+    """What the books need of a backend's vCPU."""
+
+    owner: int
+    msr: MsrPermissions
+
+    @property
+    def destroyed(self) -> bool: ...
+
+    @property
+    def space(self) -> object: ...
+
+
+SpaceT = TypeVar("SpaceT", bound=SpaceRecord)
+VcpuT = TypeVar("VcpuT", bound=VcpuRecord)
+
+
+class FrameworkBooks(Generic[SpaceT, VcpuT]):
+    """What the framework's kernel keeps for a VM, for backends that build the framework:
+    address spaces and their guest-physical maps, vCPUs with their owner threads and MSR
+    permissions, and the calls that only touch those books. A backend sets ``_spaces``,
+    ``_vcpus``, ``_lock`` and ``_capabilities`` and implements the three hooks."""
+
+    _spaces: dict[int, SpaceT]
+    _vcpus: dict[int, VcpuT]
+    _lock: threading.RLock
+    _capabilities: dict[int, int]
+
+    # --- hooks -------------------------------------------------------------------------------
+
+    def _sync_map(self, space: SpaceT, call: str) -> None:
+        """Make the backend's memory match ``space.regions`` (under ``_lock``)."""
+        raise NotImplementedError
+
+    def _msr_changed(self, vcpu: VcpuT) -> None:
+        """``vcpu.msr`` changed (the backend may have a filter to update)."""
+
+    def _close_space(self, space: SpaceT) -> None:
+        """Release the backend's resources of a destroyed space (under ``_lock``)."""
+
+    # --- lookups -----------------------------------------------------------------------------
+
+    def _space0(self, call: str) -> SpaceT:
+        space = self._spaces.get(0)
+        if space is None:
+            raise HvError(C.HV_ERROR, call, "no VM: call hv_vm_create first")
+        return space
+
+    def _space(self, asid: int, call: str) -> SpaceT:
+        self._space0(call)
+        space = self._spaces.get(asid)
+        if space is None:
+            raise bad(call, f"unknown address space {asid}")
+        return space
+
+    def _vcpu(self, vid: int, call: str) -> VcpuT:
+        """The vCPU ``vid`` if it exists and the calling thread owns it (HV_BAD_ARGUMENT)."""
+        vcpu = self._vcpus.get(vid)
+        if vcpu is None or vcpu.destroyed:
+            raise bad(call, f"no vCPU {vid}")
+        if vcpu.owner != threading.get_ident():
+            raise bad(call, f"vCPU {vid} belongs to another thread")
+        return vcpu
+
+    # --- VM and memory -----------------------------------------------------------------------
+
+    def hv_vm_destroy(self) -> None:
+        with self._lock:
+            self._space0("hv_vm_destroy")
+            if any(not v.destroyed for v in self._vcpus.values()):
+                raise HvError(C.HV_BUSY, "hv_vm_destroy", "vCPUs still exist")
+            for space in self._spaces.values():
+                self._close_space(space)
+            self._spaces.clear()
+            self._vcpus.clear()
+
+    def hv_vm_space_destroy(self, asid: int) -> None:
+        with self._lock:
+            if asid == C.HV_VM_SPACE_DEFAULT:
+                raise bad("hv_vm_space_destroy", "the default address space cannot be destroyed")
+            space = self._space(asid, "hv_vm_space_destroy")
+            if any(v.space is space and not v.destroyed for v in self._vcpus.values()):
+                raise HvError(C.HV_BUSY, "hv_vm_space_destroy", f"a vCPU is in space {asid}")
+            self._close_space(space)
+            del self._spaces[asid]
+
+    def hv_vm_map(self, uva: Buffer | int, gpa: int, size: int, flags: int) -> None:
+        self.hv_vm_map_space(0, uva, gpa, size, flags, call="hv_vm_map")
+
+    def hv_vm_unmap(self, gpa: int, size: int) -> None:
+        self.hv_vm_unmap_space(0, gpa, size, call="hv_vm_unmap")
+
+    def hv_vm_protect(self, gpa: int, size: int, flags: int) -> None:
+        self.hv_vm_protect_space(0, gpa, size, flags, call="hv_vm_protect")
+
+    def hv_vm_map_space(
+        self,
+        asid: int,
+        uva: Buffer | int,
+        gpa: int,
+        size: int,
+        flags: int,
+        call: str = "hv_vm_map_space",
+    ) -> None:
+        region = new_region(call, uva, gpa, size, flags)
+        with self._lock:
+            space = self._space(asid, call)
+            add_region(space.regions, call, region)
+            self._sync_map(space, call)
+
+    def hv_vm_unmap_space(
+        self, asid: int, gpa: int, size: int, call: str = "hv_vm_unmap_space"
+    ) -> None:
+        with self._lock:
+            space = self._space(asid, call)
+            unmap_regions(space.regions, call, gpa, size)
+            self._sync_map(space, call)
+
+    def hv_vm_protect_space(
+        self, asid: int, gpa: int, size: int, flags: int, call: str = "hv_vm_protect_space"
+    ) -> None:
+        with self._lock:
+            space = self._space(asid, call)
+            protect_regions(space.regions, call, gpa, size, flags)
+            self._sync_map(space, call)
+
+    # --- MSR permissions and capabilities ----------------------------------------------------
+
+    def hv_vcpu_enable_native_msr(self, vid: int, msr: int, enable: bool) -> None:
+        vcpu = self._vcpu(vid, "hv_vcpu_enable_native_msr")
+        vcpu.msr.enable_native(msr, enable)
+        self._msr_changed(vcpu)
+
+    def hv_vcpu_enable_managed_msr(self, vid: int, msr: int, enable: bool) -> None:
+        vcpu = self._vcpu(vid, "hv_vcpu_enable_managed_msr")
+        vcpu.msr.enable_managed(msr, enable)
+        self._msr_changed(vcpu)
+
+    def hv_vcpu_set_msr_access(self, vid: int, msr: int, flags: int) -> None:
+        vcpu = self._vcpu(vid, "hv_vcpu_set_msr_access")
+        vcpu.msr.set_access(msr, flags)
+        self._msr_changed(vcpu)
+
+    def hv_vmx_read_capability(self, field_: int) -> int:
+        value = self._capabilities.get(field_)
+        if value is None:
+            raise HvError(C.HV_UNSUPPORTED, "hv_vmx_read_capability", f"capability {field_}")
+        return value

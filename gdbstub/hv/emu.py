@@ -378,10 +378,11 @@ class _Vcpu:
         self.stepping = False
 
 
-class EmuBackend:
+class EmuBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
     """``gdbstub.hv`` on unicorn (see the module docstring)."""
 
     name = "emu"
+    _capabilities = _CAPABILITIES
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
@@ -414,27 +415,6 @@ class EmuBackend:
 
     # --- lookup helpers --------------------------------------------------------------------------
 
-    def _space0(self, call: str) -> _Space:
-        space = self._spaces.get(0)
-        if space is None:
-            raise HvError(C.HV_ERROR, call, "no VM: call hv_vm_create first")
-        return space
-
-    def _space(self, asid: int, call: str) -> _Space:
-        self._space0(call)
-        space = self._spaces.get(asid)
-        if space is None:
-            raise common.bad(call, f"unknown address space {asid}")
-        return space
-
-    def _vcpu(self, vid: int, call: str) -> _Vcpu:
-        vcpu = self._vcpus.get(vid)
-        if vcpu is None or vcpu.destroyed:
-            raise common.bad(call, f"no vCPU {vid}")
-        if vcpu.owner != threading.get_ident():
-            raise common.bad(call, f"vCPU {vid} belongs to another thread")
-        return vcpu
-
     # --- VM --------------------------------------------------------------------------------------
 
     def hv_capability(self, cap: int) -> int:
@@ -454,57 +434,9 @@ class EmuBackend:
             self._next_vcpu = 0
             self._next_space = 1
 
-    def hv_vm_destroy(self) -> None:
-        with self._lock:
-            self._space0("hv_vm_destroy")
-            if any(not v.destroyed for v in self._vcpus.values()):
-                raise HvError(C.HV_BUSY, "hv_vm_destroy", "vCPUs still exist")
-            self._spaces.clear()
-            self._vcpus.clear()
-
     # --- memory ----------------------------------------------------------------------------------
 
-    def hv_vm_map(self, uva: Buffer | int, gpa: int, size: int, flags: int) -> None:
-        self.hv_vm_map_space(0, uva, gpa, size, flags, call="hv_vm_map")
-
-    def hv_vm_unmap(self, gpa: int, size: int) -> None:
-        self.hv_vm_unmap_space(0, gpa, size, call="hv_vm_unmap")
-
-    def hv_vm_protect(self, gpa: int, size: int, flags: int) -> None:
-        self.hv_vm_protect_space(0, gpa, size, flags, call="hv_vm_protect")
-
-    def hv_vm_map_space(
-        self,
-        asid: int,
-        uva: Buffer | int,
-        gpa: int,
-        size: int,
-        flags: int,
-        call: str = "hv_vm_map_space",
-    ) -> None:
-        region = common.new_region(call, uva, gpa, size, flags)
-        with self._lock:
-            space = self._space(asid, call)
-            common.add_region(space.regions, call, region)
-            self._sync_space(space)
-
-    def hv_vm_unmap_space(
-        self, asid: int, gpa: int, size: int, call: str = "hv_vm_unmap_space"
-    ) -> None:
-        with self._lock:
-            space = self._space(asid, call)
-            common.unmap_regions(space.regions, call, gpa, size)
-            self._sync_space(space)
-
-    def hv_vm_protect_space(
-        self, asid: int, gpa: int, size: int, flags: int, call: str = "hv_vm_protect_space"
-    ) -> None:
-        with self._lock:
-            space = self._space(asid, call)
-            common.protect_regions(space.regions, call, gpa, size, flags)
-            self._sync_space(space)
-
-    def _sync_space(self, space: _Space) -> None:
+    def _sync_map(self, space: _Space, call: str = "") -> None:
         for vcpu in self._vcpus.values():
             if vcpu.space is space and not vcpu.destroyed:
                 vcpu.uc_dirty_memory = True  # type: ignore[attr-defined]
@@ -656,17 +588,6 @@ class EmuBackend:
             self._next_space += 1
             self._spaces[asid] = _Space(asid)
             return asid
-
-    def hv_vm_space_destroy(self, asid: int) -> None:
-        with self._lock:
-            if asid == C.HV_VM_SPACE_DEFAULT:
-                raise common.bad(
-                    "hv_vm_space_destroy", "the default address space cannot be destroyed"
-                )
-            space = self._space(asid, "hv_vm_space_destroy")
-            if any(v.space is space and not v.destroyed for v in self._vcpus.values()):
-                raise HvError(C.HV_BUSY, "hv_vm_space_destroy", f"a vCPU is in space {asid}")
-            del self._spaces[asid]
 
     def hv_vcpu_set_space(self, vid: int, asid: int) -> None:
         vcpu = self._vcpu(vid, "hv_vcpu_set_space")
@@ -1091,18 +1012,6 @@ class EmuBackend:
             raise common.bad("hv_vcpu_write_msr", f"MSR {msr:#x} is not implemented")
         self._set_msr(vcpu, msr, value)
 
-    def hv_vcpu_enable_native_msr(self, vid: int, msr: int, enable: bool) -> None:
-        vcpu = self._vcpu(vid, "hv_vcpu_enable_native_msr")
-        vcpu.msr.enable_native(msr, enable)
-
-    def hv_vcpu_enable_managed_msr(self, vid: int, msr: int, enable: bool) -> None:
-        vcpu = self._vcpu(vid, "hv_vcpu_enable_managed_msr")
-        vcpu.msr.enable_managed(msr, enable)
-
-    def hv_vcpu_set_msr_access(self, vid: int, msr: int, flags: int) -> None:
-        vcpu = self._vcpu(vid, "hv_vcpu_set_msr_access")
-        vcpu.msr.set_access(msr, flags)
-
     # --- TSC and time ----------------------------------------------------------------------------
 
     def hv_vm_sync_tsc(self, tsc: int) -> None:
@@ -1123,12 +1032,6 @@ class EmuBackend:
 
     def mach_timebase_info(self) -> tuple[int, int]:
         return (1, 1)
-
-    def hv_vmx_read_capability(self, field_: int) -> int:
-        value = _CAPABILITIES.get(field_)
-        if value is None:
-            raise HvError(C.HV_UNSUPPORTED, "hv_vmx_read_capability", f"capability {field_}")
-        return value
 
     # --- VMCS ------------------------------------------------------------------------------------
 

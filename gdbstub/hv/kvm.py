@@ -297,10 +297,11 @@ class _Vcpu:
         self.run_address = 0
 
 
-class KvmBackend:
+class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
     """``gdbstub.hv`` on /dev/kvm (see the module docstring)."""
 
     name = "kvm"
+    _capabilities = _CAPABILITIES
 
     def __init__(self) -> None:
         try:
@@ -350,27 +351,6 @@ class KvmBackend:
             return []
         return [int(lst.indices[i]) for i in range(lst.nmsrs)]
 
-    def _space0(self, call: str) -> _Space:
-        space = self._spaces.get(0)
-        if space is None:
-            raise HvError(C.HV_ERROR, call, "no VM: call hv_vm_create first")
-        return space
-
-    def _space(self, asid: int, call: str) -> _Space:
-        self._space0(call)
-        space = self._spaces.get(asid)
-        if space is None:
-            raise common.bad(call, f"unknown address space {asid}")
-        return space
-
-    def _vcpu(self, vid: int, call: str) -> _Vcpu:
-        vcpu = self._vcpus.get(vid)
-        if vcpu is None or vcpu.destroyed:
-            raise common.bad(call, f"no vCPU {vid}")
-        if vcpu.owner != _get_ident():
-            raise common.bad(call, f"vCPU {vid} belongs to another thread")
-        return vcpu
-
     def _new_vm(self) -> int:
         vm_fd = ioctl(self._kvm, K.KVM_CREATE_VM, 0)
         try:
@@ -407,59 +387,9 @@ class KvmBackend:
             self._next_vcpu = 0
             self._next_space = 1
 
-    def hv_vm_destroy(self) -> None:
-        with self._lock:
-            self._space0("hv_vm_destroy")
-            if any(not v.destroyed for v in self._vcpus.values()):
-                raise HvError(C.HV_BUSY, "hv_vm_destroy", "vCPUs still exist")
-            for space in self._spaces.values():
-                self._close_space(space)
-            self._spaces.clear()
-            self._vcpus.clear()
-
     # --- memory ----------------------------------------------------------------------------------
 
-    def hv_vm_map(self, uva: Buffer | int, gpa: int, size: int, flags: int) -> None:
-        self.hv_vm_map_space(0, uva, gpa, size, flags, call="hv_vm_map")
-
-    def hv_vm_unmap(self, gpa: int, size: int) -> None:
-        self.hv_vm_unmap_space(0, gpa, size, call="hv_vm_unmap")
-
-    def hv_vm_protect(self, gpa: int, size: int, flags: int) -> None:
-        self.hv_vm_protect_space(0, gpa, size, flags, call="hv_vm_protect")
-
-    def hv_vm_map_space(
-        self,
-        asid: int,
-        uva: Buffer | int,
-        gpa: int,
-        size: int,
-        flags: int,
-        call: str = "hv_vm_map_space",
-    ) -> None:
-        region = common.new_region(call, uva, gpa, size, flags)
-        with self._lock:
-            space = self._space(asid, call)
-            common.add_region(space.regions, call, region)
-            self._sync_slots(space, call)
-
-    def hv_vm_unmap_space(
-        self, asid: int, gpa: int, size: int, call: str = "hv_vm_unmap_space"
-    ) -> None:
-        with self._lock:
-            space = self._space(asid, call)
-            common.unmap_regions(space.regions, call, gpa, size)
-            self._sync_slots(space, call)
-
-    def hv_vm_protect_space(
-        self, asid: int, gpa: int, size: int, flags: int, call: str = "hv_vm_protect_space"
-    ) -> None:
-        with self._lock:
-            space = self._space(asid, call)
-            common.protect_regions(space.regions, call, gpa, size, flags)
-            self._sync_slots(space, call)
-
-    def _sync_slots(self, space: _Space, call: str) -> None:
+    def _sync_map(self, space: _Space, call: str) -> None:
         """Make KVM's memory slots match the region list (merge, then diff)."""
         wanted: list[tuple[int, int, int, int]] = []
         for region in space.regions:
@@ -524,20 +454,11 @@ class KvmBackend:
             self._update_msr_filter(self._spaces[asid])
             return asid
 
-    def hv_vm_space_destroy(self, asid: int) -> None:
+    def _msr_changed(self, vcpu: _Vcpu) -> None:
         with self._lock:
-            if asid == C.HV_VM_SPACE_DEFAULT:
-                raise common.bad(
-                    "hv_vm_space_destroy", "the default address space cannot be destroyed"
-                )
-            space = self._space(asid, "hv_vm_space_destroy")
-            if any(v.space is space and not v.destroyed for v in self._vcpus.values()):
-                raise HvError(C.HV_BUSY, "hv_vm_space_destroy", f"a vCPU is in space {asid}")
-            self._close_space(space)
-            del self._spaces[asid]
+            self._update_msr_filter(vcpu.space)
 
-    @staticmethod
-    def _close_space(space: _Space) -> None:
+    def _close_space(self, space: _Space) -> None:
         for fd, run in space.parked.values():
             run.close()
             os.close(fd)
@@ -950,24 +871,6 @@ class KvmBackend:
             vcpu.pending_tsc = None
         self._set_msr(vcpu, msr, value)
 
-    def hv_vcpu_enable_native_msr(self, vid: int, msr: int, enable: bool) -> None:
-        vcpu = self._vcpu(vid, "hv_vcpu_enable_native_msr")
-        vcpu.msr.enable_native(msr, enable)
-        with self._lock:
-            self._update_msr_filter(vcpu.space)
-
-    def hv_vcpu_enable_managed_msr(self, vid: int, msr: int, enable: bool) -> None:
-        vcpu = self._vcpu(vid, "hv_vcpu_enable_managed_msr")
-        vcpu.msr.enable_managed(msr, enable)
-        with self._lock:
-            self._update_msr_filter(vcpu.space)
-
-    def hv_vcpu_set_msr_access(self, vid: int, msr: int, flags: int) -> None:
-        vcpu = self._vcpu(vid, "hv_vcpu_set_msr_access")
-        vcpu.msr.set_access(msr, flags)
-        with self._lock:
-            self._update_msr_filter(vcpu.space)
-
     def _update_msr_filter(self, space: _Space) -> None:
         """Allow natively only what every vCPU of the space may access; deny the rest."""
         members = [v for v in self._vcpus.values() if v.space is space and not v.destroyed]
@@ -1041,12 +944,6 @@ class KvmBackend:
 
     def mach_timebase_info(self) -> tuple[int, int]:
         return (1, 1)
-
-    def hv_vmx_read_capability(self, field_: int) -> int:
-        value = _CAPABILITIES.get(field_)
-        if value is None:
-            raise HvError(C.HV_UNSUPPORTED, "hv_vmx_read_capability", f"capability {field_}")
-        return value
 
     # --- VMCS -------------------------------------------------------------------------------------
 

@@ -365,3 +365,43 @@ class FrameworkBooks(Generic[SpaceT, VcpuT]):
         if value is None:
             raise HvError(C.HV_UNSUPPORTED, "hv_vmx_read_capability", f"capability {field_}")
         return value
+
+
+# --- VMX capabilities -----------------------------------------------------------------------
+# Capability images (low 32 bits: must be one; high 32 bits: may be one) of the controls these
+# backends implement. Default-one bits follow the Intel SDM; I/O always exits. A new vCPU starts
+# with the must-be-one values, as a VMM that combines its wishes by cap2ctrl expects.
+
+PIN_MUST = 0x16 | C.PIN_BASED_INTR | C.PIN_BASED_NMI
+PROC_MUST = 0x0401E172 | C.CPU_BASED_UNCOND_IO | C.CPU_BASED_SECONDARY_CTLS
+PROC2_MUST = C.CPU_BASED2_EPT | C.CPU_BASED2_UNRESTRICTED
+ENTRY_MUST = 0x11FF
+EXIT_MUST = 0x36DFF
+
+
+def vmx_capabilities(proc2_extra: int = 0) -> dict[int, int]:
+    """The ``hv_vmx_read_capability`` table; ``proc2_extra``: secondary controls the backend
+    also allows."""
+    pin_may = PIN_MUST | C.PIN_BASED_VIRTUAL_NMI | C.PIN_BASED_PREEMPTION_TIMER
+    proc_may = PROC_MUST | C.CPU_BASED_IRQ_WND | C.CPU_BASED_HLT | C.CPU_BASED_MTF
+    proc2_may = PROC2_MUST | C.CPU_BASED2_RDTSCP | proc2_extra
+    entry_may = ENTRY_MUST | C.VMENTRY_GUEST_IA32E | C.VMENTRY_LOAD_EFER | C.VMENTRY_LOAD_IA32_PAT
+    exit_may = EXIT_MUST | C.VMEXIT_SAVE_EFER | C.VMEXIT_LOAD_EFER | C.VMEXIT_SAVE_IA32_PAT
+    pin, proc = PIN_MUST | pin_may << 32, PROC_MUST | proc_may << 32
+    entry, exit_ = ENTRY_MUST | entry_may << 32, EXIT_MUST | exit_may << 32
+    return {
+        C.HV_VMX_CAP_PINBASED: pin,
+        C.HV_VMX_CAP_PROCBASED: proc,
+        C.HV_VMX_CAP_PROCBASED2: PROC2_MUST | proc2_may << 32,
+        C.HV_VMX_CAP_ENTRY: entry,
+        C.HV_VMX_CAP_EXIT: exit_,
+        C.HV_VMX_CAP_TRUE_PINBASED: pin,
+        C.HV_VMX_CAP_TRUE_PROCBASED: proc,
+        C.HV_VMX_CAP_TRUE_ENTRY: entry,
+        C.HV_VMX_CAP_TRUE_EXIT: exit_,
+        C.HV_VMX_CAP_PREEMPTION_TIMER: 5,
+        C.HV_VMX_CAP_CR0_FIXED0: 0x80000021,
+        C.HV_VMX_CAP_CR0_FIXED1: 0xFFFFFFFF,
+        C.HV_VMX_CAP_CR4_FIXED0: 0x2000,
+        C.HV_VMX_CAP_CR4_FIXED1: 0x1767FF,
+    }

@@ -126,35 +126,6 @@ _SELECTOR_REGS = {
     C.HV_X86_TR: "tr",
 }
 
-# VMX capability images (low 32 bits: must be one; high 32 bits: may be one) of what this
-# backend implements. Default-one bits follow the Intel SDM; I/O always exits on KVM.
-_PIN_MUST = 0x16 | C.PIN_BASED_INTR | C.PIN_BASED_NMI
-_PIN_MAY = _PIN_MUST | C.PIN_BASED_VIRTUAL_NMI | C.PIN_BASED_PREEMPTION_TIMER
-_PROC_MUST = 0x0401E172 | C.CPU_BASED_UNCOND_IO | C.CPU_BASED_SECONDARY_CTLS
-_PROC_MAY = _PROC_MUST | C.CPU_BASED_IRQ_WND | C.CPU_BASED_HLT | C.CPU_BASED_MTF
-_PROC2_MUST = C.CPU_BASED2_EPT | C.CPU_BASED2_UNRESTRICTED
-_PROC2_MAY = _PROC2_MUST | C.CPU_BASED2_RDTSCP | C.CPU_BASED2_INVPCID | C.CPU_BASED2_XSAVES_XRSTORS
-_ENTRY_MUST = 0x11FF
-_ENTRY_MAY = _ENTRY_MUST | C.VMENTRY_GUEST_IA32E | C.VMENTRY_LOAD_EFER | C.VMENTRY_LOAD_IA32_PAT
-_EXIT_MUST = 0x36DFF
-_EXIT_MAY = _EXIT_MUST | C.VMEXIT_SAVE_EFER | C.VMEXIT_LOAD_EFER | C.VMEXIT_SAVE_IA32_PAT
-
-_CAPABILITIES = {
-    C.HV_VMX_CAP_PINBASED: _PIN_MUST | _PIN_MAY << 32,
-    C.HV_VMX_CAP_PROCBASED: _PROC_MUST | _PROC_MAY << 32,
-    C.HV_VMX_CAP_PROCBASED2: _PROC2_MUST | _PROC2_MAY << 32,
-    C.HV_VMX_CAP_ENTRY: _ENTRY_MUST | _ENTRY_MAY << 32,
-    C.HV_VMX_CAP_EXIT: _EXIT_MUST | _EXIT_MAY << 32,
-    C.HV_VMX_CAP_PREEMPTION_TIMER: 5,
-    C.HV_VMX_CAP_CR0_FIXED0: 0x80000021,
-    C.HV_VMX_CAP_CR0_FIXED1: 0xFFFFFFFF,
-    C.HV_VMX_CAP_CR4_FIXED0: 0x2000,
-    C.HV_VMX_CAP_CR4_FIXED1: 0x1767FF,
-}
-_CAPABILITIES[C.HV_VMX_CAP_TRUE_PINBASED] = _CAPABILITIES[C.HV_VMX_CAP_PINBASED]
-_CAPABILITIES[C.HV_VMX_CAP_TRUE_PROCBASED] = _CAPABILITIES[C.HV_VMX_CAP_PROCBASED]
-_CAPABILITIES[C.HV_VMX_CAP_TRUE_ENTRY] = _CAPABILITIES[C.HV_VMX_CAP_ENTRY]
-_CAPABILITIES[C.HV_VMX_CAP_TRUE_EXIT] = _CAPABILITIES[C.HV_VMX_CAP_EXIT]
 
 # MSRs that live in kvm_sregs; reads and writes go through the register cache.
 _SREGS_MSRS = {C.MSR_EFER, C.MSR_FSBASE, C.MSR_GSBASE, C.MSR_IA32_APIC_BASE}
@@ -262,11 +233,11 @@ class _Vcpu:
         # cache state per struct: 0 = not fetched, 1 = clean, 2 = dirty
         self.state = {"regs": 0, "sregs": 0, "dregs": 0, "events": 0}
         self.controls: dict[int, int] = {
-            C.VMCS_CTRL_PIN_BASED: _PIN_MUST,
-            C.VMCS_CTRL_CPU_BASED: _PROC_MUST,
-            C.VMCS_CTRL_CPU_BASED2: _PROC2_MUST,
-            C.VMCS_CTRL_VMENTRY_CONTROLS: _ENTRY_MUST,
-            C.VMCS_CTRL_VMEXIT_CONTROLS: _EXIT_MUST,
+            C.VMCS_CTRL_PIN_BASED: common.PIN_MUST,
+            C.VMCS_CTRL_CPU_BASED: common.PROC_MUST,
+            C.VMCS_CTRL_CPU_BASED2: common.PROC2_MUST,
+            C.VMCS_CTRL_VMENTRY_CONTROLS: common.ENTRY_MUST,
+            C.VMCS_CTRL_VMEXIT_CONTROLS: common.EXIT_MUST,
             C.VMCS_CTRL_EXC_BITMAP: 0,
             C.VMCS_CTRL_VMENTRY_IRQ_INFO: 0,
             C.VMCS_CTRL_VMENTRY_EXC_ERROR: 0,
@@ -301,7 +272,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
     """``gdbstub.hv`` on /dev/kvm (see the module docstring)."""
 
     name = "kvm"
-    _capabilities = _CAPABILITIES
+    _capabilities = common.vmx_capabilities(C.CPU_BASED2_INVPCID | C.CPU_BASED2_XSAVES_XRSTORS)
 
     def __init__(self) -> None:
         try:

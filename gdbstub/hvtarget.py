@@ -643,29 +643,28 @@ class HvTarget:
         else:
             value = int.from_bytes(self.memory.read(gpa, size), "little")
             hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.GDBSTUB_VMCS_MMIO_DATA, value)
-        for bp in self._breakpoints.values():
-            if (
-                bp.mechanism != "page"
-                or (bp.kind == 2 and not is_write)
-                or (bp.kind == 3 and is_write)
-            ):
-                continue
-            for start, length in bp.physical:
-                if gpa < start + length and start < gpa + size:
-                    bp.hits += 1
-                    hit = Stop("debug", SIGTRAP, reason=STOP_REASONS[bp.kind], address=bp.address)
-                    if is_write and thread.watch_hit is None:
-                        # KVM retires a decoded write before it exits: the access is done
-                        # (we stored it above), so this is already trap-after
-                        return hit
-                    if thread.watch_hit is None:
-                        # x86 watchpoints trap after the access: a decoded read completes on
-                        # the next entry; finish the instruction with one monitor-trap step
-                        # (see _debug_exit), then report
-                        thread.watch_hit = hit
-                        self._set_step(vcpu, True)
-                    return Stop("continue")
+        hit = self._page_watch_hit(gpa, size, is_write)
+        if hit is not None and thread.watch_hit is None:
+            if is_write:
+                # KVM retires a decoded write before it exits: the access is done (we stored
+                # it above), so this is already trap-after
+                return hit
+            # x86 watchpoints trap after the access: a decoded read completes on the next
+            # entry; finish the instruction with one monitor-trap step (see _debug_exit)
+            thread.watch_hit = hit
+            self._set_step(vcpu, True)
         return Stop("continue")
+
+    def _page_watch_hit(self, gpa: int, size: int, is_write: bool) -> Stop | None:
+        """The stop for the first page watchpoint an access of ``size`` bytes at ``gpa``
+        touches (counting the hit), or None."""
+        for bp in self._breakpoints.values():
+            if bp.mechanism != "page" or bp.kind == (3 if is_write else 2):
+                continue
+            if any(gpa < start + length and start < gpa + size for start, length in bp.physical):
+                bp.hits += 1
+                return Stop("debug", SIGTRAP, reason=STOP_REASONS[bp.kind], address=bp.address)
+        return None
 
     def _step_through_watched_page(self, thread: _Thread, vcpu: int, gpa: int, qual: int) -> Stop:
         """The framework's way (nothing decoded the access): open the page, let the vCPU
@@ -673,21 +672,8 @@ class HvTarget:
         the MTF exit and report the hit then (trap-after, as x86 watchpoints are)."""
         page = gpa & ~(PAGE - 1)
         is_write = bool(qual & hv.EPT_VIOLATION_DATA_WRITE)
-        hit = None
-        for bp in self._breakpoints.values():
-            if (
-                bp.mechanism != "page"
-                or (bp.kind == 2 and not is_write)
-                or (bp.kind == 3 and is_write)
-            ):
-                continue
-            if any(
-                start <= gpa < start + length or gpa <= start < gpa + 8
-                for start, length in bp.physical
-            ):
-                bp.hits += 1
-                hit = Stop("debug", SIGTRAP, reason=STOP_REASONS[bp.kind], address=bp.address)
-                break
+        # the access size is unknown without decoding: count any access of up to 8 bytes
+        hit = self._page_watch_hit(gpa, 8, is_write)
         flags = hv.HV_MEMORY_READ | hv.HV_MEMORY_EXEC if is_write else 0
         if any(b.mechanism == "page" and b.kind != 2 for b in self._breakpoints.values()):
             flags = 0

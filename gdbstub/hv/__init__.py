@@ -97,7 +97,29 @@ def backend() -> HvBackend:
                     )
                 name = choices[0]
             _backend = _load(name)
+            _bind_hot_calls(_backend)
     return _backend
+
+
+# The calls a VMM makes at every exit. Once the backend is loaded, the module's names for them
+# are the backend's bound methods (same arguments, same errors), which saves a Python call and
+# a lookup per call; the wrappers below document them and serve until then.
+_HOT_CALLS = (
+    "hv_vcpu_run",
+    "hv_vcpu_run_until",
+    "hv_vcpu_read_register",
+    "hv_vcpu_write_register",
+    "hv_vmx_vcpu_read_vmcs",
+    "hv_vmx_vcpu_write_vmcs",
+)
+_wrappers: dict[str, object] = {}
+
+
+def _bind_hot_calls(loaded: HvBackend) -> None:
+    module = globals()
+    for name in _HOT_CALLS:
+        _wrappers.setdefault(name, module[name])
+        module[name] = getattr(loaded, name)
 
 
 def backend_name() -> str:
@@ -313,3 +335,4 @@ def _reset_for_tests() -> None:
     with _lock:
         _backend = None
         _requested = None
+        globals().update(_wrappers)

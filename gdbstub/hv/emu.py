@@ -361,6 +361,7 @@ class EmuBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         self._lock = threading.RLock()
         self._spaces: dict[int, _Space] = {}
         self._vcpus: dict[int, _Vcpu] = {}
+        self._owned = common.OwnedVcpus()
         self._next_vcpu = 0
         self._next_space = 1
         self._env = self._probe_env()
@@ -599,7 +600,7 @@ class EmuBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
             self._next_vcpu += 1
             uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
             vcpu = _Vcpu(vid, space, uc)
-            self._vcpus[vid] = vcpu
+            self._adopt(vid, vcpu)
         self._install_hooks(vcpu)
         self._reset_state(vcpu)
         self._remap(vcpu)
@@ -608,6 +609,7 @@ class EmuBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
     def hv_vcpu_destroy(self, vid: int) -> None:
         vcpu = self._vcpu(vid, "hv_vcpu_destroy")
         vcpu.destroyed = True
+        self._disown(vid)
         vcpu.uc = None
 
     def _reset_state(self, vcpu: _Vcpu) -> None:

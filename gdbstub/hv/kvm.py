@@ -82,7 +82,7 @@ from . import common, kvm_probes
 from . import constants as C
 from . import kvm_abi as K
 from .errors import HvError
-from .posix import ThreadTimer, ioctl
+from .posix import ThreadTimer, ioctl, ioctl_plain
 
 _EXIT_FIELDS = C.VMCS_EXIT_INFORMATION_FIELDS | C.GDBSTUB_VMCS_MMIO_FIELDS
 
@@ -133,15 +133,45 @@ _SREGS_MSRS = {C.MSR_EFER, C.MSR_FSBASE, C.MSR_GSBASE, C.MSR_IA32_APIC_BASE}
 _FILTER_BLOCKS = ((0x00000000, 0x2000), (0xC0000000, 0x2000), (0xC0010000, 0x2000))
 
 
-_get_ident = threading.get_ident
-_thread_time_ns = time.thread_time_ns
-_unpack_u16 = struct.Struct("<H").unpack_from
-_unpack_u32 = struct.Struct("<I").unpack_from
+# Guest time is wall time inside KVM_RUN (the thread CPU clock is a system call, the
+# monotonic clock is not).
+_now_ns = time.monotonic_ns
+_ioctl_plain = ioctl_plain
+_ACTIVITY = C.VMCS_GUEST_ACTIVITY_STATE
+_ENTRY_INFO = C.VMCS_CTRL_VMENTRY_IRQ_INFO
 _pack_u64 = struct.Struct("<Q").pack_into
 _MASK64 = (1 << 64) - 1
-# (rcx, rsi, rdi, rip) from struct kvm_regs; (cs.base, cr0, cr3, cr4) from struct kvm_sregs
-_IO_REGS = struct.Struct("<16xQ8xQQ80xQ").unpack_from
-_IO_SREGS = struct.Struct("<Q216xQ8xQQ").unpack_from
+
+
+def _layout(*fields: tuple[int, str]) -> struct.Struct:
+    """A little-endian struct reading ``(offset, format)`` fields (ascending) and skipping the
+    bytes between them."""
+    fmt, at = "<", 0
+    for offset, code in fields:
+        fmt += f"{offset - at}x{code}" if offset > at else code
+        at = offset + struct.calcsize("<" + code)
+    return struct.Struct(fmt)
+
+
+# What an exit is about, in one unpack of kvm_run: the exit reason, the io header (direction,
+# size, port), then with sync regs rip, cs.base, cr0, cr3, cr4. snapshot[1:] identifies an I/O
+# exit site: the same place, instruction and paging state.
+_EXIT_SNAPSHOT = _layout(
+    (K.RUN_EXIT_REASON, "I"),
+    (K.RUN_IO_DIRECTION, "BBH"),
+    (K.RUN_SYNC_REGS + 128, "Q"),  # rip
+    (K.RUN_SYNC_SREGS, "Q"),  # cs.base
+    (K.RUN_SYNC_SREGS + 224, "Q"),  # cr0
+    (K.RUN_SYNC_SREGS + 240, "QQ"),  # cr3, cr4
+).unpack_from
+_KVM_EXIT_IO = K.KVM_EXIT_IO
+_IN_OWED = ("in", 0)
+# I/O exit fields that change from one exit to the next at the same place
+_IO_EXIT_REGS = {
+    C.VMCS_RO_IO_RCX: "rcx",
+    C.VMCS_RO_IO_RSI: "rsi",
+    C.VMCS_RO_IO_RDI: "rdi",
+}
 
 
 def _seg_ar(seg: K.KvmSegment) -> int:
@@ -192,12 +222,12 @@ class _IoSite:
 
     code: Any  # ctypes.c_char array over the guest bytes from RIP-15 to the end of the page
     window: bytes
-    code2: Any  # the rest of the 30 bytes around RIP, on the next page (often empty)
+    code2: Any  # the rest of the 30 bytes around RIP on the next page, or None
     window2: bytes
     back: int  # RIP at the exit minus the instruction's start
-    length: int
     completed: bool
-    qual: int  # qualification without the port/size/direction (string and REP bits)
+    is_in: bool
+    fields: dict[int, int]  # the exit's fields but RCX/RSI/RDI/RIP (shared: never mutated)
 
 
 class _NoCode:
@@ -205,7 +235,6 @@ class _NoCode:
 
 
 _NO_CODE = _NoCode()
-_EMPTY = (ctypes.c_char * 0)()
 
 
 def _forget_translations(vcpu: _Vcpu) -> None:
@@ -223,7 +252,8 @@ class _Vcpu:
         self.run = run
         self.owner = threading.get_ident()
         self.destroyed = False
-        self.kick = threading.Event()
+        self.kick = threading.Event()  # set by hv_vcpu_interrupt, cleared when reported
+        self.kicked = False  # set after ``kick``: the cheap check before an entry
         self.timer: ThreadTimer | None = None
         self.exec_ns = 0
         self.regs = K.KvmRegs()
@@ -262,10 +292,13 @@ class _Vcpu:
         self.xlate_cache: dict[tuple[int, int, int, int], int] = {}
         # exits whose instruction was located: (linear rip, kind, key) -> (code window, result)
         self.insn_cache: dict[tuple[int, str, int], tuple[bytes, tuple[int, int, bool]]] = {}
-        # I/O exits at a known place: (linear rip, cr0, cr3, cr4, port << 1 | in) -> _IoSite
-        self.io_cache: dict[tuple[int, int, int, int, int], _IoSite] = {}
+        # I/O exits at a known place: _EXIT_SNAPSHOT[1:] -> _IoSite
+        self.io_cache: dict[tuple[int, ...], _IoSite] = {}
         self.sync = False  # KVM_CAP_SYNC_REGS: regs and sregs travel in kvm_run
         self.run_address = 0
+        self.io_exit_rip = 0  # RIP of the last I/O exit (VMCS_RO_IO_RIP)
+        # False when something may need doing before the next entry (see _plain_entry)
+        self.plain_entry = False
 
 
 class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
@@ -295,6 +328,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         self._lock = threading.RLock()
         self._spaces: dict[int, _Space] = {}
         self._vcpus: dict[int, _Vcpu] = {}
+        self._owned = common.OwnedVcpus()
         self._next_vcpu = 0
         self._next_space = 1
         self._tsc_khz = 0
@@ -489,6 +523,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         ioctl(vcpu.fd, K.KVM_SET_DEBUGREGS, vcpu.dregs)
         ioctl(vcpu.fd, K.KVM_SET_VCPU_EVENTS, state["events"])
         vcpu.guest_debug_dirty = True
+        vcpu.plain_entry = False
 
     # --- vCPU lifecycle ---------------------------------------------------------------------------
 
@@ -542,7 +577,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
                 raise HvError(C.HV_NO_RESOURCES, "hv_vcpu_create", exc.strerror or "") from exc
             self._next_vcpu += 1
             vcpu = _Vcpu(vid, space, fd, run)
-            self._vcpus[vid] = vcpu
+            self._adopt(vid, vcpu)
         self._setup_kvm_vcpu(vcpu)
         with self._lock:
             self._update_msr_filter(space)
@@ -551,6 +586,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
     def hv_vcpu_destroy(self, vid: int) -> None:
         vcpu = self._vcpu(vid, "hv_vcpu_destroy")
         vcpu.destroyed = True
+        self._disown(vid)
         if vcpu.timer is not None:
             vcpu.timer.close()
         vcpu.regs, vcpu.sregs = K.KvmRegs(), K.KvmSregs()  # no views of the closed kvm_run
@@ -571,6 +607,8 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
     def _dirty(self, vcpu: _Vcpu, what: str) -> Any:
         obj = self._get(vcpu, what)
         vcpu.state[what] = 2
+        if what in ("dregs", "events"):
+            vcpu.plain_entry = False
         return obj
 
     def _flush(self, vcpu: _Vcpu, entering: bool = False) -> None:
@@ -610,12 +648,6 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         for key in vcpu.state:
             vcpu.state[key] = 0
 
-    def _after_run(self, vcpu: _Vcpu) -> None:
-        """Forget cached state after KVM_RUN; with sync regs, take regs/sregs from kvm_run."""
-        state = vcpu.state
-        state["dregs"] = state["events"] = 0
-        state["regs"] = state["sregs"] = 1 if vcpu.sync else 0
-
     def hv_vcpu_flush(self, vid: int) -> None:
         self._flush(self._vcpu(vid, "hv_vcpu_flush"))
 
@@ -628,13 +660,14 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
     # --- registers --------------------------------------------------------------------------------
 
     def hv_vcpu_read_register(self, vid: int, reg: int) -> int:
-        vcpu = self._vcpus.get(vid)
-        if vcpu is None or vcpu.destroyed or vcpu.owner != _get_ident():
+        vcpu = self._owned.by_id.get(vid)
+        if vcpu is None:
             vcpu = self._vcpu(vid, "hv_vcpu_read_register")  # raises
         name = _GPR_FIELDS.get(reg)
         if name is not None:
             regs = vcpu.regs if vcpu.state["regs"] else self._get(vcpu, "regs")
-            return int(getattr(regs, name))
+            value: int = getattr(regs, name)
+            return value
         if reg in _SELECTOR_REGS:
             return int(getattr(self._get(vcpu, "sregs"), _SELECTOR_REGS[reg]).selector)
         sregs = self._get(vcpu, "sregs") if reg < C.HV_X86_DR0 or reg == C.HV_X86_TPR else None
@@ -675,8 +708,8 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         raise common.bad("hv_vcpu_read_register", f"unknown register {reg}")
 
     def hv_vcpu_write_register(self, vid: int, reg: int, value: int) -> None:
-        vcpu = self._vcpus.get(vid)
-        if vcpu is None or vcpu.destroyed or vcpu.owner != _get_ident():
+        vcpu = self._owned.by_id.get(vid)
+        if vcpu is None:
             vcpu = self._vcpu(vid, "hv_vcpu_write_register")  # raises
         if not 0 <= reg < C.HV_X86_REGISTERS_MAX:
             raise common.bad("hv_vcpu_write_register", f"unknown register {reg}")
@@ -724,6 +757,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
             else:
                 dregs.dr7 = value
             vcpu.guest_debug_dirty = True
+            vcpu.plain_entry = False
             return
         if reg == C.HV_X86_XCR0:
             xcrs = K.KvmXcrs()
@@ -906,6 +940,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
             for vcpu in self._vcpus.values():
                 if not vcpu.destroyed:
                     vcpu.pending_tsc = (tsc, now)
+                    vcpu.plain_entry = False
 
     def hv_vcpu_get_exec_time(self, vid: int) -> int:
         return self._vcpu(vid, "hv_vcpu_get_exec_time").exec_ns
@@ -919,13 +954,22 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
     # --- VMCS -------------------------------------------------------------------------------------
 
     def hv_vmx_vcpu_read_vmcs(self, vid: int, field_: int) -> int:
-        vcpu = self._vcpus.get(vid)
-        if vcpu is None or vcpu.destroyed or vcpu.owner != _get_ident():
+        vcpu = self._owned.by_id.get(vid)
+        if vcpu is None:
             vcpu = self._vcpu(vid, "hv_vmx_vcpu_read_vmcs")  # raises
         value = vcpu.exit.get(field_)  # only exit fields live there
         if value is not None:
             return value
         if field_ in _EXIT_FIELDS:
+            if vcpu.exit[C.VMCS_RO_EXIT_REASON] == C.VMX_REASON_IO:
+                # I/O RCX/RSI/RDI/RIP: the registers of the I/O instruction (read them before
+                # changing those registers)
+                if field_ == C.VMCS_RO_IO_RIP:
+                    return vcpu.io_exit_rip
+                name = _IO_EXIT_REGS.get(field_)
+                if name is not None:
+                    register: int = getattr(self._get(vcpu, "regs"), name)
+                    return register
             return 0
         guest = self._guest_field(vcpu, field_, None)
         if guest is not None:
@@ -939,11 +983,14 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         raise common.field_error("hv_vmx_vcpu_read_vmcs", field_, "kvm")
 
     def hv_vmx_vcpu_write_vmcs(self, vid: int, field_: int, value: int) -> None:
-        vcpu = self._vcpu(vid, "hv_vmx_vcpu_write_vmcs")
+        vcpu = self._owned.by_id.get(vid)
+        if vcpu is None:
+            vcpu = self._vcpu(vid, "hv_vmx_vcpu_write_vmcs")  # raises
+        vcpu.plain_entry = False
         if not 0 <= value < 1 << 64:
             raise common.bad("hv_vmx_vcpu_write_vmcs", "value out of range")
         if field_ == C.GDBSTUB_VMCS_MMIO_DATA:
-            vcpu.exit[field_] = value
+            vcpu.exit = {**vcpu.exit, field_: value}  # exit dicts may be shared: copy
             return
         if self._guest_field(vcpu, field_, value) is not None:
             return
@@ -951,6 +998,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
             vcpu.controls[field_] = value
             if field_ in (C.VMCS_CTRL_EXC_BITMAP, C.VMCS_CTRL_CPU_BASED):
                 vcpu.guest_debug_dirty = True
+                vcpu.plain_entry = False
             return
         if field_ == C.VMCS_GUEST_ACTIVITY_STATE:
             if value not in (0, 1, 2, 3):
@@ -986,6 +1034,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
             setattr(obj, attr, value & width)
         if kind == "dregs":
             vcpu.guest_debug_dirty = True
+            vcpu.plain_entry = False
         _forget_translations(vcpu)
         return value
 
@@ -1017,24 +1066,28 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
             targets.append(vcpu)
         for vcpu in targets:
             vcpu.kick.set()
+            vcpu.kicked = True
             try:
                 signal.pthread_kill(vcpu.owner, KICK_SIGNAL)
             except (ProcessLookupError, OSError):
                 pass
 
     def hv_vcpu_run(self, vid: int) -> None:
-        self._run(self._vcpu(vid, "hv_vcpu_run"), None, any_exit=True)
+        vcpu = self._owned.by_id.get(vid)
+        if vcpu is None:
+            vcpu = self._vcpu(vid, "hv_vcpu_run")  # raises
+        self._run(vcpu, None, True)
 
     def hv_vcpu_run_until(self, vid: int, deadline: int) -> None:
-        vcpu = self._vcpus.get(vid)
-        if vcpu is None or vcpu.destroyed or vcpu.owner != _get_ident():
+        vcpu = self._owned.by_id.get(vid)
+        if vcpu is None:
             vcpu = self._vcpu(vid, "hv_vcpu_run_until")  # raises
         if deadline == _FOREVER:
-            self._run(vcpu, None, any_exit=False)
+            self._run(vcpu, None, False)
             return
         if not 0 <= deadline <= _FOREVER:
             raise common.bad("hv_vcpu_run_until", "deadline out of range")
-        self._run(vcpu, None if deadline == _FOREVER else deadline, any_exit=False)
+        self._run(vcpu, deadline, False)
 
     def _set_exit(self, vcpu: _Vcpu, reason: int, **fields: int) -> None:
         vcpu.exit = {C.VMCS_RO_EXIT_REASON: reason}
@@ -1122,6 +1175,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
             # KVM pushes RIP + the length of the #BP it intercepted: RIP stays at the INT3.
             self._apply_guest_debug(vcpu, extra=K.KVM_GUESTDBG_INJECT_BP)
             vcpu.guest_debug_dirty = True
+            vcpu.plain_entry = False
         else:
             events = self._dirty(vcpu, "events")
             if kind in (C.IRQ_INFO_SOFT_IRQ, C.IRQ_INFO_SOFT_EXC, C.IRQ_INFO_PRIV_SOFT_EXC):
@@ -1167,12 +1221,18 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         while signal.sigtimedwait({KICK_SIGNAL}, 0) is not None:
             pass
 
-    def _run(self, vcpu: _Vcpu, deadline: int | None, *, any_exit: bool) -> None:
-        if vcpu.kick.is_set():
-            vcpu.kick.clear()
-            self._drain_kick_signal()
-            self._set_exit(vcpu, C.VMX_REASON_IRQ)
-            return
+    def _run(self, vcpu: _Vcpu, deadline: int | None, any_exit: bool) -> None:
+        """Enter the guest until an exit for the caller is recorded in ``vcpu.exit``.
+
+        The common entry (nothing owed to KVM, nothing to inject, regs/sregs in kvm_run) is
+        inlined here: an I/O loop costs one KVM_RUN and a few dictionary lookups per exit."""
+        if vcpu.kicked:
+            vcpu.kicked = False
+            if vcpu.kick.is_set():
+                vcpu.kick.clear()
+                self._drain_kick_signal()
+                self._set_exit(vcpu, C.VMX_REASON_IRQ)
+                return
         if deadline is not None:
             if time.monotonic_ns() >= deadline:
                 self._set_exit(vcpu, C.VMX_REASON_VMX_TIMER_EXPIRED)
@@ -1180,19 +1240,67 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
             if vcpu.timer is None:
                 vcpu.timer = ThreadTimer(KICK_SIGNAL)
             vcpu.timer.arm(deadline)
+        controls, state, run, fd = vcpu.controls, vcpu.state, vcpu.run, vcpu.fd
         try:
             while True:
-                if vcpu.controls[C.VMCS_GUEST_ACTIVITY_STATE] == C.GUEST_ACTIVITY_HLT:
-                    if not vcpu.controls[C.VMCS_CTRL_VMENTRY_IRQ_INFO] & C.IRQ_INFO_VALID:
-                        self._halt_wait(vcpu, deadline)
+                if vcpu.plain_entry or self._plain_entry(vcpu):
+                    # the common entry: dirty regs/sregs are flagged, KVM loads them
+                    if state["regs"] == 2:
+                        state["regs"] = 1
+                        run[K.RUN_DIRTY_REGS] |= K.KVM_SYNC_X86_REGS
+                    if state["sregs"] == 2:
+                        state["sregs"] = 1
+                        run[K.RUN_DIRTY_REGS] |= K.KVM_SYNC_X86_SREGS
+                    run[K.RUN_REQUEST_INTERRUPT_WINDOW] = (
+                        1 if controls[C.VMCS_CTRL_CPU_BASED] & C.CPU_BASED_IRQ_WND else 0
+                    )
+                else:
+                    if controls[_ACTIVITY] == C.GUEST_ACTIVITY_HLT:
+                        if not controls[_ENTRY_INFO] & C.IRQ_INFO_VALID:
+                            self._halt_wait(vcpu, deadline)
+                            return
+                        controls[_ACTIVITY] = C.GUEST_ACTIVITY_ACTIVE
+                    self._prepare_entry(vcpu)
+                start = _now_ns()
+                result = _ioctl_plain(fd, K.KVM_RUN, None)
+                vcpu.exec_ns += _now_ns() - start
+                if vcpu.sync:
+                    state["regs"] = state["sregs"] = 1
+                else:
+                    state["regs"] = state["sregs"] = 0
+                state["dregs"] = state["events"] = 0
+                snapshot = _EXIT_SNAPSHOT(run)
+                if result >= 0 and snapshot[0] == _KVM_EXIT_IO:
+                    if self._exit_io(vcpu, snapshot):
                         return
-                    vcpu.controls[C.VMCS_GUEST_ACTIVITY_STATE] = C.GUEST_ACTIVITY_ACTIVE
-                self._prepare_entry(vcpu)
-                if self._enter(vcpu, deadline, any_exit):
-                    return
+                else:
+                    vcpu.plain_entry = False  # the handlers below may leave work for the entry
+                    if self._exit(vcpu, result, snapshot[0], deadline, any_exit):
+                        return
         finally:
             if deadline is not None and vcpu.timer is not None:
                 vcpu.timer.disarm()
+
+    @staticmethod
+    def _plain_entry(vcpu: _Vcpu) -> bool:
+        """Whether the next entry needs nothing but the dirty regs/sregs flags: nothing owed
+        to KVM, no TSC to set, no debug settings, event, debug registers or halt to apply.
+        The answer is kept in ``vcpu.plain_entry`` until something may change it: every exit
+        but an I/O exit, an IN exit, ``_dirty`` of dregs/events, and the calls that write
+        VMCS fields, non-GPR registers, MSRs, the TSC or the space."""
+        controls, state = vcpu.controls, vcpu.state
+        plain = (
+            vcpu.sync
+            and vcpu.pending is None
+            and vcpu.pending_tsc is None
+            and not vcpu.guest_debug_dirty
+            and controls[_ACTIVITY] == C.GUEST_ACTIVITY_ACTIVE
+            and not controls[_ENTRY_INFO] & C.IRQ_INFO_VALID
+            and state["dregs"] != 2
+            and state["events"] != 2
+        )
+        vcpu.plain_entry = plain
+        return plain
 
     def _halt_wait(self, vcpu: _Vcpu, deadline: int | None) -> None:
         """A halted vCPU without HLT exiting waits for a kick or its deadline (no guest time)."""
@@ -1204,26 +1312,23 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         else:
             self._set_exit(vcpu, C.VMX_REASON_VMX_TIMER_EXPIRED)
 
-    def _enter(self, vcpu: _Vcpu, deadline: int | None, any_exit: bool) -> bool:
-        """One KVM_RUN; True when an exit for the caller has been recorded."""
-        run = vcpu.run
-        start = _thread_time_ns()
-        try:
-            ioctl(vcpu.fd, K.KVM_RUN)
-            interrupted = False
-        except OSError as exc:
-            if exc.errno not in (4, 11):  # EINTR, EAGAIN
+    def _exit(
+        self, vcpu: _Vcpu, result: int, reason: int, deadline: int | None, any_exit: bool
+    ) -> bool:
+        """Handle what one KVM_RUN returned (``result``: the ioctl's; ``reason``: kvm_run's);
+        True when an exit for the caller has been recorded."""
+        interrupted = False
+        if result < 0:
+            errno = ctypes.get_errno()
+            if errno not in (4, 11):  # EINTR, EAGAIN
                 self._invalidate(vcpu)
                 self._set_exit(
                     vcpu,
                     C.VMX_EXIT_REASON_FAILED_ENTRY | C.VMX_REASON_VMENTRY_GUEST,
-                    qual=exc.errno or 0,
+                    qual=errno,
                 )
                 return True
             interrupted = True
-        vcpu.exec_ns += _thread_time_ns() - start
-        self._after_run(vcpu)
-        reason = _unpack_u32(run, K.RUN_EXIT_REASON)[0]
         if interrupted or reason == K.KVM_EXIT_INTR:
             self._drain_kick_signal()
             if vcpu.kick.is_set():
@@ -1334,55 +1439,41 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
             self._int3 = kvm_probes.probe_int3()
         return self._int3
 
-    def _exit_io(self, vcpu: _Vcpu) -> bool:
+    def _exit_io(self, vcpu: _Vcpu, snapshot: tuple[int, ...]) -> bool:
         """I/O exit 30 with RIP at the IN/OUT. The place was decoded before (a loop exits at
-        the same place again and again) if the guest bytes around it are still the same."""
-        run = vcpu.run
-        is_in_exit = run[K.RUN_IO_DIRECTION] == K.KVM_EXIT_IO_IN
-        port = _unpack_u16(run, K.RUN_IO_PORT)[0]
-        state = vcpu.state
-        if vcpu.sync:  # regs and sregs are in kvm_run: one unpack each
-            rcx, rsi, rdi, rip = _IO_REGS(run, K.RUN_SYNC_REGS)
-            cs_base, cr0, cr3, cr4 = _IO_SREGS(run, K.RUN_SYNC_SREGS)
-        else:
-            regs = self._get(vcpu, "regs")
-            sregs = self._get(vcpu, "sregs")
-            rcx, rsi, rdi, rip = regs.rcx, regs.rsi, regs.rdi, regs.rip
-            cs_base, cr0, cr3, cr4 = sregs.cs.base, sregs.cr0, sregs.cr3, sregs.cr4
-        linear = (cs_base + rip) & _MASK64
-        key = (linear, cr0, cr3, cr4, port << 1 | is_in_exit)
+        the same place again and again) if the guest bytes around it are still the same.
+        ``snapshot``: what _EXIT_SNAPSHOT read from kvm_run."""
+        if not vcpu.sync:  # the registers are not in kvm_run
+            regs, sregs = self._get(vcpu, "regs"), self._get(vcpu, "sregs")
+            snapshot = (*snapshot[:4], regs.rip, sregs.cs.base, sregs.cr0, sregs.cr3, sregs.cr4)
+        key = snapshot[1:]
         site = vcpu.io_cache.get(key)
-        if site is None or site.code.raw != site.window or site.code2.raw != site.window2:
-            site = self._io_site(vcpu, key, linear, port, is_in_exit)
-        start = (rip - site.back) & _MASK64
+        if (
+            site is None
+            or site.code.raw != site.window
+            or (site.code2 is not None and site.code2.raw != site.window2)
+        ):
+            site = self._io_site(vcpu, key)
         if site.completed:
+            start = (snapshot[4] - site.back) & _MASK64
             vcpu.regs.rip = start  # the framework reports RIP at the instruction
-            state["regs"] = 2
-        qual = site.qual | (run[K.RUN_IO_SIZE] - 1) | port << C.EXIT_QUAL_IO_PORT_SHIFT
-        if is_in_exit:
-            qual |= C.EXIT_QUAL_IO_IN
-            vcpu.pending = ("in", 0)
-        vcpu.exit = {
-            C.VMCS_RO_EXIT_REASON: C.VMX_REASON_IO,
-            C.VMCS_RO_EXIT_QUALIFIC: qual,
-            C.VMCS_RO_VMEXIT_INSTR_LEN: site.length,
-            C.VMCS_RO_IO_RCX: rcx,
-            C.VMCS_RO_IO_RSI: rsi,
-            C.VMCS_RO_IO_RDI: rdi,
-            C.VMCS_RO_IO_RIP: start,
-        }
+            vcpu.state["regs"] = 2
+        else:
+            start = snapshot[4]
+        if site.is_in:
+            vcpu.pending = _IN_OWED
+            vcpu.plain_entry = False
+        vcpu.exit = site.fields
+        vcpu.io_exit_rip = start
         return True
 
-    def _io_site(
-        self,
-        vcpu: _Vcpu,
-        key: tuple[int, int, int, int, int],
-        linear: int,
-        port: int,
-        is_in_exit: bool,
-    ) -> _IoSite:
-        """Decode the I/O instruction of this exit and remember it under ``key`` when the code
-        around it lies in one page (its bytes then validate the entry at the next exit)."""
+    def _io_site(self, vcpu: _Vcpu, key: tuple[int, ...]) -> _IoSite:
+        """Decode the I/O instruction of this exit and remember it under ``key`` (direction,
+        size, port, rip, cs.base, cr0, cr3, cr4) when the code around it lies in one page (its
+        bytes then validate the entry at the next exit)."""
+        direction, size, port, rip_at_exit, cs_base = key[:5]
+        is_in_exit = direction == K.KVM_EXIT_IO_IN
+        linear = (cs_base + rip_at_exit) & _MASK64
         regs = self._get(vcpu, "regs")
         dx = regs.rdx & 0xFFFF
 
@@ -1398,11 +1489,18 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         back = (regs.rip - rip) & _MASK64
         code = self._read_linear(vcpu, (linear - back) & _MASK64, length)
         _, op, _ = common.decode_io(code)
-        qual = 0
+        qual = (size - 1) | port << C.EXIT_QUAL_IO_PORT_SHIFT
+        if is_in_exit:
+            qual |= C.EXIT_QUAL_IO_IN
         if op in (0x6C, 0x6D, 0x6E, 0x6F):
             qual |= C.EXIT_QUAL_IO_STRING
             if any(b in (0xF2, 0xF3) for b in code[: length - 1]):
                 qual |= C.EXIT_QUAL_IO_REP
+        fields = {
+            C.VMCS_RO_EXIT_REASON: C.VMX_REASON_IO,
+            C.VMCS_RO_EXIT_QUALIFIC: qual,
+            C.VMCS_RO_VMEXIT_INSTR_LEN: length,
+        }
         first = linear - 15
         split = min(30, PAGE - (first & 0xFFF))
         host = host2 = None
@@ -1410,10 +1508,11 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
             host = self._linear_to_host(vcpu, first)
             host2 = self._linear_to_host(vcpu, first + split) if split < 30 else 0
         if host is None or host2 is None:
-            return _IoSite(_NO_CODE, b"", _NO_CODE, b"", back, length, completed, qual)
+            return _IoSite(_NO_CODE, b"", None, b"", back, completed, is_in_exit, fields)
         view = (ctypes.c_char * split).from_address(host)
-        view2 = (ctypes.c_char * (30 - split)).from_address(host2) if host2 else _EMPTY
-        site = _IoSite(view, view.raw, view2, view2.raw, back, length, completed, qual)
+        view2 = (ctypes.c_char * (30 - split)).from_address(host2) if host2 else None
+        window2 = view2.raw if view2 is not None else b""
+        site = _IoSite(view, view.raw, view2, window2, back, completed, is_in_exit, fields)
         if len(vcpu.io_cache) > 256:
             vcpu.io_cache.clear()
         vcpu.io_cache[key] = site
@@ -1734,7 +1833,6 @@ _REX = frozenset(range(0x40, 0x50))
 
 
 _EXIT_HANDLERS: dict[int, Callable[[KvmBackend, _Vcpu], bool]] = {
-    K.KVM_EXIT_IO: KvmBackend._exit_io,
     K.KVM_EXIT_HLT: KvmBackend._exit_hlt,
     K.KVM_EXIT_MMIO: KvmBackend._exit_mmio,
     K.KVM_EXIT_DEBUG: KvmBackend._exit_debug,

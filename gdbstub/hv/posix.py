@@ -24,6 +24,13 @@ TIMER_ABSTIME = 1
 SIGEV_THREAD_ID = 4
 
 
+# The same libc function without argtypes: the run loop's KVM_RUN (two ints and NULL) skips
+# ctypes' argument conversion, about a microsecond per call. Returns -1 with errno set.
+_plain_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+ioctl_plain: Any = _plain_libc.ioctl
+"""``ioctl(fd, request, None)`` as libc returns it (-1 and ``ctypes.get_errno()`` on failure)."""
+
+
 def ioctl(fd: int, request: int, arg: Any = None) -> int:
     """``ioctl(2)``; ``arg`` is None, an int, or a ctypes object passed by reference.
 

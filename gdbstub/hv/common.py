@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from ..buffers import Buffer, buffer_address
 from . import constants as C
@@ -230,14 +230,6 @@ class VcpuRecord(Protocol):
     def space(self) -> object: ...
 
 
-class OwnedVcpus(threading.local):
-    """Per thread: the vCPUs this thread created and has not destroyed, by id. The owner
-    check of the hot calls is one lookup here (a miss goes to ``_vcpu`` for the error)."""
-
-    def __init__(self) -> None:
-        self.by_id: dict[int, Any] = {}
-
-
 SpaceT = TypeVar("SpaceT", bound=SpaceRecord)
 VcpuT = TypeVar("VcpuT", bound=VcpuRecord)
 
@@ -246,11 +238,11 @@ class FrameworkBooks(Generic[SpaceT, VcpuT]):
     """What the framework's kernel keeps for a VM, for backends that build the framework:
     address spaces and their guest-physical maps, vCPUs with their owner threads and MSR
     permissions, and the calls that only touch those books. A backend sets ``_spaces``,
-    ``_vcpus``, ``_owned``, ``_lock`` and ``_capabilities`` and implements the three hooks."""
+    ``_vcpus``, ``_live``, ``_lock`` and ``_capabilities`` and implements the three hooks."""
 
     _spaces: dict[int, SpaceT]
     _vcpus: dict[int, VcpuT]
-    _owned: OwnedVcpus
+    _live: dict[int, VcpuT]
     _lock: threading.RLock
     _capabilities: dict[int, int]
 
@@ -283,22 +275,21 @@ class FrameworkBooks(Generic[SpaceT, VcpuT]):
 
     def _vcpu(self, vid: int, call: str) -> VcpuT:
         """The vCPU ``vid`` if it exists and the calling thread owns it (HV_BAD_ARGUMENT)."""
-        vcpu: VcpuT | None = self._owned.by_id.get(vid)
-        if vcpu is not None:
-            return vcpu
-        vcpu = self._vcpus.get(vid)
-        if vcpu is None or vcpu.destroyed:
+        vcpu = self._live.get(vid)
+        if vcpu is None:
             raise bad(call, f"no vCPU {vid}")
-        raise bad(call, f"vCPU {vid} belongs to another thread")
+        if vcpu.owner != threading.get_ident():
+            raise bad(call, f"vCPU {vid} belongs to another thread")
+        return vcpu
 
     def _adopt(self, vid: int, vcpu: VcpuT) -> None:
-        """Enter a new vCPU in the books, owned by the calling thread."""
+        """Enter a new vCPU in the books (``vcpu.owner`` is the calling thread)."""
         self._vcpus[vid] = vcpu
-        self._owned.by_id[vid] = vcpu
+        self._live[vid] = vcpu
 
     def _disown(self, vid: int) -> None:
-        """The owner thread destroys vCPU ``vid``: its id names nothing from now on."""
-        self._owned.by_id.pop(vid, None)
+        """vCPU ``vid`` is destroyed: its id names nothing from now on."""
+        self._live.pop(vid, None)
 
     # --- VM and memory -----------------------------------------------------------------------
 
@@ -311,6 +302,7 @@ class FrameworkBooks(Generic[SpaceT, VcpuT]):
                 self._close_space(space)
             self._spaces.clear()
             self._vcpus.clear()
+            self._live.clear()
 
     def hv_vm_space_destroy(self, asid: int) -> None:
         with self._lock:

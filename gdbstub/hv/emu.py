@@ -361,7 +361,7 @@ class EmuBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         self._lock = threading.RLock()
         self._spaces: dict[int, _Space] = {}
         self._vcpus: dict[int, _Vcpu] = {}
-        self._owned = common.OwnedVcpus()
+        self._live: dict[int, _Vcpu] = {}  # not destroyed
         self._next_vcpu = 0
         self._next_space = 1
         self._env = self._probe_env()

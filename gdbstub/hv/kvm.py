@@ -115,6 +115,10 @@ _GPR_FIELDS = {
     C.HV_X86_R14: "r14",
     C.HV_X86_R15: "r15",
 }
+# hv_x86_reg_t -> index of the register in struct kvm_regs seen as 64-bit words
+_KVM_REGS_ORDER = [name for name, *_ in K.KvmRegs._fields_]
+_GPR_INDEX = {reg: _KVM_REGS_ORDER.index(name) for reg, name in _GPR_FIELDS.items()}
+_RIP_INDEX = _GPR_INDEX[C.HV_X86_RIP]
 _SELECTOR_REGS = {
     C.HV_X86_CS: "cs",
     C.HV_X86_SS: "ss",
@@ -135,12 +139,18 @@ _FILTER_BLOCKS = ((0x00000000, 0x2000), (0xC0000000, 0x2000), (0xC0010000, 0x200
 
 # Guest time is wall time inside KVM_RUN (the thread CPU clock is a system call, the
 # monotonic clock is not).
+_get_ident = threading.get_ident
 _now_ns = time.monotonic_ns
 _ioctl_plain = ioctl_plain
 _ACTIVITY = C.VMCS_GUEST_ACTIVITY_STATE
 _ENTRY_INFO = C.VMCS_CTRL_VMENTRY_IRQ_INFO
 _pack_u64 = struct.Struct("<Q").pack_into
 _MASK64 = (1 << 64) - 1
+
+
+def _words(regs: K.KvmRegs) -> memoryview:
+    """``struct kvm_regs`` as 64-bit words (indexing is cheaper than ctypes attributes)."""
+    return memoryview(regs).cast("B").cast("Q")
 
 
 def _layout(*fields: tuple[int, str]) -> struct.Struct:
@@ -258,6 +268,10 @@ class _Vcpu:
         self.exec_ns = 0
         self.regs = K.KvmRegs()
         self.sregs = K.KvmSregs()
+        self.regs_q = _words(self.regs)  # the same memory as 64-bit words (_GPR_INDEX)
+        # KVM's RIP when KVM's regs equal the cache but for RIP (rewound to an I/O
+        # instruction KVM had completed): an entry with that RIP back needs no register load
+        self.kvm_rip: int | None = None
         self.dregs = K.KvmDebugregs()
         self.events = K.KvmVcpuEvents()
         # cache state per struct: 0 = not fetched, 1 = clean, 2 = dirty
@@ -328,7 +342,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         self._lock = threading.RLock()
         self._spaces: dict[int, _Space] = {}
         self._vcpus: dict[int, _Vcpu] = {}
-        self._owned = common.OwnedVcpus()
+        self._live: dict[int, _Vcpu] = {}  # not destroyed
         self._next_vcpu = 0
         self._next_space = 1
         self._tsc_khz = 0
@@ -553,7 +567,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
                                ctypes.sizeof(regs))  # fmt: skip
                 ctypes.memmove(ctypes.addressof(sregs), ctypes.addressof(vcpu.sregs),
                                ctypes.sizeof(sregs))  # fmt: skip
-                vcpu.regs, vcpu.sregs = regs, sregs
+                vcpu.regs, vcpu.sregs, vcpu.regs_q = regs, sregs, _words(regs)
         current = signal.pthread_sigmask(signal.SIG_BLOCK, {KICK_SIGNAL})
         mask = 0
         for sig in current:
@@ -589,7 +603,9 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         self._disown(vid)
         if vcpu.timer is not None:
             vcpu.timer.close()
-        vcpu.regs, vcpu.sregs = K.KvmRegs(), K.KvmSregs()  # no views of the closed kvm_run
+        # no views of the closed kvm_run
+        vcpu.regs, vcpu.sregs = K.KvmRegs(), K.KvmSregs()
+        vcpu.regs_q = _words(vcpu.regs)
         vcpu.run.close()
         os.close(vcpu.fd)
         with self._lock:
@@ -607,7 +623,9 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
     def _dirty(self, vcpu: _Vcpu, what: str) -> Any:
         obj = self._get(vcpu, what)
         vcpu.state[what] = 2
-        if what in ("dregs", "events"):
+        if what == "regs":
+            vcpu.kvm_rip = None
+        elif what in ("dregs", "events"):
             vcpu.plain_entry = False
         return obj
 
@@ -617,6 +635,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         ``entering``: KVM_RUN follows at once, so with sync regs the dirty regs/sregs are
         handed over in kvm_run (KVM loads them at entry) instead of by ioctl."""
         state = vcpu.state
+        vcpu.kvm_rip = None
         if entering and vcpu.sync:
             # regs/sregs live in kvm_run: flag the dirty ones, KVM loads them at entry
             dirty = 0
@@ -660,13 +679,14 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
     # --- registers --------------------------------------------------------------------------------
 
     def hv_vcpu_read_register(self, vid: int, reg: int) -> int:
-        vcpu = self._owned.by_id.get(vid)
-        if vcpu is None:
+        vcpu = self._live.get(vid)
+        if vcpu is None or vcpu.owner != _get_ident():
             vcpu = self._vcpu(vid, "hv_vcpu_read_register")  # raises
-        name = _GPR_FIELDS.get(reg)
-        if name is not None:
-            regs = vcpu.regs if vcpu.state["regs"] else self._get(vcpu, "regs")
-            value: int = getattr(regs, name)
+        index = _GPR_INDEX.get(reg)
+        if index is not None:
+            if not vcpu.state["regs"]:
+                self._get(vcpu, "regs")
+            value: int = vcpu.regs_q[index]
             return value
         if reg in _SELECTOR_REGS:
             return int(getattr(self._get(vcpu, "sregs"), _SELECTOR_REGS[reg]).selector)
@@ -708,19 +728,23 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         raise common.bad("hv_vcpu_read_register", f"unknown register {reg}")
 
     def hv_vcpu_write_register(self, vid: int, reg: int, value: int) -> None:
-        vcpu = self._owned.by_id.get(vid)
-        if vcpu is None:
+        vcpu = self._live.get(vid)
+        if vcpu is None or vcpu.owner != _get_ident():
             vcpu = self._vcpu(vid, "hv_vcpu_write_register")  # raises
-        if not 0 <= reg < C.HV_X86_REGISTERS_MAX:
-            raise common.bad("hv_vcpu_write_register", f"unknown register {reg}")
         if not 0 <= value <= _MASK64:
             raise common.bad("hv_vcpu_write_register", f"value {value:#x} does not fit 64 bits")
-        name = _GPR_FIELDS.get(reg)
-        if name is not None:
+        index = _GPR_INDEX.get(reg)
+        if index is not None:
             state = vcpu.state
-            setattr(vcpu.regs if state["regs"] else self._get(vcpu, "regs"), name, value)
+            if not state["regs"]:
+                self._get(vcpu, "regs")
+            vcpu.regs_q[index] = value
             state["regs"] = 2
+            if index != _RIP_INDEX:
+                vcpu.kvm_rip = None
             return
+        if not 0 <= reg < C.HV_X86_REGISTERS_MAX:
+            raise common.bad("hv_vcpu_write_register", f"unknown register {reg}")
         if reg in _SELECTOR_REGS:
             getattr(self._dirty(vcpu, "sregs"), _SELECTOR_REGS[reg]).selector = value & 0xFFFF
             return
@@ -954,8 +978,8 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
     # --- VMCS -------------------------------------------------------------------------------------
 
     def hv_vmx_vcpu_read_vmcs(self, vid: int, field_: int) -> int:
-        vcpu = self._owned.by_id.get(vid)
-        if vcpu is None:
+        vcpu = self._live.get(vid)
+        if vcpu is None or vcpu.owner != _get_ident():
             vcpu = self._vcpu(vid, "hv_vmx_vcpu_read_vmcs")  # raises
         value = vcpu.exit.get(field_)  # only exit fields live there
         if value is not None:
@@ -983,8 +1007,8 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         raise common.field_error("hv_vmx_vcpu_read_vmcs", field_, "kvm")
 
     def hv_vmx_vcpu_write_vmcs(self, vid: int, field_: int, value: int) -> None:
-        vcpu = self._owned.by_id.get(vid)
-        if vcpu is None:
+        vcpu = self._live.get(vid)
+        if vcpu is None or vcpu.owner != _get_ident():
             vcpu = self._vcpu(vid, "hv_vmx_vcpu_write_vmcs")  # raises
         vcpu.plain_entry = False
         if not 0 <= value < 1 << 64:
@@ -1073,14 +1097,14 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
                 pass
 
     def hv_vcpu_run(self, vid: int) -> None:
-        vcpu = self._owned.by_id.get(vid)
-        if vcpu is None:
+        vcpu = self._live.get(vid)
+        if vcpu is None or vcpu.owner != _get_ident():
             vcpu = self._vcpu(vid, "hv_vcpu_run")  # raises
         self._run(vcpu, None, True)
 
     def hv_vcpu_run_until(self, vid: int, deadline: int) -> None:
-        vcpu = self._owned.by_id.get(vid)
-        if vcpu is None:
+        vcpu = self._live.get(vid)
+        if vcpu is None or vcpu.owner != _get_ident():
             vcpu = self._vcpu(vid, "hv_vcpu_run_until")  # raises
         if deadline == _FOREVER:
             self._run(vcpu, None, False)
@@ -1247,13 +1271,11 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
                     # the common entry: dirty regs/sregs are flagged, KVM loads them
                     if state["regs"] == 2:
                         state["regs"] = 1
-                        run[K.RUN_DIRTY_REGS] |= K.KVM_SYNC_X86_REGS
+                        if vcpu.regs_q[_RIP_INDEX] != vcpu.kvm_rip:
+                            run[K.RUN_DIRTY_REGS] |= K.KVM_SYNC_X86_REGS
                     if state["sregs"] == 2:
                         state["sregs"] = 1
                         run[K.RUN_DIRTY_REGS] |= K.KVM_SYNC_X86_SREGS
-                    run[K.RUN_REQUEST_INTERRUPT_WINDOW] = (
-                        1 if controls[C.VMCS_CTRL_CPU_BASED] & C.CPU_BASED_IRQ_WND else 0
-                    )
                 else:
                     if controls[_ACTIVITY] == C.GUEST_ACTIVITY_HLT:
                         if not controls[_ENTRY_INFO] & C.IRQ_INFO_VALID:
@@ -1275,6 +1297,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
                         return
                 else:
                     vcpu.plain_entry = False  # the handlers below may leave work for the entry
+                    vcpu.kvm_rip = None
                     if self._exit(vcpu, result, snapshot[0], deadline, any_exit):
                         return
         finally:
@@ -1299,6 +1322,10 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
             and state["dregs"] != 2
             and state["events"] != 2
         )
+        if plain:  # kvm_run keeps it: a control write makes the next entry not plain
+            vcpu.run[K.RUN_REQUEST_INTERRUPT_WINDOW] = (
+                1 if controls[C.VMCS_CTRL_CPU_BASED] & C.CPU_BASED_IRQ_WND else 0
+            )
         vcpu.plain_entry = plain
         return plain
 
@@ -1456,10 +1483,12 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
             site = self._io_site(vcpu, key)
         if site.completed:
             start = (snapshot[4] - site.back) & _MASK64
-            vcpu.regs.rip = start  # the framework reports RIP at the instruction
+            vcpu.regs_q[_RIP_INDEX] = start  # the framework reports RIP at the instruction
             vcpu.state["regs"] = 2
+            vcpu.kvm_rip = snapshot[4] if vcpu.sync else None
         else:
             start = snapshot[4]
+            vcpu.kvm_rip = None
         if site.is_in:
             vcpu.pending = _IN_OWED
             vcpu.plain_entry = False

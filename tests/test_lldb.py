@@ -41,8 +41,12 @@ def test_lldb_session(hello: Path, backend: str, tmp_path: Path) -> None:
             args += ["-o", command]
         result = subprocess.run(args, capture_output=True, text=True, timeout=120)
         out = result.stdout
-        start = int(subprocess.run(["nm", str(hello)], capture_output=True, text=True)
-                    .stdout.split(" T start32")[0].split("\n")[-1], 16)
+        start = int(
+            subprocess.run(["nm", str(hello)], capture_output=True, text=True)
+            .stdout.split(" T start32")[0]
+            .split("\n")[-1],
+            16,
+        )
         assert f"rip = 0x{start:016x}" in out  # stopped before the first instruction
         assert "stop reason = breakpoint 1.1" in out and "`fib" in out
         assert "cr3 = 0x" in out and "efer = 0x" in out

@@ -25,6 +25,12 @@ KVM *is* the framework here: same calls, same return codes, exits described thro
   interrupt-window exiting becomes ``request_interrupt_window``, the entry interruption info
   becomes ``KVM_INTERRUPT``, ``KVM_NMI`` or an injected exception.
   Exit fields are computed from ``kvm_run``.
+* **The exit path.** ``_run`` inlines the common entry: when nothing is owed to KVM and nothing
+  is to be injected (``vcpu.plain_entry``, dropped by every exit but an OUT exit and by the
+  calls that can create such work), an entry is the dirty-regs flags and one KVM_RUN. Where
+  KVM has completed an OUT and the VMM moves RIP back to where KVM is (``vcpu.kvm_rip``)
+  without writing another register, no registers are loaded. Guest time
+  (``hv_vcpu_get_exec_time``) is the monotonic clock around KVM_RUN.
 * **The framework's instruction-exit contract.** On I/O, HLT, RDMSR and WRMSR exits RIP points at
   the instruction and VMCS_RO_VMEXIT_INSTR_LEN gives its length; the VMM writes results and
   advances RIP. Where KVM would complete the instruction itself on re-entry, this module rewinds

@@ -195,6 +195,35 @@ def test_what_the_vmm_does_after_an_out_exit_is_what_the_guest_sees(hv_vm: Vm) -
     assert next_out() == (out_rip, 0x42)
 
 
+def test_io_exits_without_sync_regs(hv_vm: Vm, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where KVM lacks KVM_CAP_SYNC_REGS the registers travel by ioctl: the same contract."""
+    backend = kvm_backend()
+    monkeypatch.setattr(backend, "use_sync_regs", False)
+    code = asm(
+        f"""
+    again:
+        in al, {COUNTER_PORT}
+        inc al
+        out {ECHO_PORT}, al
+        jmp again
+        """
+    )
+    vcpu = hv_vm.vcpu(code=code)
+    if backend_kind() == "kvm":
+        assert not backend._vcpus[vcpu].sync
+    for value in (7, 8, 9):
+        assert run_to_exit(vcpu) == hv.VMX_REASON_IO
+        assert io_exit(vcpu) == (COUNTER_PORT, 1, True)
+        assert hv_vm.mem.read(reg(vcpu, hv.HV_X86_RIP), 2) == bytes([0xE4, COUNTER_PORT])
+        set_reg(vcpu, hv.HV_X86_RAX, value)
+        skip_instruction(vcpu)
+        assert run_to_exit(vcpu) == hv.VMX_REASON_IO
+        assert io_exit(vcpu) == (ECHO_PORT, 1, False)
+        assert hv_vm.mem.read(reg(vcpu, hv.HV_X86_RIP), 2) == bytes([0xE6, ECHO_PORT])
+        assert reg(vcpu, hv.HV_X86_RAX) & 0xFF == value + 1
+        skip_instruction(vcpu)
+
+
 def test_hlt_exit_fields(hv_vm: Vm) -> None:
     code = asm("nop\nnop\nhlt\nmov al, 7\nout 0x10, al")
     vcpu = hv_vm.vcpu(code=code)

@@ -326,6 +326,8 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
 
     name = "kvm"
     _capabilities = common.vmx_capabilities(C.CPU_BASED2_INVPCID | C.CPU_BASED2_XSAVES_XRSTORS)
+    use_sync_regs = True
+    """Use KVM_CAP_SYNC_REGS where KVM has it (False: registers by ioctl, as on KVMs without)."""
 
     def __init__(self) -> None:
         try:
@@ -557,7 +559,9 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         """Signal mask for kicks: KICK_SIGNAL blocked in the thread, open inside KVM_RUN.
         With KVM_CAP_SYNC_REGS, KVM stores regs and sregs in kvm_run at every exit and loads
         the dirty ones at entry, which saves GET/SET_REGS and GET/SET_SREGS per exit."""
-        vcpu.sync = bool(ioctl(self._kvm, K.KVM_CHECK_EXTENSION, K.KVM_CAP_SYNC_REGS) & 3 == 3)
+        vcpu.sync = self.use_sync_regs and bool(
+            ioctl(self._kvm, K.KVM_CHECK_EXTENSION, K.KVM_CAP_SYNC_REGS) & 3 == 3
+        )
         vcpu.run_address = buffer_address(vcpu.run)[0]
         if vcpu.sync:
             struct.pack_into(

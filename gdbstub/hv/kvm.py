@@ -170,7 +170,7 @@ def _layout(*fields: tuple[int, str]) -> struct.Struct:
 
 
 # What an exit is about, in one unpack of kvm_run: the exit reason, the io header (direction,
-# size, port), then with sync regs rip, cs.base, cr0, cr3, cr4. snapshot[1:] identifies an I/O
+# size, port), then with sync regs rip, cs.base, cr0, cr3, cr4. For an I/O exit it identifies the
 # exit site: the same place, instruction and paging state.
 _EXIT_SNAPSHOT = _layout(
     (K.RUN_EXIT_REASON, "I"),
@@ -312,7 +312,7 @@ class _Vcpu:
         self.xlate_cache: dict[tuple[int, int, int, int], int] = {}
         # exits whose instruction was located: (linear rip, kind, key) -> (code window, result)
         self.insn_cache: dict[tuple[int, str, int], tuple[bytes, tuple[int, int, bool]]] = {}
-        # I/O exits at a known place: _EXIT_SNAPSHOT[1:] -> _IoSite
+        # I/O exits at a known place: _EXIT_SNAPSHOT -> _IoSite
         self.io_cache: dict[tuple[int, ...], _IoSite] = {}
         self.sync = False  # KVM_CAP_SYNC_REGS: regs and sregs travel in kvm_run
         self.run_address = 0
@@ -1483,14 +1483,13 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         if not vcpu.sync:  # the registers are not in kvm_run
             regs, sregs = self._get(vcpu, "regs"), self._get(vcpu, "sregs")
             snapshot = (*snapshot[:4], regs.rip, sregs.cs.base, sregs.cr0, sregs.cr3, sregs.cr4)
-        key = snapshot[1:]
-        site = vcpu.io_cache.get(key)
+        site = vcpu.io_cache.get(snapshot)
         if (
             site is None
             or site.code.raw != site.window
             or (site.code2 is not None and site.code2.raw != site.window2)
         ):
-            site = self._io_site(vcpu, key)
+            site = self._io_site(vcpu, snapshot)
         if site.completed:
             start = (snapshot[4] - site.back) & _MASK64
             vcpu.regs_q[_RIP_INDEX] = start  # the framework reports RIP at the instruction
@@ -1507,10 +1506,10 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         return True
 
     def _io_site(self, vcpu: _Vcpu, key: tuple[int, ...]) -> _IoSite:
-        """Decode the I/O instruction of this exit and remember it under ``key`` (direction,
-        size, port, rip, cs.base, cr0, cr3, cr4) when the code around it lies in one page (its
-        bytes then validate the entry at the next exit)."""
-        direction, size, port, rip_at_exit, cs_base = key[:5]
+        """Decode the I/O instruction of this exit and remember it under ``key`` (the exit's
+        snapshot: reason, direction, size, port, rip, cs.base, cr0, cr3, cr4) when the code
+        around it lies in one page (its bytes then validate the entry at the next exit)."""
+        _, direction, size, port, rip_at_exit, cs_base = key[:6]
         is_in_exit = direction == K.KVM_EXIT_IO_IN
         linear = (cs_base + rip_at_exit) & _MASK64
         regs = self._get(vcpu, "regs")

@@ -182,7 +182,7 @@ _EXIT_SNAPSHOT = _layout(
 ).unpack_from
 _KVM_EXIT_IO = K.KVM_EXIT_IO
 _IN_OWED = ("in", 0)
-# I/O exit fields that change from one exit to the next at the same place
+# I/O exit fields answered from the registers (VMCS_RO_IO_RIP is kept at the exit)
 _IO_EXIT_REGS = {
     C.VMCS_RO_IO_RCX: "rcx",
     C.VMCS_RO_IO_RSI: "rsi",
@@ -1032,7 +1032,6 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
             vcpu.controls[field_] = value
             if field_ in (C.VMCS_CTRL_EXC_BITMAP, C.VMCS_CTRL_CPU_BASED):
                 vcpu.guest_debug_dirty = True
-                vcpu.plain_entry = False
             return
         if field_ == C.VMCS_GUEST_ACTIVITY_STATE:
             if value not in (0, 1, 2, 3):

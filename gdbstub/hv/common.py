@@ -390,6 +390,31 @@ ENTRY_MUST = 0x11FF
 EXIT_MUST = 0x36DFF
 
 
+def initial_controls() -> dict[int, int]:
+    """A new vCPU's VMCS controls and the guest fields the backends keep beside them."""
+    return {
+        C.VMCS_CTRL_PIN_BASED: PIN_MUST,
+        C.VMCS_CTRL_CPU_BASED: PROC_MUST,
+        C.VMCS_CTRL_CPU_BASED2: PROC2_MUST,
+        C.VMCS_CTRL_VMENTRY_CONTROLS: ENTRY_MUST,
+        C.VMCS_CTRL_VMEXIT_CONTROLS: EXIT_MUST,
+        C.VMCS_CTRL_EXC_BITMAP: 0,
+        C.VMCS_CTRL_VMENTRY_IRQ_INFO: 0,
+        C.VMCS_CTRL_VMENTRY_EXC_ERROR: 0,
+        C.VMCS_CTRL_VMENTRY_INSTR_LEN: 0,
+        C.VMCS_CTRL_TPR_THRESHOLD: 0,
+        C.VMCS_CTRL_CR0_MASK: 0,
+        C.VMCS_CTRL_CR4_MASK: 0,
+        C.VMCS_CTRL_CR0_SHADOW: 0,
+        C.VMCS_CTRL_CR4_SHADOW: 0,
+        C.VMCS_CTRL_PF_ERROR_MASK: 0,
+        C.VMCS_CTRL_PF_ERROR_MATCH: 0,
+        C.VMCS_GUEST_DEBUG_EXC: 0,
+        C.VMCS_GUEST_LINK_POINTER: (1 << 64) - 1,
+        C.VMCS_GUEST_ACTIVITY_STATE: C.GUEST_ACTIVITY_ACTIVE,
+    }
+
+
 def vmx_capabilities(proc2_extra: int = 0) -> dict[int, int]:
     """The ``hv_vmx_read_capability`` table; ``proc2_extra``: secondary controls the backend
     also allows."""

@@ -282,27 +282,7 @@ class _Vcpu:
         self.events = K.KvmVcpuEvents()
         # cache state per struct: 0 = not fetched, 1 = clean, 2 = dirty
         self.state = {"regs": 0, "sregs": 0, "dregs": 0, "events": 0}
-        self.controls: dict[int, int] = {
-            C.VMCS_CTRL_PIN_BASED: common.PIN_MUST,
-            C.VMCS_CTRL_CPU_BASED: common.PROC_MUST,
-            C.VMCS_CTRL_CPU_BASED2: common.PROC2_MUST,
-            C.VMCS_CTRL_VMENTRY_CONTROLS: common.ENTRY_MUST,
-            C.VMCS_CTRL_VMEXIT_CONTROLS: common.EXIT_MUST,
-            C.VMCS_CTRL_EXC_BITMAP: 0,
-            C.VMCS_CTRL_VMENTRY_IRQ_INFO: 0,
-            C.VMCS_CTRL_VMENTRY_EXC_ERROR: 0,
-            C.VMCS_CTRL_VMENTRY_INSTR_LEN: 0,
-            C.VMCS_CTRL_TPR_THRESHOLD: 0,
-            C.VMCS_CTRL_CR0_MASK: 0,
-            C.VMCS_CTRL_CR4_MASK: 0,
-            C.VMCS_CTRL_CR0_SHADOW: 0,
-            C.VMCS_CTRL_CR4_SHADOW: 0,
-            C.VMCS_CTRL_PF_ERROR_MASK: 0,
-            C.VMCS_CTRL_PF_ERROR_MATCH: 0,
-            C.VMCS_GUEST_DEBUG_EXC: 0,
-            C.VMCS_GUEST_LINK_POINTER: (1 << 64) - 1,
-            C.VMCS_GUEST_ACTIVITY_STATE: C.GUEST_ACTIVITY_ACTIVE,
-        }
+        self.controls = common.initial_controls()
         self.exit: dict[int, int] = {C.VMCS_RO_EXIT_REASON: 0}
         self.guest_debug_dirty = True
         self.msr = common.MsrPermissions()

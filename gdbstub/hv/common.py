@@ -8,6 +8,8 @@ MSR permissions; the backends that build the framework themselves keep them here
   of mapped regions (page-aligned, not overlapping, sorted); a failed call leaves it untouched;
 * ``MsrPermissions``: native, managed and per-access MSR permissions of one vCPU;
 * ``decode_io``: the length and form of an IN/OUT/INS/OUTS, for the I/O exit contract;
+* ``exit_fields``, ``ept_permission_bits``, ``check_fp_buffer``: exit records and argument
+  checks both backends produce the same way;
 * ``FrameworkBooks``: the base of those backends: spaces, vCPUs and owner threads, and the
   calls that only touch the books (map/unmap/protect, MSR permissions, destroy).
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
@@ -208,6 +211,57 @@ def decode_io(code: bytes) -> tuple[int, int | None, int]:
     return 0, None, 0
 
 
+# --- exit records and argument checks ---------------------------------------------------------
+
+EXIT_FIELD_NAMES = {
+    "qual": C.VMCS_RO_EXIT_QUALIFIC,
+    "length": C.VMCS_RO_VMEXIT_INSTR_LEN,
+    "gpa": C.VMCS_GUEST_PHYSICAL_ADDRESS,
+    "gla": C.VMCS_RO_GUEST_LIN_ADDR,
+    "irq_info": C.VMCS_RO_VMEXIT_IRQ_INFO,
+    "irq_error": C.VMCS_RO_VMEXIT_IRQ_ERROR,
+    "idt_info": C.VMCS_RO_IDT_VECTOR_INFO,
+    "mmio_data": C.GDBSTUB_VMCS_MMIO_DATA,
+    "mmio_size": C.GDBSTUB_VMCS_MMIO_SIZE,
+    "mmio_decoded": C.GDBSTUB_VMCS_MMIO_DECODED,
+    "instr_error": C.VMCS_RO_INSTR_ERROR,
+}
+"""Keyword names of ``exit_fields`` -> the VMCS exit-information fields they set."""
+
+
+def exit_fields(reason: int, **fields: int) -> dict[int, int]:
+    """The exit fields of one exit: the reason and the named fields (``EXIT_FIELD_NAMES``)."""
+    record = {C.VMCS_RO_EXIT_REASON: reason}
+    for key, value in fields.items():
+        record[EXIT_FIELD_NAMES[key]] = value
+    return record
+
+
+def ept_permission_bits(flags: int) -> int:
+    """EPT-violation qualification bits for what the mapping (HV_MEMORY_* ``flags``) allows."""
+    bits = 0
+    if flags & C.HV_MEMORY_READ:
+        bits |= C.EPT_VIOLATION_GPA_READABLE
+    if flags & C.HV_MEMORY_WRITE:
+        bits |= C.EPT_VIOLATION_GPA_WRITEABLE
+    if flags & C.HV_MEMORY_EXEC:
+        bits |= C.EPT_VIOLATION_GPA_EXECUTABLE
+    return bits
+
+
+def check_fp_buffer(call: str, buffer: Buffer, size: int, needed: int) -> memoryview:
+    """``buffer`` as bytes if ``size`` covers the ``needed`` XSAVE image and fits in it."""
+    try:
+        view = memoryview(buffer).cast("B")
+    except TypeError as exc:
+        raise bad(call, f"buffer: {exc}") from exc
+    if size < needed or size > len(view):
+        raise bad(
+            call, f"fpstate needs {needed} bytes, got size {size} with a buffer of {len(view)}"
+        )
+    return view
+
+
 # --- the VM-wide books ---------------------------------------------------------------------------
 
 
@@ -222,6 +276,8 @@ class VcpuRecord(Protocol):
 
     owner: int
     msr: MsrPermissions
+    exec_ns: int
+    kick: threading.Event
 
     @property
     def destroyed(self) -> bool: ...
@@ -290,6 +346,30 @@ class FrameworkBooks(Generic[SpaceT, VcpuT]):
     def _disown(self, vid: int) -> None:
         """vCPU ``vid`` is destroyed: its id names nothing from now on."""
         self._live.pop(vid, None)
+
+    def _kick_targets(self, vids: list[int]) -> list[VcpuT]:
+        """The vCPUs ``hv_vcpu_interrupt`` names (any thread), their kick flags set; one
+        unknown id raises before anybody is kicked."""
+        targets = []
+        for vid in vids:
+            vcpu = self._live.get(vid)
+            if vcpu is None:
+                raise bad("hv_vcpu_interrupt", f"no vCPU {vid}")
+            targets.append(vcpu)
+        for vcpu in targets:
+            vcpu.kick.set()
+        return targets
+
+    # --- time --------------------------------------------------------------------------------
+
+    def hv_vcpu_get_exec_time(self, vid: int) -> int:
+        return self._vcpu(vid, "hv_vcpu_get_exec_time").exec_ns
+
+    def mach_absolute_time(self) -> int:
+        return time.monotonic_ns()
+
+    def mach_timebase_info(self) -> tuple[int, int]:
+        return (1, 1)
 
     # --- VM and memory -----------------------------------------------------------------------
 

@@ -865,21 +865,9 @@ class EmuBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
 
     # --- fpstate ---------------------------------------------------------------------------------
 
-    def _check_fp_buffer(self, call: str, buffer: Buffer, size: int) -> memoryview:
-        try:
-            view = memoryview(buffer).cast("B")
-        except TypeError as exc:
-            raise common.bad(call, f"buffer: {exc}") from exc
-        if size < _XSAVE_SIZE or size > len(view):
-            raise common.bad(
-                call,
-                f"fpstate needs {_XSAVE_SIZE} bytes, got size {size} with a buffer of {len(view)}",
-            )
-        return view
-
     def hv_vcpu_read_fpstate(self, vid: int, buffer: Buffer, size: int) -> None:
         vcpu = self._vcpu(vid, "hv_vcpu_read_fpstate")
-        view = self._check_fp_buffer("hv_vcpu_read_fpstate", buffer, size)
+        view = common.check_fp_buffer("hv_vcpu_read_fpstate", buffer, size, _XSAVE_SIZE)
         if view.readonly:
             raise common.bad("hv_vcpu_read_fpstate", "buffer is read-only")
         uc = vcpu.uc
@@ -905,7 +893,7 @@ class EmuBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
 
     def hv_vcpu_write_fpstate(self, vid: int, buffer: Buffer, size: int) -> None:
         vcpu = self._vcpu(vid, "hv_vcpu_write_fpstate")
-        view = self._check_fp_buffer("hv_vcpu_write_fpstate", buffer, size)
+        view = common.check_fp_buffer("hv_vcpu_write_fpstate", buffer, size, _XSAVE_SIZE)
         image = bytes(view[:_XSAVE_SIZE])
         fcw, fsw, abridged = struct.unpack_from("<HHB", image, 0)
         mxcsr = struct.unpack_from("<I", image, 24)[0]
@@ -978,15 +966,6 @@ class EmuBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
             for vcpu in self._vcpus.values():
                 if not vcpu.destroyed:
                     vcpu.tsc_offset = (tsc - now) & _M64
-
-    def hv_vcpu_get_exec_time(self, vid: int) -> int:
-        return self._vcpu(vid, "hv_vcpu_get_exec_time").exec_ns
-
-    def mach_absolute_time(self) -> int:
-        return time.monotonic_ns()
-
-    def mach_timebase_info(self) -> tuple[int, int]:
-        return (1, 1)
 
     # --- VMCS ------------------------------------------------------------------------------------
 
@@ -1390,14 +1369,7 @@ class EmuBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
     # --- running ---------------------------------------------------------------------------------
 
     def hv_vcpu_interrupt(self, vids: list[int]) -> None:
-        targets = []
-        for vid in vids:
-            vcpu = self._vcpus.get(vid)
-            if vcpu is None or vcpu.destroyed:
-                raise common.bad("hv_vcpu_interrupt", f"no vCPU {vid}")
-            targets.append(vcpu)
-        for vcpu in targets:
-            vcpu.kick.set()
+        for vcpu in self._kick_targets(vids):
             # emu_stop is lost if emu_start has not begun yet: repeat until the owner noticed.
             for _ in range(2000):
                 with vcpu.lock:
@@ -1416,18 +1388,7 @@ class EmuBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         self._run(vcpu, None if deadline == _FOREVER else deadline, any_exit=False)
 
     def _set_exit(self, vcpu: _Vcpu, reason: int, **fields: int) -> None:
-        vcpu.exit = {C.VMCS_RO_EXIT_REASON: reason}
-        names = {
-            "qual": C.VMCS_RO_EXIT_QUALIFIC,
-            "length": C.VMCS_RO_VMEXIT_INSTR_LEN,
-            "gpa": C.VMCS_GUEST_PHYSICAL_ADDRESS,
-            "gla": C.VMCS_RO_GUEST_LIN_ADDR,
-            "irq_info": C.VMCS_RO_VMEXIT_IRQ_INFO,
-            "irq_error": C.VMCS_RO_VMEXIT_IRQ_ERROR,
-            "idt_info": C.VMCS_RO_IDT_VECTOR_INFO,
-        }
-        for key, value in fields.items():
-            vcpu.exit[names[key]] = value
+        vcpu.exit = common.exit_fields(reason, **fields)
         vcpu.exit_recorded = True  # type: ignore[attr-defined]
 
     def _run(self, vcpu: _Vcpu, deadline: int | None, *, any_exit: bool) -> None:
@@ -1767,12 +1728,7 @@ class EmuBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
             if fetch
             else C.EPT_VIOLATION_DATA_READ
         )
-        if perm & C.HV_MEMORY_READ:
-            qual |= C.EPT_VIOLATION_GPA_READABLE
-        if perm & C.HV_MEMORY_WRITE:
-            qual |= C.EPT_VIOLATION_GPA_WRITEABLE
-        if perm & C.HV_MEMORY_EXEC:
-            qual |= C.EPT_VIOLATION_GPA_EXECUTABLE
+        qual |= common.ept_permission_bits(perm)
         self._set_exit(vcpu, C.VMX_REASON_EPT_VIOLATION, qual=qual, gpa=gpa)
         vcpu.exit[C.GDBSTUB_VMCS_MMIO_DECODED] = 0
         vcpu.exit[C.GDBSTUB_VMCS_MMIO_SIZE] = 0

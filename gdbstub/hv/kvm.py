@@ -789,22 +789,9 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
 
     # --- fpstate ----------------------------------------------------------------------------------
 
-    def _check_fp_buffer(self, call: str, buffer: Buffer, size: int) -> memoryview:
-        try:
-            view = memoryview(buffer).cast("B")
-        except TypeError as exc:
-            raise common.bad(call, f"buffer: {exc}") from exc
-        if size < self._xsave_size or size > len(view):
-            raise common.bad(
-                call,
-                f"fpstate needs {self._xsave_size} bytes, got size {size} "
-                f"with a buffer of {len(view)}",
-            )
-        return view
-
     def hv_vcpu_read_fpstate(self, vid: int, buffer: Buffer, size: int) -> None:
         vcpu = self._vcpu(vid, "hv_vcpu_read_fpstate")
-        view = self._check_fp_buffer("hv_vcpu_read_fpstate", buffer, size)
+        view = common.check_fp_buffer("hv_vcpu_read_fpstate", buffer, size, self._xsave_size)
         if view.readonly:
             raise common.bad("hv_vcpu_read_fpstate", "buffer is read-only")
         xsave = K.KvmXsave()
@@ -814,7 +801,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
 
     def hv_vcpu_write_fpstate(self, vid: int, buffer: Buffer, size: int) -> None:
         vcpu = self._vcpu(vid, "hv_vcpu_write_fpstate")
-        view = self._check_fp_buffer("hv_vcpu_write_fpstate", buffer, size)
+        view = common.check_fp_buffer("hv_vcpu_write_fpstate", buffer, size, self._xsave_size)
         xsave = K.KvmXsave()
         count = min(size, ctypes.sizeof(xsave))
         ctypes.memmove(xsave.region, bytes(view[:count]), count)
@@ -956,15 +943,6 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
                     vcpu.pending_tsc = (tsc, now)
                     vcpu.plain_entry = False
 
-    def hv_vcpu_get_exec_time(self, vid: int) -> int:
-        return self._vcpu(vid, "hv_vcpu_get_exec_time").exec_ns
-
-    def mach_absolute_time(self) -> int:
-        return time.monotonic_ns()
-
-    def mach_timebase_info(self) -> tuple[int, int]:
-        return (1, 1)
-
     # --- VMCS -------------------------------------------------------------------------------------
 
     def hv_vmx_vcpu_read_vmcs(self, vid: int, field_: int) -> int:
@@ -1071,14 +1049,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
     # --- running ----------------------------------------------------------------------------------
 
     def hv_vcpu_interrupt(self, vids: list[int]) -> None:
-        targets = []
-        for vid in vids:
-            vcpu = self._vcpus.get(vid)
-            if vcpu is None or vcpu.destroyed:
-                raise common.bad("hv_vcpu_interrupt", f"no vCPU {vid}")
-            targets.append(vcpu)
-        for vcpu in targets:
-            vcpu.kick.set()
+        for vcpu in self._kick_targets(vids):
             vcpu.kicked = True
             try:
                 signal.pthread_kill(vcpu.owner, KICK_SIGNAL)
@@ -1103,22 +1074,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         self._run(vcpu, deadline, False)
 
     def _set_exit(self, vcpu: _Vcpu, reason: int, **fields: int) -> None:
-        vcpu.exit = {C.VMCS_RO_EXIT_REASON: reason}
-        names = {
-            "qual": C.VMCS_RO_EXIT_QUALIFIC,
-            "length": C.VMCS_RO_VMEXIT_INSTR_LEN,
-            "gpa": C.VMCS_GUEST_PHYSICAL_ADDRESS,
-            "gla": C.VMCS_RO_GUEST_LIN_ADDR,
-            "irq_info": C.VMCS_RO_VMEXIT_IRQ_INFO,
-            "irq_error": C.VMCS_RO_VMEXIT_IRQ_ERROR,
-            "idt_info": C.VMCS_RO_IDT_VECTOR_INFO,
-            "mmio_data": C.GDBSTUB_VMCS_MMIO_DATA,
-            "mmio_size": C.GDBSTUB_VMCS_MMIO_SIZE,
-            "mmio_decoded": C.GDBSTUB_VMCS_MMIO_DECODED,
-            "instr_error": C.VMCS_RO_INSTR_ERROR,
-        }
-        for key, value in fields.items():
-            vcpu.exit[names[key]] = value
+        vcpu.exit = common.exit_fields(reason, **fields)
 
     def _prepare_entry(self, vcpu: _Vcpu) -> None:
         """Turn cached state, controls and owed completions into KVM state before KVM_RUN."""
@@ -1554,19 +1510,11 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         gpa = struct.unpack_from("<Q", run, K.RUN_MMIO_PHYS_ADDR)[0]
         size = struct.unpack_from("<I", run, K.RUN_MMIO_LEN)[0]
         is_write = run[K.RUN_MMIO_IS_WRITE]
-        host = self._host_address(vcpu.space, gpa)
-        perm = 0
-        if host is not None:
-            for region in vcpu.space.regions:
-                if region.gpa <= gpa < region.gpa + region.size:
-                    perm = region.flags
+        region = None
+        if self._host_address(vcpu.space, gpa) is not None:
+            region = common.region_at(vcpu.space.regions, gpa)
         qual = C.EPT_VIOLATION_DATA_WRITE if is_write else C.EPT_VIOLATION_DATA_READ
-        if perm & C.HV_MEMORY_READ:
-            qual |= C.EPT_VIOLATION_GPA_READABLE
-        if perm & C.HV_MEMORY_WRITE:
-            qual |= C.EPT_VIOLATION_GPA_WRITEABLE
-        if perm & C.HV_MEMORY_EXEC:
-            qual |= C.EPT_VIOLATION_GPA_EXECUTABLE
+        qual |= common.ept_permission_bits(region.flags if region is not None else 0)
         data = (
             int.from_bytes(bytes(run[K.RUN_MMIO_DATA : K.RUN_MMIO_DATA + min(size, 8)]), "little")
             if is_write

@@ -343,13 +343,22 @@ def kvm_backend() -> KvmBackend:
     pytest.skip(f"looks inside KVM: the {kind} backend has no KVM underneath")
 
 
+def new_vm() -> Vm:
+    """Create the process's VM with RAM_SIZE bytes of RWX memory at GPA 0."""
+    hv.hv_vm_create(hv.HV_VM_DEFAULT)
+    mem = GuestMemory(RAM_SIZE)
+    try:
+        hv.hv_vm_map(mem.buf, 0, RAM_SIZE, RWX)
+    except BaseException:
+        hv.hv_vm_destroy()
+        raise
+    return Vm(mem)
+
+
 @pytest.fixture
 def hv_vm(hv_backend: str) -> Iterator[Vm]:
     """The process's VM with RAM_SIZE bytes of RWX memory at GPA 0."""
-    hv.hv_vm_create(hv.HV_VM_DEFAULT)
-    mem = GuestMemory(RAM_SIZE)
-    hv.hv_vm_map(mem.buf, 0, RAM_SIZE, RWX)
-    vm = Vm(mem)
+    vm = new_vm()
     try:
         yield vm
     finally:

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hvguest import CODE, RAM_SIZE, RWX, GuestMemory, Vm, asm, reg, run, set_reg, vmcs
+from hvguest import CODE, RWX, GuestMemory, Vm, asm, new_vm, reg, run, set_reg, vmcs
 from shim import hvshim
 
 from gdbstub import hv
@@ -63,10 +63,7 @@ def backend() -> Iterator[HvfBackend]:
 @pytest.fixture
 def vm(backend: HvfBackend) -> Iterator[Vm]:
     """The process's VM (through the binding) with RAM at GPA 0."""
-    hv.hv_vm_create(hv.HV_VM_DEFAULT)
-    mem = GuestMemory(RAM_SIZE)
-    hv.hv_vm_map(mem.buf, 0, RAM_SIZE, RWX)
-    machine = Vm(mem)
+    machine = new_vm()
     try:
         yield machine
     finally:
@@ -407,10 +404,8 @@ def test_callback_exception_becomes_hv_error(backend: HvfBackend) -> None:
 def test_missing_symbols_on_macos_10_14() -> None:
     with hvshim.installed(1014) as old:
         assert not old.has("hv_vcpu_run_until")
-        hv.hv_vm_create(hv.HV_VM_DEFAULT)
-        machine = Vm(GuestMemory(RAM_SIZE))
+        machine = new_vm()
         try:
-            hv.hv_vm_map(machine.mem.buf, 0, RAM_SIZE, RWX)
             vcpu = machine.vcpu("real", asm("hlt"))
             with pytest.raises(hv.HvError) as err:
                 hv.hv_vcpu_run_until(vcpu, hv.HV_DEADLINE_FOREVER)
@@ -429,10 +424,8 @@ def test_macos_10_15_managed_msrs_and_forever() -> None:
     """10.15: no managed MSRs (clear error); HV_DEADLINE_FOREVER done as deadline slices."""
     with hvshim.installed(1015) as old:
         assert not old.macos_11
-        hv.hv_vm_create(hv.HV_VM_DEFAULT)
-        machine = Vm(GuestMemory(RAM_SIZE))
+        machine = new_vm()
         try:
-            hv.hv_vm_map(machine.mem.buf, 0, RAM_SIZE, RWX)
             vcpu = machine.vcpu("real", asm("jmp $"))
             with pytest.raises(hv.HvError) as err:
                 hv.hv_vcpu_enable_managed_msr(vcpu, hv.MSR_TSC_AUX, True)
@@ -452,10 +445,8 @@ def test_macos_10_15_managed_msrs_and_forever() -> None:
 def test_forever_slices_go_on_past_the_slice_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hvf, "FOREVER_SLICE_NS", 20 * MS)
     with hvshim.installed(1015):
-        hv.hv_vm_create(hv.HV_VM_DEFAULT)
-        machine = Vm(GuestMemory(RAM_SIZE))
+        machine = new_vm()
         try:
-            hv.hv_vm_map(machine.mem.buf, 0, RAM_SIZE, RWX)
             vcpu = machine.vcpu("real", asm("jmp $"))
             entries = calls("hv_vcpu_run_until")
             timer = threading.Timer(0.15, hv.hv_vcpu_interrupt, args=(vcpu,))

@@ -142,6 +142,14 @@ def setup_controls(vcpu: int, hlt_exit: bool = True) -> None:
         set_vmcs(vcpu, fld, hv.cap2ctrl(hv.hv_vmx_read_capability(cap), want))
 
 
+def _start_at(vcpu: int, rip: int, rflags: int = 2) -> None:
+    """RIP, RFLAGS and RSP of a fresh vCPU, and the controls every test vCPU has."""
+    set_reg(vcpu, hv.HV_X86_RIP, rip)
+    set_reg(vcpu, hv.HV_X86_RFLAGS, rflags)
+    set_reg(vcpu, hv.HV_X86_RSP, STACK)
+    setup_controls(vcpu)
+
+
 def setup_real_mode(vcpu: int, rip: int = CODE) -> None:
     """16-bit real mode, all segment bases 0, RIP at ``rip``, SP at STACK."""
     for i in range(6):
@@ -155,10 +163,7 @@ def setup_real_mode(vcpu: int, rip: int = CODE) -> None:
     set_vmcs(vcpu, hv.VMCS_GUEST_CR0, CR0_ET)
     set_vmcs(vcpu, hv.VMCS_GUEST_CR4, 0)
     set_vmcs(vcpu, hv.VMCS_GUEST_IA32_EFER, 0)
-    set_reg(vcpu, hv.HV_X86_RIP, rip)
-    set_reg(vcpu, hv.HV_X86_RFLAGS, 2)
-    set_reg(vcpu, hv.HV_X86_RSP, STACK)
-    setup_controls(vcpu)
+    _start_at(vcpu, rip)
 
 
 def _flat_gdt(mem: GuestMemory) -> None:
@@ -200,10 +205,7 @@ def setup_protected_mode(
     set_vmcs(vcpu, hv.VMCS_GUEST_CR4, CR4_OSFXSR | CR4_OSXMMEXCPT)
     set_vmcs(vcpu, hv.VMCS_GUEST_CR0, cr0)
     set_vmcs(vcpu, hv.VMCS_GUEST_IA32_EFER, 0)
-    set_reg(vcpu, hv.HV_X86_RIP, rip)
-    set_reg(vcpu, hv.HV_X86_RFLAGS, 2)
-    set_reg(vcpu, hv.HV_X86_RSP, STACK)
-    setup_controls(vcpu)
+    _start_at(vcpu, rip)
 
 
 def build_long_mode_tables(mem: GuestMemory) -> None:
@@ -247,10 +249,7 @@ def setup_long_mode(vcpu: int, mem: GuestMemory, rip: int = CODE, user: bool = F
     set_vmcs(vcpu, hv.VMCS_GUEST_CR4, CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT | CR4_OSXSAVE)
     set_vmcs(vcpu, hv.VMCS_GUEST_IA32_EFER, hv.EFER_LME | hv.EFER_LMA)
     set_vmcs(vcpu, hv.VMCS_GUEST_CR0, CR0_PE | CR0_ET | CR0_NE | CR0_PG)
-    set_reg(vcpu, hv.HV_X86_RIP, rip)
-    set_reg(vcpu, hv.HV_X86_RFLAGS, 0x3002 if user else 2)
-    set_reg(vcpu, hv.HV_X86_RSP, STACK)
-    setup_controls(vcpu)
+    _start_at(vcpu, rip, 0x3002 if user else 2)
     set_vmcs(
         vcpu,
         hv.VMCS_CTRL_VMENTRY_CONTROLS,

@@ -360,6 +360,26 @@ class FrameworkBooks(Generic[SpaceT, VcpuT]):
             vcpu.kick.set()
         return targets
 
+    def _set_exit(self, vcpu: VcpuT, reason: int, **fields: int) -> None:
+        """Record an exit for the caller of run/run_until (``exit_fields``)."""
+        raise NotImplementedError
+
+    def _end_without_exit(self, vcpu: VcpuT, deadline: int | None, any_exit: bool) -> bool:
+        """The guest stopped without an exit of its own (a signal, a stop request): record a
+        kick (exit 1), the deadline (exit 52) or, for ``hv_vcpu_run``, any stop (exit 1).
+        False: nothing for the caller, run on."""
+        if vcpu.kick.is_set():
+            vcpu.kick.clear()
+            self._set_exit(vcpu, C.VMX_REASON_IRQ)
+            return True
+        if deadline is not None and time.monotonic_ns() >= deadline:
+            self._set_exit(vcpu, C.VMX_REASON_VMX_TIMER_EXPIRED)
+            return True
+        if any_exit:
+            self._set_exit(vcpu, C.VMX_REASON_IRQ)
+            return True
+        return False
+
     # --- time --------------------------------------------------------------------------------
 
     def hv_vcpu_get_exec_time(self, vid: int) -> int:

@@ -1657,13 +1657,7 @@ class EmuBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         if stepping:
             self._set_exit(vcpu, C.VMX_REASON_MTF)
             return True
-        if deadline is not None and time.monotonic_ns() >= deadline:
-            self._set_exit(vcpu, C.VMX_REASON_VMX_TIMER_EXPIRED)
-            return True
-        if any_exit:
-            self._set_exit(vcpu, C.VMX_REASON_IRQ)
-            return True
-        return False
+        return self._end_without_exit(vcpu, deadline, any_exit)
 
     def _emulate_msr(self, vcpu: _Vcpu) -> None:
         uc = vcpu.uc

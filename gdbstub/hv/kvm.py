@@ -1303,17 +1303,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
             interrupted = True
         if interrupted or reason == K.KVM_EXIT_INTR:
             self._drain_kick_signal()
-            if vcpu.kick.is_set():
-                vcpu.kick.clear()
-                self._set_exit(vcpu, C.VMX_REASON_IRQ)
-                return True
-            if deadline is not None and time.monotonic_ns() >= deadline:
-                self._set_exit(vcpu, C.VMX_REASON_VMX_TIMER_EXPIRED)
-                return True
-            if any_exit:
-                self._set_exit(vcpu, C.VMX_REASON_IRQ)
-                return True
-            return False
+            return self._end_without_exit(vcpu, deadline, any_exit)
         handler = _EXIT_HANDLERS.get(reason)
         if handler is None:
             self._set_exit(

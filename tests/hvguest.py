@@ -22,7 +22,7 @@ import mmap
 import shutil
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
@@ -354,6 +354,19 @@ def new_vm() -> Vm:
     return Vm(mem)
 
 
+def tear_down(vm: Vm, start_over: Callable[[], None]) -> None:
+    """Destroy the test's vCPUs and the VM; ``start_over`` when a vCPU is left behind."""
+    for vcpu in list(vm.vcpus):
+        try:
+            hv.hv_vcpu_destroy(vcpu)
+        except hv.HvError:
+            pass
+    try:
+        hv.hv_vm_destroy()
+    except hv.HvError:
+        start_over()
+
+
 @pytest.fixture
 def hv_vm(hv_backend: str) -> Iterator[Vm]:
     """The process's VM with RAM_SIZE bytes of RWX memory at GPA 0."""
@@ -361,13 +374,5 @@ def hv_vm(hv_backend: str) -> Iterator[Vm]:
     try:
         yield vm
     finally:
-        for vcpu in list(vm.vcpus):
-            try:
-                hv.hv_vcpu_destroy(vcpu)
-            except hv.HvError:
-                pass
-        try:
-            hv.hv_vm_destroy()
-        except hv.HvError:
-            # a vCPU of a test thread survived: start over with a fresh backend
-            hv._reset_for_tests()
+        # a vCPU of a test thread that survives: start over with a fresh backend
+        tear_down(vm, hv._reset_for_tests)

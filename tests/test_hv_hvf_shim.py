@@ -23,7 +23,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hvguest import CODE, RWX, GuestMemory, Vm, asm, new_vm, reg, run, set_reg, vmcs
+from hvguest import (
+    CODE,
+    RWX,
+    GuestMemory,
+    Vm,
+    asm,
+    new_vm,
+    reg,
+    run,
+    set_reg,
+    tear_down,
+    vmcs,
+)
 from shim import hvshim
 
 from gdbstub import hv
@@ -41,15 +53,7 @@ pytestmark = [
 
 
 def _cleanup(vm: Vm) -> None:
-    for vcpu in list(vm.vcpus):
-        try:
-            hv.hv_vcpu_destroy(vcpu)
-        except hv.HvError:
-            pass
-    try:
-        hv.hv_vm_destroy()
-    except hv.HvError:
-        hvshim.HOST.reset_kvm()  # a vCPU of a test thread survived: fresh KVM behind the shim
+    tear_down(vm, hvshim.HOST.reset_kvm)  # a vCPU left behind: fresh KVM behind the shim
 
 
 @pytest.fixture

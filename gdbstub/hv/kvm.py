@@ -673,11 +673,16 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         if vcpu is None or vcpu.owner != _get_ident():
             vcpu = self._vcpu(vid, "hv_vcpu_read_register")  # raises
         index = _GPR_INDEX.get(reg)
-        if index is not None:
-            if not vcpu.state["regs"]:
-                self._get(vcpu, "regs")
-            value: int = vcpu.regs_q[index]
-            return value
+        if index is None:
+            return self._read_other_register(vcpu, reg)
+        if not vcpu.state["regs"]:
+            self._get(vcpu, "regs")
+        value: int = vcpu.regs_q[index]
+        return value
+
+    def _read_other_register(self, vcpu: _Vcpu, reg: int) -> int:
+        """hv_vcpu_read_register of anything but a GPR, RIP or RFLAGS (kept out of the hot
+        call: its closures would cost every call a cell)."""
         if reg in _SELECTOR_REGS:
             return int(getattr(self._get(vcpu, "sregs"), _SELECTOR_REGS[reg]).selector)
         sregs = self._get(vcpu, "sregs") if reg < C.HV_X86_DR0 or reg == C.HV_X86_TPR else None
@@ -724,15 +729,20 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         if not 0 <= value <= _MASK64:
             raise common.bad("hv_vcpu_write_register", f"value {value:#x} does not fit 64 bits")
         index = _GPR_INDEX.get(reg)
-        if index is not None:
-            state = vcpu.state
-            if not state["regs"]:
-                self._get(vcpu, "regs")
-            vcpu.regs_q[index] = value
-            state["regs"] = 2
-            if index != _RIP_INDEX:
-                vcpu.kvm_rip = None
+        if index is None:
+            self._write_other_register(vcpu, reg, value)
             return
+        state = vcpu.state
+        if not state["regs"]:
+            self._get(vcpu, "regs")
+        vcpu.regs_q[index] = value
+        state["regs"] = 2
+        if index != _RIP_INDEX:
+            vcpu.kvm_rip = None
+
+    def _write_other_register(self, vcpu: _Vcpu, reg: int, value: int) -> None:
+        """hv_vcpu_write_register of anything but a GPR, RIP or RFLAGS (see
+        _read_other_register)."""
         if not 0 <= reg < C.HV_X86_REGISTERS_MAX:
             raise common.bad("hv_vcpu_write_register", f"unknown register {reg}")
         if reg in _SELECTOR_REGS:
@@ -1193,8 +1203,9 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
     def _run(self, vcpu: _Vcpu, deadline: int | None, any_exit: bool) -> None:
         """Enter the guest until an exit for the caller is recorded in ``vcpu.exit``.
 
-        The common entry (nothing owed to KVM, nothing to inject, regs/sregs in kvm_run) is
-        inlined here: an I/O loop costs one KVM_RUN and a few dictionary lookups per exit."""
+        The common entry (nothing owed to KVM, nothing to inject, regs/sregs in kvm_run) and
+        the I/O exit at a known site are inlined here: an I/O loop costs one KVM_RUN and a
+        few dictionary lookups per exit."""
         if vcpu.kicked:
             vcpu.kicked = False
             if vcpu.kick.is_set():
@@ -1210,6 +1221,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
                 vcpu.timer = ThreadTimer(KICK_SIGNAL)
             vcpu.timer.arm(deadline)
         controls, state, run, fd = vcpu.controls, vcpu.state, vcpu.run, vcpu.fd
+        io_cache, sync = vcpu.io_cache, vcpu.sync
         try:
             while True:
                 if vcpu.plain_entry or self._plain_entry(vcpu):
@@ -1231,20 +1243,40 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
                 start = _now_ns()
                 result = _ioctl_plain(fd, K.KVM_RUN, None)
                 vcpu.exec_ns += _now_ns() - start
-                if vcpu.sync:
-                    state["regs"] = state["sregs"] = 1
-                else:
-                    state["regs"] = state["sregs"] = 0
+                state["regs"] = state["sregs"] = 1 if sync else 0
                 state["dregs"] = state["events"] = 0
                 snapshot = _EXIT_SNAPSHOT(run)
                 if result >= 0 and snapshot[0] == _KVM_EXIT_IO:
-                    if self._exit_io(vcpu, snapshot):
-                        return
-                else:
-                    vcpu.plain_entry = False  # the handlers below may leave work for the entry
-                    vcpu.kvm_rip = None
-                    if self._exit(vcpu, result, snapshot[0], deadline, any_exit):
-                        return
+                    # I/O exit 30 with RIP at the IN/OUT. A loop exits at the same place again
+                    # and again: a known site whose code bytes are unchanged is used as it is.
+                    if not sync:
+                        snapshot = self._io_key(vcpu, snapshot)
+                    site = io_cache.get(snapshot)
+                    if (
+                        site is None
+                        or site.code.raw != site.window
+                        or (site.code2 is not None and site.code2.raw != site.window2)
+                    ):
+                        site = self._io_site(vcpu, snapshot)
+                    rip = snapshot[4]
+                    if site.completed:
+                        start = (rip - site.back) & _MASK64
+                        vcpu.regs_q[_RIP_INDEX] = start  # the framework reports RIP at the insn
+                        state["regs"] = 2
+                        vcpu.kvm_rip = rip if sync else None
+                    else:
+                        start = rip
+                        vcpu.kvm_rip = None
+                    if site.is_in:
+                        vcpu.pending = _IN_OWED
+                        vcpu.plain_entry = False
+                    vcpu.exit = site.fields
+                    vcpu.io_exit_rip = start
+                    return
+                vcpu.plain_entry = False  # the handlers below may leave work for the entry
+                vcpu.kvm_rip = None
+                if self._exit(vcpu, result, snapshot[0], deadline, any_exit):
+                    return
         finally:
             if deadline is not None and vcpu.timer is not None:
                 vcpu.timer.disarm()
@@ -1401,34 +1433,11 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
             self._int3 = kvm_probes.probe_int3()
         return self._int3
 
-    def _exit_io(self, vcpu: _Vcpu, snapshot: tuple[int, ...]) -> bool:
-        """I/O exit 30 with RIP at the IN/OUT. The place was decoded before (a loop exits at
-        the same place again and again) if the guest bytes around it are still the same.
-        ``snapshot``: what _EXIT_SNAPSHOT read from kvm_run."""
-        if not vcpu.sync:  # the registers are not in kvm_run
-            regs, sregs = self._get(vcpu, "regs"), self._get(vcpu, "sregs")
-            snapshot = (*snapshot[:4], regs.rip, sregs.cs.base, sregs.cr0, sregs.cr3, sregs.cr4)
-        site = vcpu.io_cache.get(snapshot)
-        if (
-            site is None
-            or site.code.raw != site.window
-            or (site.code2 is not None and site.code2.raw != site.window2)
-        ):
-            site = self._io_site(vcpu, snapshot)
-        if site.completed:
-            start = (snapshot[4] - site.back) & _MASK64
-            vcpu.regs_q[_RIP_INDEX] = start  # the framework reports RIP at the instruction
-            vcpu.state["regs"] = 2
-            vcpu.kvm_rip = snapshot[4] if vcpu.sync else None
-        else:
-            start = snapshot[4]
-            vcpu.kvm_rip = None
-        if site.is_in:
-            vcpu.pending = _IN_OWED
-            vcpu.plain_entry = False
-        vcpu.exit = site.fields
-        vcpu.io_exit_rip = start
-        return True
+    def _io_key(self, vcpu: _Vcpu, snapshot: tuple[int, ...]) -> tuple[int, ...]:
+        """The I/O site key of an exit without sync regs: ``snapshot`` (_EXIT_SNAPSHOT of
+        kvm_run) holds stale registers then, the real ones come from KVM."""
+        regs, sregs = self._get(vcpu, "regs"), self._get(vcpu, "sregs")
+        return (*snapshot[:4], regs.rip, sregs.cs.base, sregs.cr0, sregs.cr3, sregs.cr4)
 
     def _io_site(self, vcpu: _Vcpu, key: tuple[int, ...]) -> _IoSite:
         """Decode the I/O instruction of this exit and remember it under ``key`` (the exit's

@@ -327,7 +327,15 @@ class HvTarget:
         self._commit(thread)
 
     def _expedite(self, thread: _Thread) -> tuple[tuple[int, bytes], ...]:
-        values = self._regs(thread)
+        # Only the expedited registers: gdb takes them and skips `g` after a step, lldb asks
+        # with `p`; the whole set (fpstate, MSRs, debug registers) is read when asked for.
+        values = thread.regs
+        if values is None:
+            values = thread.worker.call(
+                lambda vcpu: {
+                    n: hv.hv_vcpu_read_register(vcpu, _HV_GPRS[n]) for n in regs.EXPEDITED
+                }
+            )
         return tuple(
             (regs.by_name[name].regnum, regs.encode_register(name, values[name]))
             for name in regs.EXPEDITED
@@ -535,8 +543,11 @@ class HvTarget:
         for thread, step in plan:
             self._commit(thread)
             thread.regs = thread.fpstate = None
-            thread.worker.call(partial(self._set_step, step=step))
-            thread.worker.resume(self._handler(thread, step), self._parked_check(thread))
+            thread.worker.resume(
+                self._handler(thread, step),
+                self._parked_check(thread),
+                prepare=partial(self._set_step, step=step),
+            )
 
     def _parked_check(self, thread: _Thread) -> Callable[[], bool] | None:
         """For the worker: whether the VMM has parked this vCPU (halted, nothing to wake it)."""

@@ -163,6 +163,12 @@ EXPEDITED_REGNUMS: tuple[int, ...] = tuple(by_name[n].regnum for n in EXPEDITED)
 
 _LAYOUT_AVX = REGISTERS
 _LAYOUT_NO_AVX = tuple(r for r in REGISTERS if r.feature != AVX_FEATURE)
+# (name, size, mask) per register of each variant: the blob is these pieces back to back
+# (offsets are cumulative, _load), so encode_g joins them without properties or slicing.
+_G_PIECES = {
+    avx: tuple((r.name, r.size, r.mask) for r in layout)
+    for avx, layout in ((True, _LAYOUT_AVX), (False, _LAYOUT_NO_AVX))
+}
 
 
 def g_layout(with_avx: bool) -> tuple[RegDef, ...]:
@@ -195,14 +201,10 @@ def encode_g(values: Mapping[str, int], with_avx: bool) -> bytes:
 
     Names in ``values`` that are not in this variant's layout are ignored.
     """
-    out = bytearray(g_size(with_avx))
-    for reg in g_layout(with_avx):
-        value = values.get(reg.name)
-        if value:
-            out[reg.offset : reg.offset + reg.size] = (value & reg.mask).to_bytes(
-                reg.size, "little"
-            )
-    return bytes(out)
+    get = values.get
+    return b"".join(
+        (get(name, 0) & mask).to_bytes(size, "little") for name, size, mask in _G_PIECES[with_avx]
+    )
 
 
 def decode_g(blob: bytes, with_avx: bool) -> dict[str, int]:

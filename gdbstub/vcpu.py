@@ -61,11 +61,17 @@ class _Call:
 
 
 class _Resume:
-    __slots__ = ("handler", "parked")
+    __slots__ = ("handler", "parked", "prepare")
 
-    def __init__(self, handler: ExitHandler, parked: Callable[[], bool] | None) -> None:
+    def __init__(
+        self,
+        handler: ExitHandler,
+        parked: Callable[[], bool] | None,
+        prepare: Callable[[int], None] | None,
+    ) -> None:
         self.handler = handler
         self.parked = parked
+        self.prepare = prepare
 
 
 _QUIT = object()
@@ -110,15 +116,22 @@ class VcpuWorker:
         result: T = request.result
         return result
 
-    def resume(self, handler: ExitHandler, parked: Callable[[], bool] | None = None) -> None:
+    def resume(
+        self,
+        handler: ExitHandler,
+        parked: Callable[[], bool] | None = None,
+        prepare: Callable[[int], None] | None = None,
+    ) -> None:
         """Start running the guest; the run's ``Stop`` arrives through ``on_stop``.
 
+        ``prepare(vcpu)`` runs on the owner thread before the first entry (settings for this
+        run, without a round trip through ``call``); an HvError there ends the run as a fault.
         While ``parked()`` is true (a vCPU halted with nothing to wake it) the worker does not
         enter the guest: it waits for a kick, as a halted CPU waits for an interrupt.
         """
         self._stop_requested.clear()
         self.running = True
-        self._inbox.put(_Resume(handler, parked))
+        self._inbox.put(_Resume(handler, parked, prepare))
 
     def kick(self) -> None:
         """Ask a running vCPU to stop (the one cross-thread call: ``hv_vcpu_interrupt``)."""
@@ -155,7 +168,7 @@ class VcpuWorker:
                     item.error = exc
                 item.done.set()
             elif isinstance(item, _Resume):
-                stop = self._run(item.handler, item.parked)
+                stop = self._run(item.handler, item.parked, item.prepare)
                 self.running = False
                 self._on_stop(self, stop)
         try:
@@ -163,8 +176,15 @@ class VcpuWorker:
         except hv.HvError:
             pass
 
-    def _run(self, handler: ExitHandler, parked: Callable[[], bool] | None) -> Stop:
+    def _run(
+        self,
+        handler: ExitHandler,
+        parked: Callable[[], bool] | None,
+        prepare: Callable[[int], None] | None,
+    ) -> Stop:
         try:
+            if prepare is not None:
+                prepare(self.vcpu)
             while True:
                 if parked is not None and parked():
                     self._stop_requested.wait()

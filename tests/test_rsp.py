@@ -72,15 +72,28 @@ def test_rle_output_uses_counts() -> None:
     assert feed_all([wire]) == [Packet(b"0" * 100)]
 
 
+@pytest.mark.parametrize("char", [b"0", b"z"], ids=["hex-reply", "other"])
 @pytest.mark.parametrize("run", range(1, 200))
-def test_rle_never_uses_forbidden_count_chars(run: int) -> None:
-    wire = encode(b"a" * run + b"b")
+def test_rle_never_uses_forbidden_count_chars(run: int, char: bytes) -> None:
+    payload = char * run + b"b"
+    wire = encode(payload)
     body = wire[1:-3]
     for i, byte in enumerate(body):
         if byte == ord("*"):
             assert body[i + 1] not in b"#$+-*}"
             assert 32 <= body[i + 1] <= 126
-    assert feed_all([wire]) == [Packet(b"a" * run + b"b")]
+    if run >= 4:
+        assert b"*" in body
+    assert feed_all([wire]) == [Packet(payload)]
+
+
+@given(st.text(alphabet="0f1aA", max_size=400))
+def test_hex_replies_round_trip_through_rle(text: str) -> None:
+    payload = text.encode()
+    wire = encode(payload)
+    assert feed_all([wire]) == [Packet(payload)]
+    if "00000" in text:
+        assert len(wire) < len(payload) + 4  # a run of zeros was compressed
 
 
 def test_oversized_packet_is_refused_then_stream_recovers() -> None:

@@ -136,6 +136,24 @@ _SELECTOR_REGS = {
     C.HV_X86_TR: "tr",
 }
 
+_MASK64 = (1 << 64) - 1
+
+# Registers that are fields of kvm_sregs: hv_x86_reg_t -> (segment or None, field, write mask)
+_SREGS_REGS: dict[int, tuple[str | None, str, int]] = {
+    C.HV_X86_IDT_BASE: ("idt", "base", _MASK64),
+    C.HV_X86_IDT_LIMIT: ("idt", "limit", 0xFFFF),
+    C.HV_X86_GDT_BASE: ("gdt", "base", _MASK64),
+    C.HV_X86_GDT_LIMIT: ("gdt", "limit", 0xFFFF),
+    C.HV_X86_LDT_BASE: ("ldt", "base", _MASK64),
+    C.HV_X86_LDT_LIMIT: ("ldt", "limit", 0xFFFFFFFF),
+    C.HV_X86_TSS_BASE: ("tr", "base", _MASK64),
+    C.HV_X86_TSS_LIMIT: ("tr", "limit", 0xFFFFFFFF),
+    C.HV_X86_CR0: (None, "cr0", _MASK64),
+    C.HV_X86_CR2: (None, "cr2", _MASK64),
+    C.HV_X86_CR3: (None, "cr3", _MASK64),
+    C.HV_X86_CR4: (None, "cr4", _MASK64),
+}
+_SEGMENT_AR_REGS = {C.HV_X86_LDT_AR: "ldt", C.HV_X86_TSS_AR: "tr"}
 
 # MSRs that live in kvm_sregs; reads and writes go through the register cache.
 _SREGS_MSRS = {C.MSR_EFER, C.MSR_FSBASE, C.MSR_GSBASE, C.MSR_IA32_APIC_BASE}
@@ -151,7 +169,6 @@ _ioctl_plain = ioctl_plain
 _ACTIVITY = C.VMCS_GUEST_ACTIVITY_STATE
 _ENTRY_INFO = C.VMCS_CTRL_VMENTRY_IRQ_INFO
 _pack_u64 = struct.Struct("<Q").pack_into
-_MASK64 = (1 << 64) - 1
 
 
 def _words(regs: K.KvmRegs) -> memoryview:
@@ -681,32 +698,21 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         return value
 
     def _read_other_register(self, vcpu: _Vcpu, reg: int) -> int:
-        """hv_vcpu_read_register of anything but a GPR, RIP or RFLAGS (kept out of the hot
-        call: its closures would cost every call a cell)."""
+        """hv_vcpu_read_register of anything but a GPR, RIP or RFLAGS (the hot call serves
+        those with one lookup)."""
         if reg in _SELECTOR_REGS:
             return int(getattr(self._get(vcpu, "sregs"), _SELECTOR_REGS[reg]).selector)
-        sregs = self._get(vcpu, "sregs") if reg < C.HV_X86_DR0 or reg == C.HV_X86_TPR else None
-        if sregs is not None:
-            simple: dict[int, Callable[[], int]] = {
-                C.HV_X86_IDT_BASE: lambda: sregs.idt.base,
-                C.HV_X86_IDT_LIMIT: lambda: sregs.idt.limit,
-                C.HV_X86_GDT_BASE: lambda: sregs.gdt.base,
-                C.HV_X86_GDT_LIMIT: lambda: sregs.gdt.limit,
-                C.HV_X86_LDT_BASE: lambda: sregs.ldt.base,
-                C.HV_X86_LDT_LIMIT: lambda: sregs.ldt.limit,
-                C.HV_X86_LDT_AR: lambda: _seg_ar(sregs.ldt),
-                C.HV_X86_TSS_BASE: lambda: sregs.tr.base,
-                C.HV_X86_TSS_LIMIT: lambda: sregs.tr.limit,
-                C.HV_X86_TSS_AR: lambda: _seg_ar(sregs.tr),
-                C.HV_X86_CR0: lambda: sregs.cr0,
-                C.HV_X86_CR1: lambda: 0,
-                C.HV_X86_CR2: lambda: sregs.cr2,
-                C.HV_X86_CR3: lambda: sregs.cr3,
-                C.HV_X86_CR4: lambda: sregs.cr4,
-                C.HV_X86_TPR: lambda: sregs.cr8 << 4,
-            }
-            if reg in simple:
-                return int(simple[reg]())
+        place = _SREGS_REGS.get(reg)
+        if place is not None:
+            segment, name, _ = place
+            sregs = self._get(vcpu, "sregs")
+            return int(getattr(sregs if segment is None else getattr(sregs, segment), name))
+        if reg in _SEGMENT_AR_REGS:
+            return _seg_ar(getattr(self._get(vcpu, "sregs"), _SEGMENT_AR_REGS[reg]))
+        if reg == C.HV_X86_TPR:
+            return int(self._get(vcpu, "sregs").cr8) << 4
+        if reg == C.HV_X86_CR1:
+            return 0
         if C.HV_X86_DR0 <= reg <= C.HV_X86_DR7:
             dregs = self._get(vcpu, "dregs")
             index = reg - C.HV_X86_DR0
@@ -741,34 +747,24 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
             vcpu.kvm_rip = None
 
     def _write_other_register(self, vcpu: _Vcpu, reg: int, value: int) -> None:
-        """hv_vcpu_write_register of anything but a GPR, RIP or RFLAGS (see
-        _read_other_register)."""
+        """hv_vcpu_write_register of anything but a GPR, RIP or RFLAGS."""
         if not 0 <= reg < C.HV_X86_REGISTERS_MAX:
             raise common.bad("hv_vcpu_write_register", f"unknown register {reg}")
         if reg in _SELECTOR_REGS:
             getattr(self._dirty(vcpu, "sregs"), _SELECTOR_REGS[reg]).selector = value & 0xFFFF
             return
-        if reg < C.HV_X86_DR0 or reg == C.HV_X86_TPR:
+        if reg == C.HV_X86_CR1:
+            return
+        place = _SREGS_REGS.get(reg)
+        if place is not None or reg in _SEGMENT_AR_REGS or reg == C.HV_X86_TPR:
             sregs = self._dirty(vcpu, "sregs")
-            setters: dict[int, Callable[[], None]] = {
-                C.HV_X86_IDT_BASE: lambda: setattr(sregs.idt, "base", value),
-                C.HV_X86_IDT_LIMIT: lambda: setattr(sregs.idt, "limit", value & 0xFFFF),
-                C.HV_X86_GDT_BASE: lambda: setattr(sregs.gdt, "base", value),
-                C.HV_X86_GDT_LIMIT: lambda: setattr(sregs.gdt, "limit", value & 0xFFFF),
-                C.HV_X86_LDT_BASE: lambda: setattr(sregs.ldt, "base", value),
-                C.HV_X86_LDT_LIMIT: lambda: setattr(sregs.ldt, "limit", value & 0xFFFFFFFF),
-                C.HV_X86_LDT_AR: lambda: _set_seg_ar(sregs.ldt, value),
-                C.HV_X86_TSS_BASE: lambda: setattr(sregs.tr, "base", value),
-                C.HV_X86_TSS_LIMIT: lambda: setattr(sregs.tr, "limit", value & 0xFFFFFFFF),
-                C.HV_X86_TSS_AR: lambda: _set_seg_ar(sregs.tr, value),
-                C.HV_X86_CR0: lambda: setattr(sregs, "cr0", value),
-                C.HV_X86_CR1: lambda: None,
-                C.HV_X86_CR2: lambda: setattr(sregs, "cr2", value),
-                C.HV_X86_CR3: lambda: setattr(sregs, "cr3", value),
-                C.HV_X86_CR4: lambda: setattr(sregs, "cr4", value),
-                C.HV_X86_TPR: lambda: setattr(sregs, "cr8", (value >> 4) & 0xF),
-            }
-            setters[reg]()
+            if place is not None:
+                segment, name, mask = place
+                setattr(sregs if segment is None else getattr(sregs, segment), name, value & mask)
+            elif reg == C.HV_X86_TPR:
+                sregs.cr8 = (value >> 4) & 0xF
+            else:
+                _set_seg_ar(getattr(sregs, _SEGMENT_AR_REGS[reg]), value)
             _forget_translations(vcpu)
             return
         if C.HV_X86_DR0 <= reg <= C.HV_X86_DR7:

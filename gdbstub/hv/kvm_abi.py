@@ -7,6 +7,7 @@ Only the KVM backend imports this module. Numbers and layouts are those of
 from __future__ import annotations
 
 import ctypes
+import functools
 
 c_u8 = ctypes.c_uint8
 c_u16 = ctypes.c_uint16
@@ -270,14 +271,19 @@ class KvmMsrEntry(ctypes.Structure):
     _fields_ = [("index", c_u32), ("reserved", c_u32), ("data", c_u64)]
 
 
-def kvm_msrs(count: int) -> ctypes.Structure:
-    """A ``struct kvm_msrs`` with room for ``count`` entries."""
-
+@functools.cache
+def _kvm_msrs_type(count: int) -> type[ctypes.Structure]:
+    # one class per size: making a ctypes class costs tens of microseconds
     class KvmMsrs(ctypes.Structure):
         _fields_ = [("nmsrs", c_u32), ("pad", c_u32), ("entries", KvmMsrEntry * count)]
 
-    msrs = KvmMsrs()
-    msrs.nmsrs = count
+    return KvmMsrs
+
+
+def kvm_msrs(count: int) -> ctypes.Structure:
+    """A ``struct kvm_msrs`` with room for ``count`` entries."""
+    msrs = _kvm_msrs_type(count)()
+    msrs.nmsrs = count  # type: ignore[attr-defined]
     return msrs
 
 

@@ -90,6 +90,8 @@ class HostDebugFeatures:
 class _Thread:
     worker: VcpuWorker
     regs: dict[str, int] | None = None  # register cache for the current stop
+    # what every stop needs (read_stop_registers), until ``regs`` is read
+    stop_regs: dict[str, int] | None = None
     fpstate: bytearray | None = None
     dirty: set[str] = field(default_factory=set)
     watch_hit: Stop | None = None  # a page-watchpoint hit, reported once its instruction is done
@@ -156,6 +158,20 @@ def read_cpu(vcpu: int) -> tuple[dict[str, int], bytearray]:
     hv.hv_vcpu_read_fpstate(vcpu, image)
     values.update(xsave.fp_registers_from_xsave(bytes(image)))
     return values, image
+
+
+# Read at every stop: the expedited registers and the paging state for memory access.
+_STOP_GPRS = (*regs.EXPEDITED, "cr0", "cr3", "cr4")
+
+
+def read_stop_registers(vcpu: int) -> dict[str, int]:
+    """What every stop needs of ``vcpu`` (owner thread), cheap to read: the registers stop
+    replies expedite and those memory access translates with. gdb takes the expedited ones
+    and skips ``g`` after a step, lldb asks for others with ``p``; the whole set (fpstate,
+    MSRs, debug registers) is read when asked for."""
+    values = {name: hv.hv_vcpu_read_register(vcpu, _HV_GPRS[name]) for name in _STOP_GPRS}
+    values["efer"] = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_GUEST_IA32_EFER)
+    return values
 
 
 def write_cpu(vcpu: int, values: dict[str, int], names: set[str], image: bytearray) -> None:
@@ -326,16 +342,19 @@ class HvTarget:
         thread.dirty.add(reg.name)
         self._commit(thread)
 
+    def _stop_values(self, thread: _Thread) -> dict[str, int]:
+        """The registers of read_stop_registers: from the full cache once that is read (it
+        has the VMM's and gdb's writes), else as read at the stop."""
+        if thread.regs is not None:
+            return thread.regs
+        if thread.stop_regs is None:
+            if thread.worker.running:
+                raise TargetError(0x10)
+            thread.stop_regs = thread.worker.call(read_stop_registers)
+        return thread.stop_regs
+
     def _expedite(self, thread: _Thread) -> tuple[tuple[int, bytes], ...]:
-        # Only the expedited registers: gdb takes them and skips `g` after a step, lldb asks
-        # with `p`; the whole set (fpstate, MSRs, debug registers) is read when asked for.
-        values = thread.regs
-        if values is None:
-            values = thread.worker.call(
-                lambda vcpu: {
-                    n: hv.hv_vcpu_read_register(vcpu, _HV_GPRS[n]) for n in regs.EXPEDITED
-                }
-            )
+        values = self._stop_values(thread)
         return tuple(
             (regs.by_name[name].regnum, regs.encode_register(name, values[name]))
             for name in regs.EXPEDITED
@@ -348,7 +367,7 @@ class HvTarget:
         self.physical_mode = on
 
     def _paging_state(self, thread: _Thread) -> paging.PagingState:
-        values = self._regs(thread)
+        values = self._stop_values(thread)
         return paging.PagingState(
             cr0=values["cr0"], cr3=values["cr3"], cr4=values["cr4"], efer=values["efer"]
         )
@@ -542,7 +561,7 @@ class HvTarget:
             self._pending_stop = None
         for thread, step in plan:
             self._commit(thread)
-            thread.regs = thread.fpstate = None
+            thread.regs = thread.fpstate = thread.stop_regs = None
             thread.worker.resume(
                 self._handler(thread, step),
                 self._parked_check(thread),
@@ -820,13 +839,13 @@ class HvTarget:
     def invalidate_registers(self) -> None:
         """Forget cached registers (after a monitor command changed the vCPU behind gdb)."""
         for thread in self._threads.values():
-            thread.regs = thread.fpstate = None
+            thread.regs = thread.fpstate = thread.stop_regs = None
 
     def code_mode(self, tid: int) -> int:
         """Capstone mode of the code thread ``tid`` runs: 16, 32 or 64-bit."""
         import capstone
 
-        values = self._regs(self._thread(tid))
+        values = self._stop_values(self._thread(tid))
         cs_ar = self.on_vcpu(tid, lambda v: hv.hv_vmx_vcpu_read_vmcs(v, hv.VMCS_GUEST_CS_AR))
         if values["efer"] & hv.EFER_LMA and cs_ar & (1 << 13):
             return int(capstone.CS_MODE_64)

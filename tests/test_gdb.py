@@ -107,6 +107,23 @@ def test_memory_virtual_and_physical(kernel: Path, backend: str, tmp_path: Path)
         assert "Cannot access memory" in gdb.cmd("x/4xb 0x7fff00000000")
 
 
+def test_memory_follows_the_page_tables_gdb_sets(
+    kernel: Path, backend: str, tmp_path: Path
+) -> None:
+    with session(kernel, backend, tmp_path) as (_stub, gdb):
+        to_main(gdb, mode=0)
+        gdb.cmd("stepi")
+        virtual = gdb.value("&xmm0_value")
+        assert gdb.value(f"*(unsigned char*){virtual + 1:#x}") == 1
+        cr3 = gdb.value("$cr3")
+        gdb.cmd("set $cr3 = 0xfffff000")  # tables outside guest RAM: nothing translates
+        assert "Cannot access memory" in gdb.cmd(f"x/1xb {virtual:#x}")
+        gdb.cmd(f"set $cr3 = {cr3:#x}")
+        assert gdb.value(f"*(unsigned char*){virtual + 1:#x}") == 1
+        gdb.cmd("stepi")  # and the guest runs on with its own tables
+        assert gdb.value(f"*(unsigned char*){virtual + 1:#x}") == 1
+
+
 def test_set_var_stepi_nexti(kernel: Path, backend: str, tmp_path: Path) -> None:
     with session(kernel, backend, tmp_path) as (_stub, gdb):
         to_main(gdb, mode=0)

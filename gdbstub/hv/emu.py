@@ -781,9 +781,14 @@ class EmuBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         return self._read_register(vcpu, reg)
 
     def _read_register(self, vcpu: _Vcpu, reg: int) -> int:
-        uc = vcpu.uc
         if reg in _GPR:
-            return int(uc.reg_read(_GPR[reg])) & _M64
+            return int(vcpu.uc.reg_read(_GPR[reg])) & _M64
+        return self._read_other_register(vcpu, reg)
+
+    def _read_other_register(self, vcpu: _Vcpu, reg: int) -> int:
+        """Anything but a GPR, RIP or RFLAGS. Kept apart from the GPR path: the closures below
+        make every call of the function that holds them allocate cells."""
+        uc = vcpu.uc
         if reg in _SELECTOR_REGS:
             return self._seg(vcpu, _SELECTOR_REGS[reg])[0]
         simple: dict[int, Callable[[], int]] = {
@@ -820,12 +825,16 @@ class EmuBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         self._write_register(vcpu, reg, value)
 
     def _write_register(self, vcpu: _Vcpu, reg: int, value: int) -> None:
-        uc = vcpu.uc
         if reg in _GPR:
-            uc.reg_write(_GPR[reg], value)
+            vcpu.uc.reg_write(_GPR[reg], value)
             if reg == C.HV_X86_RFLAGS:
                 self._patch(vcpu)
             return
+        self._write_other_register(vcpu, reg, value)
+
+    def _write_other_register(self, vcpu: _Vcpu, reg: int, value: int) -> None:
+        """Anything but a GPR, RIP or RFLAGS (see _read_other_register)."""
+        uc = vcpu.uc
         if reg in _SELECTOR_REGS:
             self._patch(vcpu, segs={_SELECTOR_REGS[reg]: (value, None, None, None)})
             return

@@ -993,9 +993,9 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         if self._guest_field(vcpu, field_, value) is not None:
             return
         if field_ in vcpu.controls and field_ not in (C.VMCS_GUEST_ACTIVITY_STATE,):
-            vcpu.controls[field_] = value
-            if field_ in (C.VMCS_CTRL_EXC_BITMAP, C.VMCS_CTRL_CPU_BASED):
-                vcpu.guest_debug_dirty = True
+            old, vcpu.controls[field_] = vcpu.controls[field_], value
+            if field_ in (C.VMCS_CTRL_EXC_BITMAP, C.VMCS_CTRL_CPU_BASED) and value != old:
+                vcpu.guest_debug_dirty = True  # KVM_SET_GUEST_DEBUG before the next entry
             return
         if field_ == C.VMCS_GUEST_ACTIVITY_STATE:
             if value not in (0, 1, 2, 3):

@@ -18,8 +18,10 @@ Every exit goes first through the target's debug handler, then to the VMM's ``ha
 * An exit 48 on a page protected for a watchpoint is completed here (the write lands in RAM,
   a read gets RAM's value) and stops only when the access touched the watched range.
 
-Registers are read once per stop into a cache (general, segment, control and debug registers,
-MSR bases, the XSAVE image) and written back through the worker. Memory addresses are
+At a stop the worker reads what every stop needs (``read_stop_registers``: the expedited
+registers and the paging state); the whole set (general, segment, control and debug registers,
+MSR bases, the XSAVE image) is read once, when gdb or lldb first asks for a register it lacks,
+into a cache that is written back through the worker. Memory addresses are
 guest-virtual, translated by walking the selected vCPU's page tables (``paging``), unless
 physical mode is on. Breakpoint mechanisms come from a probe on a scratch vCPU at start-up.
 """

@@ -7,9 +7,10 @@ that creates it and then serves two kinds of requests from a queue:
 
 * ``call(fn)``: run ``fn(vcpu)`` on the owner thread while the vCPU is paused (register,
   fpstate, MSR and VMCS access) and hand back the result or exception;
-* ``resume(handler)``: run the guest. The worker loops ``hv_vcpu_run_until(FOREVER)`` and
-  passes every exit to ``handler(vcpu)``, which returns None to keep running or a ``Stop`` to
-  end the run. The stop is delivered through ``on_stop``.
+* ``resume(handler, prepare=...)``: run the guest. The worker calls ``prepare(vcpu)`` (the
+  run's settings), loops ``hv_vcpu_run_until(FOREVER)`` and passes every exit to
+  ``handler(vcpu)``, which returns None to keep running or a ``Stop`` to end the run. The stop
+  is delivered through ``on_stop``.
 
 ``kick()`` is the only cross-thread operation: it raises the stop flag, which the worker checks
 before every entry, and calls ``hv_vcpu_interrupt``. A kicked run ends with

@@ -14,9 +14,13 @@ semantics are the KVM backend's (see ``kvm.py``); what unicorn lacks, this modul
   sets a stop flag and calls ``emu_stop`` (repeatedly, until the owner has noticed, so a kick
   that races with the start of ``emu_start`` is not lost); a kick before entry makes the next
   run return exit 1 at once. Deadlines are ``emu_start`` timeouts (exit 52).
-* **Instruction exits.** A block hook scans each basic block once (capstone) for IN/OUT/INS/
-  OUTS, HLT, RDMSR/WRMSR and CPUID, and puts a code hook on exactly those addresses; the
-  block is then retranslated. A code hook stops emulation *before* the instruction, so RIP is
+* **Instruction exits.** Code is scanned (capstone) the first time it runs for IN/OUT/INS/
+  OUTS, HLT, RDMSR/WRMSR and CPUID, and a code hook goes on exactly those addresses. Block
+  hooks (``_BlockHooks``) cover the guest-linear addresses not scanned yet: a block starting
+  there calls into Python, which scans it and on to where any block starting inside it ends
+  (the first control transfer), then cuts that span out of the hooked ranges and has it
+  retranslated. Scanned code thus runs at unicorn's own speed, without a Python call per
+  block. A code hook stops emulation *before* the instruction, so RIP is
   at the instruction and nothing of it has executed (the framework's contract): the VMM
   completes it and advances RIP by VMCS_RO_VMEXIT_INSTR_LEN. CPUID always exits (reason 10),
   as on the framework. RDMSR/WRMSR exit (31/32) unless the MSR is native or granted; then they
@@ -66,12 +70,15 @@ has to emulate the memory side; interrupt delivery does not switch stacks on a p
 (except long-mode IST).
 Code the guest itself rewrites is rescanned at the next entry, not at once: an IN/OUT/HLT/MSR/
 CPUID the guest writes into an already scanned block and runs within the same entry executes
-in unicorn without an exit. The block hook costs about 1.5 us per executed block (a `dec; jnz`
-loop runs at about 0.6 million iterations per second).
+in unicorn without an exit. Code is scanned by guest-linear address: code that paging maps
+anew at an address already scanned (another process at the same address) is not rescanned.
+An `inc; jmp` loop runs at about 1.5e8 iterations per second (0.6e6 when every block called the
+block hook).
 """
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import importlib
 import struct
@@ -214,6 +221,38 @@ _STRING_IO = frozenset({0x6C, 0x6D, 0x6E, 0x6F})
 
 _DISASM: dict[int, Any] = {}
 
+# Instructions that end a translated block (TCG ends blocks at every control transfer).
+_BLOCK_ENDS = frozenset(
+    getattr(capstone.x86, name)
+    for name in dir(capstone.x86)
+    if name.startswith("X86_INS_J")
+    or name.startswith("X86_INS_LOOP")
+    or name
+    in (
+        "X86_INS_CALL",
+        "X86_INS_LCALL",
+        "X86_INS_LJMP",
+        "X86_INS_RET",
+        "X86_INS_RETF",
+        "X86_INS_RETFQ",
+        "X86_INS_IRET",
+        "X86_INS_IRETD",
+        "X86_INS_IRETQ",
+        "X86_INS_INT",
+        "X86_INS_INT1",
+        "X86_INS_INT3",
+        "X86_INS_INTO",
+        "X86_INS_SYSCALL",
+        "X86_INS_SYSENTER",
+        "X86_INS_SYSEXIT",
+        "X86_INS_SYSRET",
+        "X86_INS_HLT",
+    )
+)
+# The most bytes one translated block can span from its first instruction: QEMU's x86
+# translator ends a block once it is PAGE - 32 bytes long (plus the instruction that crossed).
+_BLOCK_BYTES = PAGE - 32 + 15
+
 
 def _load_memcmp() -> Callable[[int, bytes, int], int] | None:
     try:
@@ -287,6 +326,58 @@ class _CodeRun:
         return _memcmp(self.address, self.saved, len(self.saved)) != 0
 
 
+class _BlockHooks:
+    """UC_HOOK_BLOCK hooks over the guest-linear addresses whose code is not scanned yet.
+
+    unicorn decides when it translates a block whether the block calls a block hook (one whose
+    range holds the block's first address). Code is scanned the first time it runs; its span
+    is then cut out of these ranges and its translation dropped, so scanned code runs without
+    a call into Python per block. The ranges are the gaps between scanned spans: disjoint,
+    kept by first address."""
+
+    def __init__(self, uc: Any, callback: Callable[..., None]) -> None:
+        self.uc = uc
+        self.callback = callback
+        self.firsts: list[int] = []
+        self.gaps: dict[int, tuple[int, Any]] = {}  # first address -> (last address, hook)
+        self._add(0, _M64)
+
+    def _add(self, first: int, last: int) -> None:
+        if first <= last:
+            bisect.insort(self.firsts, first)
+            hook = self.uc.hook_add(unicorn.UC_HOOK_BLOCK, self.callback, None, first, last)
+            self.gaps[first] = (last, hook)
+
+    def cut(self, lo: int, hi: int) -> None:
+        """Take the scanned span ``[lo, hi)`` out of the hooked ranges."""
+        overlapping = []
+        i = bisect.bisect_right(self.firsts, hi - 1) - 1
+        while i >= 0 and self.gaps[self.firsts[i]][0] >= lo:
+            overlapping.append(self.firsts[i])
+            i -= 1
+        for first in overlapping:
+            last, hook = self.gaps.pop(first)
+            self.firsts.remove(first)
+            self.uc.hook_del(hook)
+            self._add(first, lo - 1)
+            self._add(hi, last)
+        if overlapping:
+            self.uc.ctl_remove_cache(lo, hi)  # translated with the hook: translate again
+
+    def reset(self, spans: list[tuple[int, int]]) -> None:
+        """Hook everything but ``spans`` (after scanned code was forgotten)."""
+        for _, hook in self.gaps.values():
+            self.uc.hook_del(hook)
+        self.firsts.clear()
+        self.gaps.clear()
+        first = 0
+        for lo, hi in sorted(spans):
+            if lo > first:
+                self._add(first, lo - 1)
+            first = max(first, hi)
+        self._add(first, _M64)
+
+
 class _Exit(Exception):
     """Raised inside the run loop when an exit for the caller has been recorded."""
 
@@ -318,6 +409,12 @@ class _Vcpu:
         self.site_hooks: dict[int, int] = {}
         self.new_sites: dict[int, str] = {}
         self.scanned: set[tuple[int, int]] = set()
+        # scanned code by block key: the guest-linear span it covers, and the spans not yet
+        # cut out of the block hooks (cut outside emulation, at the next entry)
+        self.spans: dict[tuple[int, int], tuple[int, int]] = {}
+        self.uncut: list[tuple[int, int]] = []
+        self.regap = False  # scanned code was forgotten: rebuild the block hooks
+        self.block_hooks: _BlockHooks | None = None
         self.code: dict[int, _CodePage] = {}  # gpa page -> scanned code on it
         self.code_runs: list[_CodeRun] | None = None
         self.dr_exec_hooks: dict[int, int] = {}
@@ -559,6 +656,9 @@ class EmuBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         vcpu.site_hooks.clear()
         vcpu.new_sites.clear()
         vcpu.scanned.clear()
+        vcpu.spans.clear()
+        vcpu.uncut.clear()
+        vcpu.regap = False
         vcpu.code.clear()
         vcpu.code_runs = None
         vcpu.dr_exec_hooks.clear()
@@ -1065,8 +1165,11 @@ class EmuBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
     def _install_hooks(self, vcpu: _Vcpu) -> None:
         uc = vcpu.uc
 
+        scanned = vcpu.scanned
+
         def on_block(uc_: Any, address: int, size: int, _data: Any) -> None:
-            self._scan_block(vcpu, address, size)
+            if (address, size) not in scanned:  # else translated before its span was cut
+                self._scan_block(vcpu, address, size)
 
         def on_intr(uc_: Any, intno: int, _data: Any) -> None:
             self._on_interrupt(vcpu, intno)
@@ -1081,7 +1184,7 @@ class EmuBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
             vcpu.mem_fault = (access, address, size)
             return False
 
-        uc.hook_add(unicorn.UC_HOOK_BLOCK, on_block)
+        vcpu.block_hooks = _BlockHooks(uc, on_block)
         uc.hook_add(unicorn.UC_HOOK_INTR, on_intr)
         uc.hook_add(unicorn.UC_HOOK_INSN_INVALID, on_invalid_insn)
         uc.hook_add(unicorn.UC_HOOK_MEM_INVALID, on_bad_memory)
@@ -1091,10 +1194,10 @@ class EmuBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         if key in vcpu.scanned:
             return
         vcpu.scanned.add(key)
-        # The guest-physical pages under the block (at most two), watched for host writes.
+        insns, end, complete = self._decode_block(vcpu, address, size)
+        # The guest-physical pages under the code, watched for host writes.
         spans: list[tuple[_CodePage, int, int, int]] = []  # (page, linear start, lo, hi)
         linear = address
-        end = address + max(size, 1)
         while linear < end:
             stop = min(end, (linear | 0xFFF) + 1)
             gpa = self._translate(vcpu, linear & _M64)
@@ -1105,10 +1208,8 @@ class EmuBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
                     page.blocks[key] = (lo, lo + stop - linear)
                     spans.append((page, linear, lo, lo + stop - linear))
             linear = stop
-        bits = self._cpu_bits(vcpu)
-        code = self._read_linear(vcpu, address, size)
         found = False
-        for insn in _disassembler(bits).disasm(code, address):
+        for insn in insns:
             kind = _SITE_KINDS.get(insn.id)
             if kind is None:
                 continue
@@ -1119,8 +1220,29 @@ class EmuBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
             if insn.address not in vcpu.sites:
                 vcpu.new_sites[insn.address] = kind
                 found = True
-        if found:
-            vcpu.uc.emu_stop()
+        if complete:
+            vcpu.spans[key] = (address, end)
+            vcpu.uncut.append((address, end))
+        if found or complete:
+            vcpu.uc.emu_stop()  # sites and block hooks change outside emulation
+
+    def _decode_block(self, vcpu: _Vcpu, address: int, size: int) -> tuple[list[Any], int, bool]:
+        """The instructions of the block unicorn translated at ``address`` (``size`` bytes),
+        and on to where any block starting in it ends: the first control transfer or the end
+        of readable code. ``(instructions, end, complete)``; not complete when the code runs
+        on past the longest block or stops decoding (capstone and QEMU may disagree there):
+        then the span stays under the block hooks and each of its blocks is scanned as it
+        is translated, as everywhere before scanning."""
+        code = self._read_linear(vcpu, address, _BLOCK_BYTES)
+        insns: list[Any] = []
+        end = address
+        for insn in _disassembler(self._cpu_bits(vcpu)).disasm(code, address):
+            insns.append(insn)
+            end = insn.address + insn.size
+            if insn.id in _BLOCK_ENDS and end >= address + size:
+                return insns, end, True
+        complete = len(code) < _BLOCK_BYTES and end == address + len(code)
+        return insns, max(end, address + max(size, 1)), complete
 
     def _code_page(self, vcpu: _Vcpu, gpa: int) -> _CodePage | None:
         page = vcpu.code.get(gpa)
@@ -1190,6 +1312,8 @@ class EmuBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
                 if any(a < hi and lo < b for a, b in changed):
                     del page.blocks[key]
                     vcpu.scanned.discard(key)
+                    if vcpu.spans.pop(key, None) is not None:
+                        vcpu.regap = True
                     stale = True
             for address, (lo, hi) in list(page.sites.items()):
                 if any(a < hi and lo < b for a, b in changed):
@@ -1556,6 +1680,8 @@ class EmuBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
     def _enter(self, vcpu: _Vcpu, deadline: int | None, any_exit: bool) -> bool:
         """One emu_start; True when an exit for the caller has been recorded."""
         uc = vcpu.uc
+        if vcpu.uncut or vcpu.regap:
+            self._cut_scanned(vcpu)
         if vcpu.dr_dirty:
             self._apply_debug(vcpu)
         rflags = uc.reg_read(X.UC_X86_REG_RFLAGS)
@@ -1626,10 +1752,28 @@ class EmuBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
             uc.reg_write(X.UC_X86_REG_RIP, uc.reg_read(X.UC_X86_REG_RIP) + 1)
             vcpu.controls[C.VMCS_GUEST_ACTIVITY_STATE] = C.GUEST_ACTIVITY_HLT
             return False
+        if vcpu.uncut and (
+            not (stepping or window) or int(uc.reg_read(X.UC_X86_REG_RIP)) == start_rip
+        ):
+            return False  # stopped to take newly scanned code out of the block hooks
         if self._lost_invalid_opcode(vcpu, start_rip, stepping or window, deadline):
             vcpu.pending_event = (C.IDT_UD, C.IRQ_INFO_HARD_EXC, None)
             return self._exception(vcpu)
         return self._after_instruction(vcpu, stepping, deadline, any_exit)
+
+    @staticmethod
+    def _cut_scanned(vcpu: _Vcpu) -> None:
+        """Update the block hooks: cut out newly scanned spans, or rebuild them around what is
+        still scanned after host writes made some code be forgotten."""
+        hooks = vcpu.block_hooks
+        assert hooks is not None
+        if vcpu.regap:
+            hooks.reset(list(vcpu.spans.values()))
+            vcpu.regap = False
+        else:
+            for lo, hi in vcpu.uncut:
+                hooks.cut(lo, hi)
+        vcpu.uncut.clear()
 
     def _lost_invalid_opcode(
         self, vcpu: _Vcpu, start_rip: int, stepping: bool, deadline: int | None

@@ -623,3 +623,40 @@ def test_jmp_self_runs_until_the_deadline(vm: dict[str, object]) -> None:
     hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_CPU_BASED, hv.CPU_BASED_MTF)
     assert run(vcpu) == hv.VMX_REASON_MTF
     assert hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RIP) == ORG + 2
+
+
+def run_for(vcpu: int, nanoseconds: int = 2_000_000_000) -> int:
+    hv.hv_vcpu_run_until(vcpu, hv.deadline_after_ns(nanoseconds))
+    return vmcs(vcpu, hv.VMCS_RO_EXIT_REASON)
+
+
+def test_exit_later_in_a_block_first_run_one_step(vm: dict[str, object]) -> None:
+    """Scanned code leaves the block hooks: the scan of a one-instruction step must reach the
+    OUT that a free run of the same block executes."""
+    vcpu = new_vcpu(vm, 16, assemble_flat("nop\nnop\nout 0x80, al\njmp $\n", 16, ORG))
+    hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_CPU_BASED, hv.CPU_BASED_MTF)
+    assert run_for(vcpu) == hv.VMX_REASON_MTF
+    assert hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RIP) == ORG + 1
+    hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_CPU_BASED, 0)
+    assert run_for(vcpu) == hv.VMX_REASON_IO
+    assert hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RIP) == ORG + 2
+
+
+def test_other_code_at_a_scanned_user_address_still_exits(vm: dict[str, object]) -> None:
+    """Two processes at one linear address: the second one's CPUID exits although the first
+    one's code at that address was scanned (lower-half code stays under the block hooks)."""
+    ram = vm["ram"]
+    user, other, table = 0x100000, 0x101000, 0x14000
+    vcpu = new_vcpu(vm, 64, assemble_flat("nop\nnop\nout 0x80, al\njmp $\n", 64, user), user)
+    for i in range(512):  # the first 2 MiB in 4 KiB pages, identity-mapped
+        struct.pack_into("<Q", ram, table + 8 * i, i << 12 | 3)  # type: ignore[arg-type]
+    struct.pack_into("<Q", ram, 0x12000, table | 3)  # type: ignore[arg-type]
+    second = assemble_flat("nop\ncpuid\nnop\nnop\njmp $\n", 64, user)  # not 6 bytes long
+    ram[other : other + len(second)] = second  # type: ignore[index]
+    assert run_for(vcpu) == hv.VMX_REASON_IO
+    assert hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RIP) == user + 2
+    struct.pack_into("<Q", ram, table + 8 * (user >> 12), other | 3)  # type: ignore[arg-type]
+    hv.hv_vcpu_invalidate_tlb(vcpu)
+    hv.hv_vcpu_write_register(vcpu, hv.HV_X86_RIP, user)
+    assert run_for(vcpu) == hv.VMX_REASON_CPUID
+    assert hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RIP) == user + 1

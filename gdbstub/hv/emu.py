@@ -70,8 +70,10 @@ has to emulate the memory side; interrupt delivery does not switch stacks on a p
 (except long-mode IST).
 Code the guest itself rewrites is rescanned at the next entry, not at once: an IN/OUT/HLT/MSR/
 CPUID the guest writes into an already scanned block and runs within the same entry executes
-in unicorn without an exit. Code is scanned by guest-linear address: code that paging maps
-anew at an address already scanned (another process at the same address) is not rescanned.
+in unicorn without an exit. Code is scanned by guest-linear address. Spans leave the block
+hooks only where the code is the same in every address space (paging off, or the upper half
+in long mode); elsewhere every block still calls the hook, and a block at an address scanned
+before with the same length (another process's code there) is not scanned again.
 An `inc; jmp` loop runs at about 1.5e8 iterations per second (0.6e6 when every block called the
 block hook).
 """
@@ -414,6 +416,7 @@ class _Vcpu:
         self.spans: dict[tuple[int, int], tuple[int, int]] = {}
         self.uncut: list[tuple[int, int]] = []
         self.regap = False  # scanned code was forgotten: rebuild the block hooks
+        self.unpaged_spans: set[tuple[int, int]] = set()  # spans scanned with paging off
         self.block_hooks: _BlockHooks | None = None
         self.code: dict[int, _CodePage] = {}  # gpa page -> scanned code on it
         self.code_runs: list[_CodeRun] | None = None
@@ -659,6 +662,7 @@ class EmuBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         vcpu.spans.clear()
         vcpu.uncut.clear()
         vcpu.regap = False
+        vcpu.unpaged_spans.clear()
         vcpu.code.clear()
         vcpu.code_runs = None
         vcpu.dr_exec_hooks.clear()
@@ -1220,11 +1224,27 @@ class EmuBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
             if insn.address not in vcpu.sites:
                 vcpu.new_sites[insn.address] = kind
                 found = True
-        if complete:
+        shared = self._shared_code(vcpu, address) if complete else None
+        if shared is not None:
             vcpu.spans[key] = (address, end)
             vcpu.uncut.append((address, end))
-        if found or complete:
+            if shared == "unpaged":
+                vcpu.unpaged_spans.add(key)
+        if found or shared is not None:
             vcpu.uc.emu_stop()  # sites and block hooks change outside emulation
+
+    def _shared_code(self, vcpu: _Vcpu, address: int) -> str | None:
+        """Whether code at guest-linear ``address`` is the code there in every address space,
+        so that its span may leave the block hooks: "unpaged" (paging is off; such spans are
+        forgotten when paging comes on) or "kernel" (the upper half of a long-mode address
+        space, shared by every process). None for anything else: a process's code is
+        scanned block by block as it is translated, so that another process at the same
+        address gets scanned too."""
+        if not vcpu.uc.reg_read(X.UC_X86_REG_CR0) & 1 << 31:
+            return "unpaged"
+        if self._cpu_bits(vcpu) == 64 and address >= 1 << 63:
+            return "kernel"
+        return None
 
     def _decode_block(self, vcpu: _Vcpu, address: int, size: int) -> tuple[list[Any], int, bool]:
         """The instructions of the block unicorn translated at ``address`` (``size`` bytes),
@@ -1537,6 +1557,8 @@ class EmuBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
             self._remap(vcpu)
         if vcpu.code:
             self._check_code(vcpu)
+        if vcpu.unpaged_spans and vcpu.uc.reg_read(X.UC_X86_REG_CR0) & 1 << 31:
+            self._forget_unpaged(vcpu)
         try:
             self._inject_entry_event(vcpu)
             while True:
@@ -1760,6 +1782,17 @@ class EmuBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
             vcpu.pending_event = (C.IDT_UD, C.IRQ_INFO_HARD_EXC, None)
             return self._exception(vcpu)
         return self._after_instruction(vcpu, stepping, deadline, any_exit)
+
+    @staticmethod
+    def _forget_unpaged(vcpu: _Vcpu) -> None:
+        """Paging is on: code scanned with paging off is scanned again where it runs now
+        (linear addresses mean other memory from here on)."""
+        for key in vcpu.unpaged_spans:
+            vcpu.spans.pop(key, None)
+            vcpu.scanned.discard(key)
+        vcpu.unpaged_spans.clear()
+        vcpu.regap = True
+        vcpu.uc.ctl_flush_tb()
 
     @staticmethod
     def _cut_scanned(vcpu: _Vcpu) -> None:

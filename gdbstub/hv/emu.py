@@ -363,8 +363,12 @@ class _BlockHooks:
             self.uc.hook_del(hook)
             self._add(first, lo - 1)
             self._add(hi, last)
-        if overlapping:
-            self.uc.ctl_remove_cache(lo, hi)  # translated with the hook: translate again
+        # translated with the hook: translate again (page by page: unicorn translates the
+        # first address of a range and takes the rest as physically contiguous)
+        while overlapping and lo < hi:
+            piece = min(hi, (lo | (PAGE - 1)) + 1)
+            self.uc.ctl_remove_cache(lo, piece)
+            lo = piece
 
     def reset(self, spans: list[tuple[int, int]]) -> None:
         """Hook everything but ``spans`` (after scanned code was forgotten)."""
@@ -1252,16 +1256,26 @@ class EmuBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         of readable code. ``(instructions, end, complete)``; not complete when the code runs
         on past the longest block or stops decoding (capstone and QEMU may disagree there):
         then the span stays under the block hooks and each of its blocks is scanned as it
-        is translated, as everywhere before scanning."""
-        code = self._read_linear(vcpu, address, _BLOCK_BYTES)
+        is translated, as everywhere before scanning.
+
+        Decoded a piece at a time (capstone decodes all it is given at once): the block
+        unicorn reported, which normally ends in a control transfer, then 64 bytes at a time."""
+        md = _disassembler(self._cpu_bits(vcpu))
         insns: list[Any] = []
-        end = address
-        for insn in _disassembler(self._cpu_bits(vcpu)).disasm(code, address):
-            insns.append(insn)
-            end = insn.address + insn.size
-            if insn.id in _BLOCK_ENDS and end >= address + size:
-                return insns, end, True
-        complete = len(code) < _BLOCK_BYTES and end == address + len(code)
+        end, limit = address, address + _BLOCK_BYTES
+        want = max(size, 1) + 15
+        while end < limit:
+            start = end
+            code = self._read_linear(vcpu, start, min(want, limit - start))
+            for insn in md.disasm(code, start):
+                insns.append(insn)
+                end = insn.address + insn.size
+                if insn.id in _BLOCK_ENDS and end >= address + size:
+                    return insns, end, True
+            if end == start:  # nothing decoded: unreadable here, or bytes capstone rejects
+                break
+            want = 64
+        complete = end < limit and not self._read_linear(vcpu, end, 1)  # readable code ended
         return insns, max(end, address + max(size, 1)), complete
 
     def _code_page(self, vcpu: _Vcpu, gpa: int) -> _CodePage | None:

@@ -370,18 +370,22 @@ class _BlockHooks:
             self.uc.ctl_remove_cache(lo, piece)
             lo = piece
 
-    def reset(self, spans: list[tuple[int, int]]) -> None:
-        """Hook everything but ``spans`` (after scanned code was forgotten)."""
-        for _, hook in self.gaps.values():
-            self.uc.hook_del(hook)
-        self.firsts.clear()
-        self.gaps.clear()
-        first = 0
-        for lo, hi in sorted(spans):
-            if lo > first:
-                self._add(first, lo - 1)
-            first = max(first, hi)
-        self._add(first, _M64)
+    def uncover(self, lo: int, hi: int, still_scanned: list[tuple[int, int]]) -> None:
+        """Hook ``[lo, hi)`` again (its code was forgotten), but for what other spans still
+        scanned cover and what is hooked already."""
+        holes = still_scanned + [
+            (first, last + 1) for first, (last, _) in self.gaps.items() if first < hi and lo <= last
+        ]
+        pieces = [(lo, hi)]
+        for a, b in holes:
+            pieces = [
+                piece
+                for x, y in pieces
+                for piece in ((x, min(y, a)), (max(x, b), y))
+                if piece[0] < piece[1]
+            ]
+        for x, y in pieces:
+            self._add(x, y - 1)
 
 
 class _Exit(Exception):
@@ -419,7 +423,7 @@ class _Vcpu:
         # cut out of the block hooks (cut outside emulation, at the next entry)
         self.spans: dict[tuple[int, int], tuple[int, int]] = {}
         self.uncut: list[tuple[int, int]] = []
-        self.regap = False  # scanned code was forgotten: rebuild the block hooks
+        self.forgotten: list[tuple[int, int]] = []  # cut spans whose code was forgotten
         self.unpaged_spans: set[tuple[int, int]] = set()  # spans scanned with paging off
         self.block_hooks: _BlockHooks | None = None
         self.code: dict[int, _CodePage] = {}  # gpa page -> scanned code on it
@@ -665,7 +669,7 @@ class EmuBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         vcpu.scanned.clear()
         vcpu.spans.clear()
         vcpu.uncut.clear()
-        vcpu.regap = False
+        vcpu.forgotten.clear()
         vcpu.unpaged_spans.clear()
         vcpu.code.clear()
         vcpu.code_runs = None
@@ -1346,8 +1350,9 @@ class EmuBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
                 if any(a < hi and lo < b for a, b in changed):
                     del page.blocks[key]
                     vcpu.scanned.discard(key)
-                    if vcpu.spans.pop(key, None) is not None:
-                        vcpu.regap = True
+                    span = vcpu.spans.pop(key, None)
+                    if span is not None:
+                        vcpu.forgotten.append(span)
                     stale = True
             for address, (lo, hi) in list(page.sites.items()):
                 if any(a < hi and lo < b for a, b in changed):
@@ -1716,7 +1721,7 @@ class EmuBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
     def _enter(self, vcpu: _Vcpu, deadline: int | None, any_exit: bool) -> bool:
         """One emu_start; True when an exit for the caller has been recorded."""
         uc = vcpu.uc
-        if vcpu.uncut or vcpu.regap:
+        if vcpu.uncut or vcpu.forgotten:
             self._cut_scanned(vcpu)
         if vcpu.dr_dirty:
             self._apply_debug(vcpu)
@@ -1802,24 +1807,28 @@ class EmuBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         """Paging is on: code scanned with paging off is scanned again where it runs now
         (linear addresses mean other memory from here on)."""
         for key in vcpu.unpaged_spans:
-            vcpu.spans.pop(key, None)
+            span = vcpu.spans.pop(key, None)
+            if span is not None:
+                vcpu.forgotten.append(span)
             vcpu.scanned.discard(key)
         vcpu.unpaged_spans.clear()
-        vcpu.regap = True
         vcpu.uc.ctl_flush_tb()
 
     @staticmethod
     def _cut_scanned(vcpu: _Vcpu) -> None:
-        """Update the block hooks: cut out newly scanned spans, or rebuild them around what is
-        still scanned after host writes made some code be forgotten."""
+        """Update the block hooks: hook forgotten code again, cut out newly scanned spans (the
+        translations were flushed when code was forgotten)."""
         hooks = vcpu.block_hooks
         assert hooks is not None
-        if vcpu.regap:
-            hooks.reset(list(vcpu.spans.values()))
-            vcpu.regap = False
-        else:
-            for lo, hi in vcpu.uncut:
-                hooks.cut(lo, hi)
+        if vcpu.forgotten:
+            for lo, hi in vcpu.forgotten:
+                still = [(a, b) for a, b in vcpu.spans.values() if a < hi and lo < b]
+                hooks.uncover(lo, hi, still)
+            vcpu.forgotten.clear()
+        live = set(vcpu.spans.values())
+        for span in vcpu.uncut:
+            if span in live:
+                hooks.cut(*span)
         vcpu.uncut.clear()
 
     def _lost_invalid_opcode(

@@ -239,7 +239,6 @@ def escape_binary(data: bytes) -> bytes:
 # restart a packet; '*', '+', '-' and '}' are avoided so no reader can misparse them.
 _FORBIDDEN_COUNTS = frozenset(c - 29 for c in b"#$*+-}")
 _MAX_COUNT = 126 - 29  # the count character stays printable ASCII
-_RUN_OR_SPECIAL = re.compile(rb"(?P<special>[$#}*])|(?P<run>([^$#}*])\3{3,})", re.DOTALL)
 
 
 def _encode_run(run: bytes) -> bytes:
@@ -259,14 +258,6 @@ def _encode_run(run: bytes) -> bytes:
     return bytes(out)
 
 
-def _escape_and_compress(match: re.Match[bytes]) -> bytes:
-    special = match.group("special")
-    if special is not None:
-        return bytes((_ESCAPE, special[0] ^ 0x20))
-    return _encode_run(match.group("run"))
-
-
-_HEX_ALPHABET = b"0123456789abcdefABCDEF"
 _ZEROS = re.compile(b"0+")
 
 
@@ -275,38 +266,36 @@ def _encode_zero_run(length: int) -> bytes:
     return _encode_run(b"0" * length)
 
 
-def _compress_hex(payload: bytes) -> bytes:
-    """RLE of an all-hex payload (``m``, ``g`` and ``p`` replies): runs of ``0`` only.
+def _compress_zeros(body: bytes) -> bytes:
+    """RLE of an (escaped) packet body: runs of ``0`` only (escaping never yields a ``0``).
 
-    Zeros are the runs that matter in register and memory dumps (cleared registers, BSS,
-    padding, the upper halves of small values); runs of other digits are rare and short, and
-    RLE is optional for the sender. Runs are found with ``bytes.find``, at C speed: about 20 us
-    for a ``g`` reply and a fraction of a millisecond for 64 KiB of memory (a regex with a
-    backreference, or one scan per digit, cost several times that; docs/performance.md)."""
-    start = payload.find(b"0000")
+    Zeros are the runs that matter in register and memory dumps and stop replies (cleared
+    registers, BSS, padding, the upper halves of small values); runs of other characters are
+    rare and short, and RLE is optional for the sender. Runs are found with ``bytes.find``, at
+    C speed: about 20 us for a ``g`` reply and a fraction of a millisecond for 64 KiB of memory
+    (a regex with a backreference, or one scan per digit, cost several times that;
+    docs/performance.md)."""
+    start = body.find(b"0000")
     if start < 0:
-        return payload
+        return body
     pieces: list[bytes] = []
     position = 0
     while start >= 0:
-        match = _ZEROS.match(payload, start)
+        match = _ZEROS.match(body, start)
         end = match.end() if match else start + 4  # (always a match: "0000" is there)
-        pieces.append(payload[position:start])
+        pieces.append(body[position:start])
         pieces.append(_encode_zero_run(end - start))
         position = end
-        start = payload.find(b"0000", end)
-    pieces.append(payload[position:])
+        start = body.find(b"0000", end)
+    pieces.append(body[position:])
     return b"".join(pieces)
 
 
 def encode(payload: bytes, *, rle: bool = True) -> bytes:
     """One complete packet ``$body#cc`` carrying ``payload`` (escaped, optionally RLE'd)."""
-    if not rle:
-        body = escape_binary(payload)
-    elif not payload.translate(None, _HEX_ALPHABET):
-        body = _compress_hex(payload)  # the common case: m, g and p replies
-    else:
-        body = _RUN_OR_SPECIAL.sub(_escape_and_compress, payload)
+    body = escape_binary(payload) if _NEEDS_ESCAPE.search(payload) else payload
+    if rle:
+        body = _compress_zeros(body)
     return b"$%s#%02x" % (body, checksum(body))
 
 

@@ -125,35 +125,32 @@ _GPR_FIELDS = {
 _KVM_REGS_ORDER = [name for name, *_ in K.KvmRegs._fields_]
 _GPR_INDEX = {reg: _KVM_REGS_ORDER.index(name) for reg, name in _GPR_FIELDS.items()}
 _RIP_INDEX = _GPR_INDEX[C.HV_X86_RIP]
-_SELECTOR_REGS = {
-    C.HV_X86_CS: "cs",
-    C.HV_X86_SS: "ss",
-    C.HV_X86_DS: "ds",
-    C.HV_X86_ES: "es",
-    C.HV_X86_FS: "fs",
-    C.HV_X86_GS: "gs",
-    C.HV_X86_LDTR: "ldt",
-    C.HV_X86_TR: "tr",
-}
-
 _MASK64 = (1 << 64) - 1
 
-# Registers that are fields of kvm_sregs: hv_x86_reg_t -> (segment or None, field, write mask)
-_SREGS_REGS: dict[int, tuple[str | None, str, int]] = {
-    C.HV_X86_IDT_BASE: ("idt", "base", _MASK64),
-    C.HV_X86_IDT_LIMIT: ("idt", "limit", 0xFFFF),
-    C.HV_X86_GDT_BASE: ("gdt", "base", _MASK64),
-    C.HV_X86_GDT_LIMIT: ("gdt", "limit", 0xFFFF),
-    C.HV_X86_LDT_BASE: ("ldt", "base", _MASK64),
-    C.HV_X86_LDT_LIMIT: ("ldt", "limit", 0xFFFFFFFF),
-    C.HV_X86_TSS_BASE: ("tr", "base", _MASK64),
-    C.HV_X86_TSS_LIMIT: ("tr", "limit", 0xFFFFFFFF),
-    C.HV_X86_CR0: (None, "cr0", _MASK64),
-    C.HV_X86_CR2: (None, "cr2", _MASK64),
-    C.HV_X86_CR3: (None, "cr3", _MASK64),
-    C.HV_X86_CR4: (None, "cr4", _MASK64),
+# Registers that are VMCS guest-state fields: read and written through _guest_field.
+_REG_FIELDS = {
+    C.HV_X86_ES: C.VMCS_GUEST_ES,
+    C.HV_X86_CS: C.VMCS_GUEST_CS,
+    C.HV_X86_SS: C.VMCS_GUEST_SS,
+    C.HV_X86_DS: C.VMCS_GUEST_DS,
+    C.HV_X86_FS: C.VMCS_GUEST_FS,
+    C.HV_X86_GS: C.VMCS_GUEST_GS,
+    C.HV_X86_LDTR: C.VMCS_GUEST_LDTR,
+    C.HV_X86_TR: C.VMCS_GUEST_TR,
+    C.HV_X86_IDT_BASE: C.VMCS_GUEST_IDTR_BASE,
+    C.HV_X86_IDT_LIMIT: C.VMCS_GUEST_IDTR_LIMIT,
+    C.HV_X86_GDT_BASE: C.VMCS_GUEST_GDTR_BASE,
+    C.HV_X86_GDT_LIMIT: C.VMCS_GUEST_GDTR_LIMIT,
+    C.HV_X86_LDT_BASE: C.VMCS_GUEST_LDTR_BASE,
+    C.HV_X86_LDT_LIMIT: C.VMCS_GUEST_LDTR_LIMIT,
+    C.HV_X86_LDT_AR: C.VMCS_GUEST_LDTR_AR,
+    C.HV_X86_TSS_BASE: C.VMCS_GUEST_TR_BASE,
+    C.HV_X86_TSS_LIMIT: C.VMCS_GUEST_TR_LIMIT,
+    C.HV_X86_TSS_AR: C.VMCS_GUEST_TR_AR,
+    C.HV_X86_CR0: C.VMCS_GUEST_CR0,
+    C.HV_X86_CR3: C.VMCS_GUEST_CR3,
+    C.HV_X86_CR4: C.VMCS_GUEST_CR4,
 }
-_SEGMENT_AR_REGS = {C.HV_X86_LDT_AR: "ldt", C.HV_X86_TSS_AR: "tr"}
 
 # MSRs that live in kvm_sregs; reads and writes go through the register cache.
 _SREGS_MSRS = {C.MSR_EFER, C.MSR_FSBASE, C.MSR_GSBASE, C.MSR_IA32_APIC_BASE}
@@ -700,15 +697,12 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
     def _read_other_register(self, vcpu: _Vcpu, reg: int) -> int:
         """hv_vcpu_read_register of anything but a GPR, RIP or RFLAGS (the hot call serves
         those with one lookup)."""
-        if reg in _SELECTOR_REGS:
-            return int(getattr(self._get(vcpu, "sregs"), _SELECTOR_REGS[reg]).selector)
-        place = _SREGS_REGS.get(reg)
-        if place is not None:
-            segment, name, _ = place
-            sregs = self._get(vcpu, "sregs")
-            return int(getattr(sregs if segment is None else getattr(sregs, segment), name))
-        if reg in _SEGMENT_AR_REGS:
-            return _seg_ar(getattr(self._get(vcpu, "sregs"), _SEGMENT_AR_REGS[reg]))
+        field_ = _REG_FIELDS.get(reg)
+        value = None if field_ is None else self._guest_field(vcpu, field_, None)
+        if value is not None:
+            return value
+        if reg == C.HV_X86_CR2:
+            return int(self._get(vcpu, "sregs").cr2)
         if reg == C.HV_X86_TPR:
             return int(self._get(vcpu, "sregs").cr8) << 4
         if reg == C.HV_X86_CR1:
@@ -750,21 +744,18 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         """hv_vcpu_write_register of anything but a GPR, RIP or RFLAGS."""
         if not 0 <= reg < C.HV_X86_REGISTERS_MAX:
             raise common.bad("hv_vcpu_write_register", f"unknown register {reg}")
-        if reg in _SELECTOR_REGS:
-            getattr(self._dirty(vcpu, "sregs"), _SELECTOR_REGS[reg]).selector = value & 0xFFFF
+        field_ = _REG_FIELDS.get(reg)
+        if field_ is not None:
+            self._guest_field(vcpu, field_, value)
             return
         if reg == C.HV_X86_CR1:
             return
-        place = _SREGS_REGS.get(reg)
-        if place is not None or reg in _SEGMENT_AR_REGS or reg == C.HV_X86_TPR:
+        if reg in (C.HV_X86_CR2, C.HV_X86_TPR):
             sregs = self._dirty(vcpu, "sregs")
-            if place is not None:
-                segment, name, mask = place
-                setattr(sregs if segment is None else getattr(sregs, segment), name, value & mask)
-            elif reg == C.HV_X86_TPR:
-                sregs.cr8 = (value >> 4) & 0xF
+            if reg == C.HV_X86_CR2:
+                sregs.cr2 = value
             else:
-                _set_seg_ar(getattr(sregs, _SEGMENT_AR_REGS[reg]), value)
+                sregs.cr8 = (value >> 4) & 0xF
             _forget_translations(vcpu)
             return
         if C.HV_X86_DR0 <= reg <= C.HV_X86_DR7:

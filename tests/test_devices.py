@@ -6,14 +6,10 @@ import logging
 
 import pytest
 
-from gdbstub.machine.devices import (
-    DebugCon,
-    DebugExit,
-    GuestExit,
-    PortBus,
-    Uart16550,
-    standard_bus,
-)
+from gdbstub.machine.bus import GuestExit, PortBus
+from gdbstub.machine.devices.debugport import DebugCon, DebugExit
+from gdbstub.machine.devices.uart import Uart16550
+from gdbstub.machine.platform import standard_bus
 
 COM1 = 0x3F8
 
@@ -121,7 +117,7 @@ def test_debugcon() -> None:
 
 def test_bus_unknown_ports(caplog: pytest.LogCaptureFixture) -> None:
     bus = PortBus()
-    with caplog.at_level(logging.INFO, logger="gdbstub.machine.devices"):
+    with caplog.at_level(logging.INFO, logger="gdbstub.machine.bus"):
         assert bus.read(0x80, 1) == 0xFF
         assert bus.read(0x80, 2) == 0xFFFF
         assert bus.read(0x80, 4) == 0xFFFFFFFF

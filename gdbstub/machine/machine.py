@@ -33,8 +33,9 @@ from .. import hv
 from ..memory import GuestMemory
 from ..vcpu import Stop
 from . import cpuid as cpuid_model
-from .devices import GuestExit, standard_bus
+from .bus import GuestExit
 from .loader import BootPlan, CpuState, load_kernel
+from .platform import standard_bus
 
 log = logging.getLogger(__name__)
 

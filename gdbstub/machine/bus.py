@@ -42,6 +42,18 @@ class GuestExit(Exception):
         self.status = status
 
 
+class GuestPowerOff(Exception):
+    """The guest turned the machine off (ACPI S5, QEMU's 0xB004): the process ends with 0."""
+
+
+class GuestReset(Exception):
+    """The guest reset the machine (i8042 0xFE, 0xCF9, port 0x92, ACPI reset register)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__(f"guest reset through {how}")
+        self.how = how
+
+
 class PortBus:
     """Dispatch port I/O to devices by port range."""
 

@@ -58,6 +58,7 @@ _SITE_OPCODES = {
     "iretq": (b"\xcf",),
     "sysret": (b"\x0f\x07",),
 }
+_PRIVILEGED = frozenset({"io", "hlt", "rdmsr", "wrmsr"})
 UD_IDS = frozenset({capstone.x86.X86_INS_UD0, capstone.x86.X86_INS_UD1, capstone.x86.X86_INS_UD2})
 _STRING_IO = frozenset({0x6C, 0x6D, 0x6E, 0x6F})
 
@@ -455,6 +456,8 @@ class CodeScan(CpuState):
         uc = vcpu.uc
         if kind in _SITE_OPCODES and not self._site_intact(vcpu, address, kind):
             return  # rewritten by the guest since the scan (I/O is decoded again below)
+        if kind in _PRIVILEGED and self._faults_first(vcpu, kind):
+            return  # QEMU raises the #GP (or, for I/O, consults the TSS I/O bitmap)
         if kind == "io":
             self._exit_io(vcpu, address)
         elif kind == "hlt":
@@ -477,6 +480,17 @@ class CodeScan(CpuState):
             self._stop(vcpu, C.VMX_REASON_CPUID, length=2)
         elif kind in ("iretq", "sysret"):
             self._check_return(vcpu, address, kind)
+
+    def _faults_first(self, vcpu: Vcpu, kind: str) -> bool:
+        """Whether the privileged instruction at a site faults before it would exit, as on
+        hardware: HLT, RDMSR, WRMSR above CPL0, I/O above IOPL (in protected mode)."""
+        state = self._snapshot(vcpu)
+        if not state.cpl:
+            return False
+        if kind != "io":
+            return True
+        iopl = (int(vcpu.uc.reg_read(X.UC_X86_REG_RFLAGS)) >> 12) & 3
+        return state.cpl > iopl
 
     def _check_return(self, vcpu: Vcpu, address: int, kind: str) -> None:
         """Before an IRETQ/SYSRETQ: fault if its target is not canonical (emu_events)."""

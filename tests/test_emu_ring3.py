@@ -1,0 +1,114 @@
+"""A ring-3 program and its kernel (tests/guests/emu_ring3.asm) on the emu backend, and on kvm
+as a cross-check of what hardware does (on this host KVM emulates the CPL0 part and runs the
+CPL3 part natively): SYSCALL/SYSRETQ with swapgs, an external interrupt injected in ring 3
+(stack switch to RSP0, SS null), a #PF in ring 3 on the IST1 stack, IRETQ back to ring 3."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+from guestbuild import GUESTS_DIR, assemble_flat
+from hvguest import CODE, Vm, new_vm, reg, run_to_exit, set_vmcs, skip_instruction, tear_down, vmcs
+
+from gdbstub import hv
+
+BACKENDS = [name for name in ("emu", "kvm") if name in hv.available_backends()]
+RSP0_TOP, IST1_TOP, SYSCALL_STACK, USER_STACK = 0x9800, 0xA800, 0xB800, 0xC000
+KERNEL_CS, KERNEL_DS, USER_CS, USER_DS = 0x10, 0x18, 0x33, 0x2B
+FMASK = 0x47700
+RF = 1 << 16
+
+
+def program() -> bytes:
+    return assemble_flat((GUESTS_DIR / "emu_ring3.asm").read_text(), bits=64, org=CODE)
+
+
+@pytest.fixture(params=BACKENDS)
+def vm(request: pytest.FixtureRequest) -> Iterator[Vm]:
+    hv._reset_for_tests()
+    hv.select_backend(request.param)
+    machine = new_vm()
+    try:
+        yield machine
+    finally:
+        tear_down(machine, hv._reset_for_tests)
+        hv._reset_for_tests()
+
+
+def run_to_port(vcpu: int) -> int:
+    """Run, completing RDMSR/WRMSR exits as a VMM does, to the next OUT; its port."""
+    while True:
+        reason = run_to_exit(vcpu)
+        if reason == hv.VMX_REASON_RDMSR:
+            value = hv.hv_vcpu_read_msr(vcpu, reg(vcpu, hv.HV_X86_RCX) & 0xFFFFFFFF)
+            hv.hv_vcpu_write_register(vcpu, hv.HV_X86_RAX, value & 0xFFFFFFFF)
+            hv.hv_vcpu_write_register(vcpu, hv.HV_X86_RDX, value >> 32)
+        elif reason == hv.VMX_REASON_WRMSR:
+            value = (reg(vcpu, hv.HV_X86_RDX) & 0xFFFFFFFF) << 32
+            value |= reg(vcpu, hv.HV_X86_RAX) & 0xFFFFFFFF
+            hv.hv_vcpu_write_msr(vcpu, reg(vcpu, hv.HV_X86_RCX) & 0xFFFFFFFF, value)
+        else:
+            assert reason == hv.VMX_REASON_IO, f"exit {reason} at {reg(vcpu, hv.HV_X86_RIP):#x}"
+            port = vmcs(vcpu, hv.VMCS_RO_EXIT_QUALIFIC) >> 16
+            skip_instruction(vcpu)
+            return port
+        skip_instruction(vcpu)
+
+
+def u64(vm: Vm, address: int) -> int:
+    return vm.mem.u64(address)
+
+
+def test_ring3_program(vm: Vm) -> None:
+    if hv.backend_name() == "kvm" and os.path.exists("/sys/module/kvm_pvm"):
+        pytest.skip("kvm_pvm takes ring-3 events through PVM's own entry, not the guest's")
+    code = program()
+    vcpu = vm.vcpu("long", code)
+    syscall_next = CODE + code.index(b"\x0f\x05") + 2
+    fault_insn = CODE + code.index(b"\x89\x04\x25\x00\x00\x40\x00")
+    waiting = CODE + code.index(b"\xe6\x52") + 2  # after `out 0x52, al`
+    for n in (3, 2, 1):
+        assert run_to_port(vcpu) == 0x50  # in the syscall handler
+        assert reg(vcpu, hv.HV_X86_R8) == KERNEL_CS and reg(vcpu, hv.HV_X86_R9) == KERNEL_DS
+        assert reg(vcpu, hv.HV_X86_CS) == KERNEL_CS
+        assert reg(vcpu, hv.HV_X86_RCX) == syscall_next
+        user_flags = reg(vcpu, hv.HV_X86_R11)
+        assert user_flags & 0x3202 == 0x3202  # IOPL 3, IF of ring 3
+        assert reg(vcpu, hv.HV_X86_R10) == user_flags & ~(FMASK | RF)
+        assert reg(vcpu, hv.HV_X86_RBX) == SYSCALL_STACK - 16  # swapgs found the per-CPU area
+        assert reg(vcpu, hv.HV_X86_RDI) == n << 8
+        assert run_to_port(vcpu) == 0x51  # back in ring 3
+        assert reg(vcpu, hv.HV_X86_RAX) == (n << 8) + 1
+        assert reg(vcpu, hv.HV_X86_R8) == USER_CS and reg(vcpu, hv.HV_X86_R9) == USER_DS
+        assert reg(vcpu, hv.HV_X86_CS) == USER_CS and reg(vcpu, hv.HV_X86_SS) == USER_DS
+        assert reg(vcpu, hv.HV_X86_RSP) == USER_STACK
+        assert reg(vcpu, hv.HV_X86_RFLAGS) & 0x3202 == 0x3202
+    assert run_to_port(vcpu) == 0x52
+    assert reg(vcpu, hv.HV_X86_RIP) == waiting
+    set_vmcs(vcpu, hv.VMCS_CTRL_VMENTRY_IRQ_INFO, hv.IRQ_INFO_VALID | hv.IRQ_INFO_EXT_IRQ | 0x20)
+    assert run_to_port(vcpu) == 0x53  # the interrupt handler, on the RSP0 stack
+    frame = reg(vcpu, hv.HV_X86_RBX)
+    assert frame == RSP0_TOP - 40
+    assert u64(vm, frame) == waiting
+    assert u64(vm, frame + 8) == USER_CS
+    assert u64(vm, frame + 16) & 0x3202 == 0x3202
+    assert u64(vm, frame + 24) == USER_STACK
+    assert u64(vm, frame + 32) == USER_DS
+    assert reg(vcpu, hv.HV_X86_R8) == KERNEL_CS
+    assert reg(vcpu, hv.HV_X86_R9) == 0  # SS: the null selector, RPL 0
+    assert run_to_port(vcpu) == 0x54  # #PF in ring 3, on the IST1 stack
+    frame = reg(vcpu, hv.HV_X86_RBX)
+    assert frame == IST1_TOP - 48
+    assert u64(vm, frame) == 6  # error code: user write to a page not present
+    assert u64(vm, frame + 8) == fault_insn
+    assert u64(vm, frame + 16) == USER_CS
+    assert u64(vm, frame + 32) == USER_STACK
+    assert u64(vm, frame + 40) == USER_DS
+    assert reg(vcpu, hv.HV_X86_RCX) == 0x400000  # CR2
+    assert reg(vcpu, hv.HV_X86_CR2) == 0x400000
+    assert reg(vcpu, hv.HV_X86_R8) == KERNEL_CS and reg(vcpu, hv.HV_X86_R9) == 0
+    assert run_to_port(vcpu) == 0x55  # ring 3 after the store
+    assert reg(vcpu, hv.HV_X86_R8) == USER_CS and reg(vcpu, hv.HV_X86_R9) == USER_DS
+    assert reg(vcpu, hv.HV_X86_RSP) == USER_STACK

@@ -79,12 +79,18 @@ _ticks_uc: list[Any] = []
 
 
 def _host_ticks() -> int:
-    """The host tick counter unicorn's RDTSC reads (QEMU's cpu_get_host_ticks), from a spare
-    unicorn CPU whose TSC offset is 0."""
+    """The host tick counter unicorn's RDTSC reads (QEMU's cpu_get_host_ticks): an RDTSC run
+    in a spare unicorn CPU whose TSC offset is 0 (unicorn's RDMSR does not know IA32_TSC)."""
     with _ticks_lock:
         if not _ticks_uc:
-            _ticks_uc.append(unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64))
-        return int(_ticks_uc[0].reg_read(X.UC_X86_REG_MSR, C.MSR_TSC))
+            spare = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
+            spare.mem_map(0x1000, 0x1000)
+            spare.mem_write(0x1000, b"\x0f\x31")  # rdtsc
+            _ticks_uc.append(spare)
+        spare = _ticks_uc[0]
+        spare.emu_start(0x1000, 0x1002)
+        low = int(spare.reg_read(X.UC_X86_REG_RAX)) & 0xFFFFFFFF
+        return (int(spare.reg_read(X.UC_X86_REG_RDX)) & 0xFFFFFFFF) << 32 | low
 
 
 class Registers(Events):

@@ -2,7 +2,7 @@
 
     gdbstub run KERNEL [--listen HOST:PORT] [--wait] [--memory SIZE]
                        [--serial stdio|file:PATH|none] [--backend auto|kvm|emu|hvf]
-                       [--log-packets PATH] [--cmdline TEXT] [--gdb]
+                       [--log-packets PATH] [--cmdline TEXT] [--initrd FILE] [--no-reboot]
     gdbstub --version
 
 A bad argument, a missing kernel or an image with no way to boot it: one line on stderr, exit 2.
@@ -101,7 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--serial", default="stdio", help="stdio | file:PATH | none (default stdio)")
     run.add_argument("--backend", default="auto", choices=("auto", "kvm", "emu", "hvf"))
     run.add_argument("--log-packets", metavar="PATH", help="write every RSP packet to PATH")
-    run.add_argument("--cmdline", default="", help="kernel command line")
+    run.add_argument(
+        "--cmdline", "--append", default="", help="kernel command line (QEMU: -append)"
+    )
+    run.add_argument(
+        "--initrd", metavar="FILE", help="initial ramdisk (Linux initrd, PVH/Multiboot module)"
+    )
+    run.add_argument(
+        "--no-reboot",
+        action="store_true",
+        help="end the process when the guest resets (status 0), as QEMU -no-reboot",
+    )
     run.add_argument("--verbose", "-v", action="store_true", help="log what the stub does")
     return parser
 
@@ -109,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """``gdbstub run``: boot, serve, and return the guest's exit status."""
     from .hvtarget import HvTarget
+    from .machine.firmware.layout import ACPI_ADDR as RSDP_ADDR
     from .machine.loader import BootError, load_kernel, symbols
     from .machine.machine import Machine
     from .server import GdbServer
@@ -120,8 +131,18 @@ def run(args: argparse.Namespace) -> int:
     kernel = Path(args.kernel)
     if not kernel.is_file() or not os.access(kernel, os.R_OK):
         raise UsageError(f"cannot read kernel {args.kernel}")
+    if args.initrd is not None:
+        initrd = Path(args.initrd)
+        if not initrd.is_file() or not os.access(initrd, os.R_OK):
+            raise UsageError(f"cannot read initrd {args.initrd}")
     try:
-        plan = load_kernel(kernel, mem_size=memory, cmdline=args.cmdline)
+        plan = load_kernel(
+            kernel,
+            mem_size=memory,
+            cmdline=args.cmdline,
+            initrd=None if args.initrd is None else Path(args.initrd),
+            rsdp_addr=RSDP_ADDR,
+        )
     except BootError as exc:
         raise UsageError(str(exc)) from exc
     try:
@@ -131,13 +152,14 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--backend {args.backend}: {exc}") from exc
     log.warning("gdbstub %s: backend %s", __version__, backend)
     try:
-        machine = Machine(plan, serial_sink=sink)
+        machine = Machine(plan, serial_sink=sink, no_reboot=args.no_reboot)
     except hv.HvError as exc:
         raise UsageError(f"cannot create the VM: {exc}") from exc
     try:
         kernel_symbols = symbols(kernel)
     except BootError:  # a raw image (Multiboot a.out kludge) has no symbol table
         kernel_symbols = {}
+    machine.symbols = kernel_symbols
     target = HvTarget(machine, 1, symbols=kernel_symbols)
     machine.cpu_avx = target.features.avx
     if args.serial == "stdio" and not sys.stdin.isatty():
@@ -156,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
         server.address[1],
         "" if args.wait else " (the guest is running)",
     )
+    machine.debugger_attached = lambda: server.attached
     if not args.wait:
         target.resume({}, ResumeAction(kind="c"))
     with server:

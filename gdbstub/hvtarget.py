@@ -41,7 +41,7 @@ from . import hv, paging, regs, xsave
 from .breakpoints import STOP_REASONS, Breakpoint, dr7_value, dr_length_ok
 from .memory import GuestMemory
 from .target import NotSupported, ResumeAction, StopEvent, TargetError
-from .vcpu import Stop, VcpuWorker
+from .vcpu import Entry, Stop, VcpuWorker
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,23 @@ class Vmm(Protocol):
 
     def handle_exit(self, vcpu: int) -> Stop | None:
         """Handle a VM exit the debugger did not consume; None to keep running."""
+
+
+class PlatformVmm(Vmm, Protocol):
+    """A VMM with interrupts and timers (``gdbstub run``'s machine); every method optional.
+
+    * ``bind_vcpu(vcpu, poke)``: the worker's ``poke`` for a device that raises an interrupt.
+    * ``before_entry(vcpu, step) -> Entry``: inject what is pending, say when the run must end
+      for a device timer, or keep a halted vCPU out of the guest. While stepping, interrupts
+      stay pending (a step does not land in an interrupt handler).
+    * ``is_halted(vcpu)`` / ``leave_halt(vcpu)``: the vCPU waits in HLT; the debugger moved it.
+    * ``on_stopped()`` / ``on_resumed()``: every vCPU stopped for the debugger / runs again
+      (virtual time stops meanwhile).
+    """
+
+    def before_entry(self, vcpu: int, step: bool) -> Entry:
+        """Decide the next entry of ``vcpu`` (owner thread)."""
+        ...
 
 
 @dataclass
@@ -98,6 +115,7 @@ class _Thread:
     dirty: set[str] = field(default_factory=set)
     watch_hit: Stop | None = None  # a page-watchpoint hit, reported once its instruction is done
     reprotect: list[tuple[int, int]] | None = None  # (page, flags) to restore after that step
+    parked: bool = False  # halted in a VMM without interrupts: only Ctrl-C wakes it
 
 
 # gdb register name -> how to read it from the vCPU
@@ -225,9 +243,16 @@ class HvTarget:
             thread=1, signal=SIGTRAP, reason=None, address=None, exit_status=None, expedite=()
         )
         self._exited: int | None = None
+        bind = getattr(vmm, "bind_vcpu", None)
         for index in range(vcpu_count):
             worker = VcpuWorker(index, self._on_worker_stop, setup=vmm.setup_vcpu)
             self._threads[index + 1] = _Thread(worker)
+            if bind is not None:
+                bind(worker.vcpu, worker.poke)
+        self._hook("on_stopped")
+        listeners = getattr(vmm, "after_reset", None)
+        if isinstance(listeners, list):
+            listeners.append(self.replant_breakpoints)
         log.info("debug features of this host:\n%s", self.features.describe())
 
     # --- threads ------------------------------------------------------------------------------
@@ -250,13 +275,9 @@ class HvTarget:
     def thread_extra_info(self, tid: int) -> str:
         """``vCPU n [state]`` for ``info threads``."""
         thread = self._thread(tid)
-        state = (
-            "running"
-            if thread.worker.running
-            else "halted"
-            if thread.worker.vcpu in getattr(self.vmm, "parked", ())
-            else "stopped"
-        )
+        is_halted = getattr(self.vmm, "is_halted", None)
+        halted = thread.parked or (is_halted is not None and is_halted(thread.worker.vcpu))
+        state = "running" if thread.worker.running else "halted" if halted else "stopped"
         return f"vCPU {thread.worker.index} [{state}]"
 
     def pc_regnum(self) -> int:
@@ -300,10 +321,11 @@ class HvTarget:
         if thread.dirty and thread.regs is not None and thread.fpstate is not None:
             values, names, image = thread.regs, set(thread.dirty), thread.fpstate
             thread.worker.call(lambda vcpu: write_cpu(vcpu, values, names, image))
+            leave_halt = getattr(self.vmm, "leave_halt", None)
             if "rip" in names:
-                parked = getattr(self.vmm, "parked", None)
-                if parked is not None:
-                    parked.discard(thread.worker.vcpu)
+                thread.parked = False
+                if leave_halt is not None:
+                    leave_halt(thread.worker.vcpu)
             thread.dirty.clear()
 
     def read_registers(self, tid: int) -> bytes:
@@ -457,6 +479,14 @@ class HvTarget:
         chunks = self.physical_chunks(tid, address, 1)
         return bool(chunks) and self.memory.contains(chunks[0][0])
 
+    def replant_breakpoints(self) -> None:
+        """After the VMM reloaded guest RAM (a machine reset): plant the int3s again."""
+        for bp in self._breakpoints.values():
+            if bp.mechanism == "int3" and bp.physical:
+                gpa = bp.physical[0][0]
+                bp.saved = self.memory.read(gpa, 1)
+                self.memory.write(gpa, b"\xcc")
+
     def _insert_int3(self, tid: int, address: int, length: int) -> Breakpoint:
         chunks = self.physical_chunks(tid, address, 1)
         if not chunks or not self.memory.contains(chunks[0][0]):
@@ -561,27 +591,31 @@ class HvTarget:
             raise TargetError(0x16)
         with self._lock:
             self._pending_stop = None
-        for thread, step in plan:
+        for thread, _ in plan:
             self._commit(thread)
+        self._hook("on_resumed")
+        vmm_entry = getattr(self.vmm, "before_entry", None)
+        before_entry = (
+            None if vmm_entry is None else (lambda vcpu, step, thread: vmm_entry(vcpu, step))
+        )
+        for thread, step in plan:
             thread.regs = thread.fpstate = thread.stop_regs = None
             thread.worker.resume(
                 self._handler(thread, step),
-                self._parked_check(thread),
+                partial(before_entry or self._parked_entry, step=step, thread=thread),
                 prepare=partial(self._set_step, step=step),
             )
 
-    def _parked_check(self, thread: _Thread) -> Callable[[], bool] | None:
-        """For the worker: whether the VMM has parked this vCPU (halted, nothing to wake it)."""
-        parked = getattr(self.vmm, "parked", None)
-        if parked is None:
-            return None
-        vcpu: int = thread.worker.vcpu
-        members: set[int] = parked
+    @staticmethod
+    def _parked_entry(vcpu: int, step: bool, thread: _Thread) -> Entry:
+        """``before_entry`` for a VMM without interrupts: a parked vCPU waits for Ctrl-C."""
+        return Entry(halted=thread.parked)
 
-        def is_parked() -> bool:
-            return vcpu in members
-
-        return is_parked
+    def _hook(self, name: str) -> None:
+        """Call the VMM's optional ``name()`` (``on_stopped``, ``on_resumed``)."""
+        hook = getattr(self.vmm, name, None)
+        if hook is not None:
+            hook()
 
     def _set_step(self, vcpu: int, step: bool) -> None:
         proc = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_CTRL_CPU_BASED)
@@ -589,15 +623,23 @@ class HvTarget:
         hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_CPU_BASED, proc)
 
     def _handler(self, thread: _Thread, step: bool) -> Callable[[int], Stop | None]:
+        is_halted = getattr(self.vmm, "is_halted", None)
+
         def handle(vcpu: int) -> Stop | None:
             stop = self._debug_exit(thread, vcpu, step)
             if stop is not None:
                 return stop if stop.kind != "continue" else None
             stop = self.vmm.handle_exit(vcpu)
-            if stop is None and step:
-                return Stop("debug", SIGTRAP)  # the VMM completed the stepped instruction
             if stop is not None and stop.kind == "halted":
-                return stop if step else None  # parked: the worker waits for Ctrl-C
+                # a VMM without interrupts: the worker waits for Ctrl-C unless stepping
+                if step:
+                    return stop
+                thread.parked = True
+                return None
+            if stop is None and step:
+                if is_halted is not None and is_halted(vcpu):
+                    return None  # before_entry ends the step once an interrupt is pending
+                return Stop("debug", SIGTRAP)  # the VMM completed the stepped instruction
             return stop
 
         return handle
@@ -738,6 +780,7 @@ class HvTarget:
             for other in others:
                 other.worker.kick()
         if everyone_stopped and self._pending_stop is not None:
+            self._hook("on_stopped")
             report_tid, report = self._pending_stop
             self._queue(self._stop_event(report_tid, report))
 

@@ -75,6 +75,8 @@ class GdbServer:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self.attached = False
+        """Whether a debugger is connected now."""
 
     # --- public API ----------------------------------------------------------------------
 
@@ -117,9 +119,13 @@ class GdbServer:
             except OSError:
                 continue
             log.info("debugger connected from %s", peer)
-            with conn:
-                if self._serve_client(conn):
-                    return True
+            self.attached = True
+            try:
+                with conn:
+                    if self._serve_client(conn):
+                        return True
+            finally:
+                self.attached = False
             log.info("debugger %s gone", peer)
         return False
 

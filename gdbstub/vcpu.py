@@ -7,21 +7,27 @@ that creates it and then serves two kinds of requests from a queue:
 
 * ``call(fn)``: run ``fn(vcpu)`` on the owner thread while the vCPU is paused (register,
   fpstate, MSR and VMCS access) and hand back the result or exception;
-* ``resume(handler, prepare=...)``: run the guest. The worker calls ``prepare(vcpu)`` (the
-  run's settings), loops ``hv_vcpu_run_until(FOREVER)`` and passes every exit to
+* ``resume(handler, before_entry=..., prepare=...)``: run the guest. The worker calls
+  ``prepare(vcpu)`` (the run's settings), then loops: ``before_entry(vcpu)`` lets the VMM
+  inject interrupts and decide the entry (an ``Entry``: a deadline, "halted: do not enter,
+  wait", or a stop), ``hv_vcpu_run_until`` runs the guest, and every exit goes to
   ``handler(vcpu)``, which returns None to keep running or a ``Stop`` to end the run. The stop
-  is delivered through ``on_stop``.
+  is delivered through ``on_stop``. A deadline exit (52) and a kick exit (1) are "slice over":
+  the loop goes round again.
 
-``kick()`` is the only cross-thread operation: it raises the stop flag, which the worker checks
-before every entry, and calls ``hv_vcpu_interrupt``. A kicked run ends with
-``Stop(kind="interrupted")``; a kick that lands between runs is harmless (the next run returns
-at once with exit 1, and the loop simply enters again unless a stop was requested).
+Two cross-thread operations, both built on ``hv_vcpu_interrupt`` (the framework's one
+cross-thread call): ``kick()`` raises the stop flag, which the worker checks before every
+entry, and ends the run with ``Stop(kind="interrupted")``; ``poke()`` only makes the vCPU
+come round the loop (a device raised an interrupt: the VMM injects it before the next entry,
+and a halted vCPU wakes). A kick or poke that lands between runs is harmless (the next run
+returns at once with exit 1).
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -48,7 +54,22 @@ class Stop:
     message: str = ""
 
 
+@dataclass(frozen=True)
+class Entry:
+    """What the VMM decided before an entry (``before_entry``).
+
+    ``deadline``: host monotonic nanoseconds at which the run should end (a device timer is
+    due), None for no limit. ``halted``: do not enter; the vCPU sleeps until poked, kicked or
+    the deadline. ``stop``: end the run with this stop instead of entering.
+    """
+
+    deadline: int | None = None
+    halted: bool = False
+    stop: Stop | None = None
+
+
 ExitHandler = Callable[[int], "Stop | None"]
+BeforeEntry = Callable[[int], Entry]
 
 
 class _Call:
@@ -62,16 +83,16 @@ class _Call:
 
 
 class _Resume:
-    __slots__ = ("handler", "parked", "prepare")
+    __slots__ = ("before_entry", "handler", "prepare")
 
     def __init__(
         self,
         handler: ExitHandler,
-        parked: Callable[[], bool] | None,
+        before_entry: BeforeEntry | None,
         prepare: Callable[[int], None] | None,
     ) -> None:
         self.handler = handler
-        self.parked = parked
+        self.before_entry = before_entry
         self.prepare = prepare
 
 
@@ -95,6 +116,7 @@ class VcpuWorker:
         self._setup = setup
         self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._stop_requested = threading.Event()
+        self._wake = threading.Event()
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._main, name=name or f"vcpu{index}", daemon=True)
@@ -120,24 +142,32 @@ class VcpuWorker:
     def resume(
         self,
         handler: ExitHandler,
-        parked: Callable[[], bool] | None = None,
+        before_entry: BeforeEntry | None = None,
         prepare: Callable[[int], None] | None = None,
     ) -> None:
         """Start running the guest; the run's ``Stop`` arrives through ``on_stop``.
 
         ``prepare(vcpu)`` runs on the owner thread before the first entry (settings for this
         run, without a round trip through ``call``); an HvError there ends the run as a fault.
-        While ``parked()`` is true (a vCPU halted with nothing to wake it) the worker does not
-        enter the guest: it waits for a kick, as a halted CPU waits for an interrupt.
+        ``before_entry(vcpu)`` runs before every entry (see ``Entry``): while it says
+        "halted" the worker does not enter the guest but waits for a poke, a kick or the
+        deadline, as a halted CPU waits for an interrupt.
         """
         self._stop_requested.clear()
         self.running = True
-        self._inbox.put(_Resume(handler, parked, prepare))
+        self._inbox.put(_Resume(handler, before_entry, prepare))
 
     def kick(self) -> None:
         """Ask a running vCPU to stop (the one cross-thread call: ``hv_vcpu_interrupt``)."""
         self._stop_requested.set()
+        self._wake.set()
         if self.vcpu >= 0:
+            hv.hv_vcpu_interrupt([self.vcpu])
+
+    def poke(self) -> None:
+        """Make a running vCPU come round its loop (an interrupt became pending); any thread."""
+        self._wake.set()
+        if self.vcpu >= 0 and self.running:
             hv.hv_vcpu_interrupt([self.vcpu])
 
     def close(self) -> None:
@@ -169,7 +199,7 @@ class VcpuWorker:
                     item.error = exc
                 item.done.set()
             elif isinstance(item, _Resume):
-                stop = self._run(item.handler, item.parked, item.prepare)
+                stop = self._run(item.handler, item.before_entry, item.prepare)
                 self.running = False
                 self._on_stop(self, stop)
         try:
@@ -180,22 +210,38 @@ class VcpuWorker:
     def _run(
         self,
         handler: ExitHandler,
-        parked: Callable[[], bool] | None,
+        before_entry: BeforeEntry | None,
         prepare: Callable[[int], None] | None,
     ) -> Stop:
+        vcpu = self.vcpu
+        slice_over = (hv.VMX_REASON_IRQ, hv.VMX_REASON_VMX_TIMER_EXPIRED)
         try:
             if prepare is not None:
-                prepare(self.vcpu)
+                prepare(vcpu)
             while True:
-                if parked is not None and parked():
-                    self._stop_requested.wait()
                 if self._stop_requested.is_set():
                     return Stop("interrupted", signal=2)
-                hv.hv_vcpu_run_until(self.vcpu, hv.HV_DEADLINE_FOREVER)
-                reason = hv.hv_vmx_vcpu_read_vmcs(self.vcpu, hv.VMCS_RO_EXIT_REASON)
-                if reason == hv.VMX_REASON_IRQ:
-                    continue  # a kick: the loop head decides whether to stop
-                stop = handler(self.vcpu)
+                deadline = hv.HV_DEADLINE_FOREVER
+                if before_entry is not None:
+                    self._wake.clear()
+                    entry = before_entry(vcpu)
+                    if entry.stop is not None:
+                        return entry.stop
+                    if entry.halted:
+                        timeout = None
+                        if entry.deadline is not None:
+                            timeout = max(0.0, (entry.deadline - time.monotonic_ns()) / 1e9)
+                        self._wake.wait(timeout)
+                        continue
+                    if entry.deadline is not None:
+                        deadline = hv.deadline_after_ns(
+                            max(0, entry.deadline - time.monotonic_ns())
+                        )
+                hv.hv_vcpu_run_until(vcpu, deadline)
+                reason = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_RO_EXIT_REASON)
+                if reason in slice_over:
+                    continue  # a kick, a poke or a device deadline: the loop head decides
+                stop = handler(vcpu)
                 if stop is not None:
                     return stop
         except hv.HvError as exc:

@@ -40,6 +40,7 @@ KERNELS: dict[str, tuple[str, str, str, tuple[Part, ...]]] = {
     "mode_switch": ("elf64", "low.ld", "elf_x86_64", WHOLE),
     "elf64_kernel": ("elf64", "elf64.ld", "elf_x86_64", WHOLE),
     "mb_kernel": ("elf32", "multiboot.ld", "elf_i386", WHOLE),
+    "pc_kernel": ("elf32", "pvh32.ld", "elf_i386", WHOLE),
 }  # fmt: skip
 
 

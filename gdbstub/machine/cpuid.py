@@ -7,8 +7,9 @@ The guest sees one fixed virtual CPU: vendor "GenuineIntel" (the framework runs 
 family 6 model 0x3a stepping 9, 40 physical / 48 linear address bits, brand string
 "gdbstub virtual CPU", the hypervisor bit, and hypervisor leaf 0x40000000 with the signature
 "gdbstubVCPU\\0".  Only features that a VMX guest can use without help from the VMM are
-advertised; notably there is no local APIC (bit 9 of leaf 1 EDX) until the machine emulates
-one, no MTRRs, no RDTSCP and no XSAVEOPT/XSAVEC/XSAVES.
+advertised, plus the local APIC (bit 9 of leaf 1 EDX) when the machine emulates one
+(``apic=True``); no x2APIC or TSC-deadline timer yet, no MTRRs, no RDTSCP and no
+XSAVEOPT/XSAVEC/XSAVES.
 
 Two answers depend on guest state, which the caller passes in:
 
@@ -87,11 +88,13 @@ def cpuid(
     cr4_osxsave: bool,
     apic_id: int = 0,
     avx: bool = True,
+    apic: bool = False,
 ) -> tuple[int, int, int, int]:
     """(eax, ebx, ecx, edx) of CPUID ``leaf``/``subleaf`` for a vCPU in the given state.
 
     ``xcr0`` is the guest's XCR0 and ``cr4_osxsave`` its CR4.OSXSAVE bit.  ``apic_id`` goes into
-    leaf 1 EBX[31:24]; ``avx=False`` hides AVX (for backends whose CPU lacks it).
+    leaf 1 EBX[31:24]; ``avx=False`` hides AVX (for backends whose CPU lacks it); ``apic``
+    offers the local APIC (the machine emulates it).
     """
     leaf &= 0xFFFFFFFF
     subleaf &= 0xFFFFFFFF
@@ -101,7 +104,7 @@ def cpuid(
     if leaf == 1:
         ebx = (8 << 8) | (1 << 16) | ((apic_id & 0xFF) << 24)  # clflush 64 B, 1 logical CPU
         ecx = LEAF1_ECX | (1 << AVX if avx else 0) | (1 << OSXSAVE if cr4_osxsave else 0)
-        return SIGNATURE_EAX, ebx, ecx, LEAF1_EDX
+        return SIGNATURE_EAX, ebx, ecx, LEAF1_EDX | (1 << APIC if apic else 0)
     if leaf == 0xD:
         return _leaf_xsave(subleaf, xcr0, avx)
     if leaf == 0x40000000:

@@ -1,25 +1,26 @@
-"""A minimal PC for ``gdbstub run``: RAM, a booted kernel, COM1, debug-exit; written on gdbstub.hv.
+"""The ``gdbstub run`` PC: RAM, firmware, a booted kernel and every device, written on gdbstub.hv.
 
 Theory of operation
 -------------------
-``Machine`` creates the VM, maps RAM, lets the loader place the kernel and its boot structures,
-and puts the vCPU in the protocol's initial state through register and VMCS calls. It then
-handles the exits a VMM owns (``handle_exit``), exactly as on the framework:
+``Machine`` creates the VM, maps RAM, writes what a PC's firmware leaves in memory (IVT and
+BIOS stubs, BDA/EBDA, ACPI and MP tables), lets the loader place the kernel and its boot
+structures, and puts the boot vCPU in the protocol's initial state through register and VMCS
+calls. The devices (``platform.py``) and their interrupt wiring (``interrupts.py``) live here,
+driven by exits, on every backend: the framework has no in-kernel interrupt controller or timer.
 
-* I/O (30): the port bus answers; the machine writes RAX for IN and advances RIP by
-  VMCS_RO_VMEXIT_INSTR_LEN. A write to isa-debug-exit ends the machine (``Stop("exited")``).
-* HLT (12): RIP is advanced past the HLT and the vCPU is *parked*: there is no interrupt source
-  yet, so it sleeps until the debugger stops it (``Stop("halted")`` is never sent to gdb; the
-  worker waits for a kick).
-* CPUID (10), RDMSR/WRMSR (31/32): answered from the CPUID model and the vCPU's MSRs; an MSR the
-  vCPU does not have raises #GP in the guest.
-* EPT violations (48): there is no MMIO device; reads give all ones and writes are dropped (on
-  KVM the access is already decoded; elsewhere the instruction is decoded with capstone).
-* Triple fault (2) and failed entries: the run stops with a fault the debugger reports; ``what``
-  remembers the reason for ``monitor`` commands.
+The debug target drives each vCPU's worker loop and asks the machine two things:
 
-The debug target wraps ``handle_exit``: it consumes debug exits first (breakpoints, steps,
-watchpoints) and hands everything else to the machine.
+* ``handle_exit`` (``exits.py``): the exits a VMM owns (I/O, MMIO, HLT, CPUID, MSRs, ...).
+* ``before_entry``: poll the timer devices against the virtual clock, inject the highest
+  pending interrupt through ``VMCS_CTRL_VMENTRY_IRQ_INFO`` when RFLAGS.IF and the
+  interruptibility state allow it, else ask for an interrupt-window exit; end the next run at
+  the earliest device deadline; keep a halted vCPU out of the guest until an interrupt it can
+  take is pending. While gdb steps, interrupts stay pending (``step_irqs`` off, as QEMU's
+  default ``sstep`` flags), so a step never lands in an interrupt handler; stepping ``hlt``
+  ends once an interrupt is pending, before it is delivered.
+
+Virtual time (``clock.py``) stops while the debugger holds the VM (``on_stopped`` /
+``on_resumed``), so a long stop delivers no storm of ticks.
 """
 
 from __future__ import annotations
@@ -27,19 +28,30 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import hv
 from ..memory import GuestMemory
-from ..vcpu import Stop
-from . import cpuid as cpuid_model
-from .bus import GuestExit
-from .loader import BootPlan, CpuState, load_kernel
-from .platform import standard_bus
+from ..vcpu import Entry, Stop
+from . import exits, guestmsr
+from .bus import MmioDevice
+from .clock import Clock
+from .devices.lapic import LocalApic
+from .firmware import layout
+from .firmware.acpi import build_acpi
+from .firmware.bda import build_bda
+from .firmware.bios import BiosServices, build_ivt_and_stubs
+from .firmware.mptable import build_mptable
+from .loader import BootPlan, CpuState, load_kernel, memory_map
+from .mmio_emulate import emulate_mmio
+from .platform import Platform, build_platform
 
 log = logging.getLogger(__name__)
 
-SIGTRAP, SIGSEGV, SIGILL, SIGABRT = 5, 11, 4, 6
+SIGTRAP, SIGSEGV = 5, 11
+RFLAGS_IF = 1 << 9
+TSC_HZ = 1_000_000_000  # what the LAPIC's TSC-deadline arithmetic assumes (not advertised)
 
 # MSRs the guest may access without exits (as QEMU and hyperkit enable them on the framework).
 NATIVE_MSRS = (
@@ -103,6 +115,10 @@ def write_cpu_state(vcpu: int, cpu: CpuState) -> None:
         vcpu, hv.VMCS_CTRL_VMENTRY_CONTROLS, hv.cap2ctrl(entry, ia32e | hv.VMENTRY_LOAD_EFER)
     )
     hv.hv_vcpu_write_register(vcpu, hv.HV_X86_XCR0, cpu.xcr0)
+    hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_VMENTRY_IRQ_INFO, 0)
+    hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_GUEST_INTERRUPTIBILITY, 0)
+    hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_GUEST_ACTIVITY_STATE, hv.GUEST_ACTIVITY_ACTIVE)
+    hv.hv_vcpu_write_register(vcpu, hv.HV_X86_TPR, 0)
 
 
 def set_vmm_controls(vcpu: int) -> None:
@@ -119,8 +135,22 @@ def set_vmm_controls(vcpu: int) -> None:
             log.debug("MSR %#x cannot be native on this backend", msr)
 
 
+@dataclass
+class VcpuState:
+    """What the machine keeps per vCPU."""
+
+    vcpu: int
+    index: int
+    owner: int  # thread ident of the owner
+    lapic: LocalApic
+    halted: bool = False
+    tpr: int = 0  # last TPR read on the owner thread (for other threads' describe())
+    poke: Callable[[], None] | None = None
+    msrs: dict[int, int] = field(default_factory=dict)  # the machine's own MSRs (guestmsr.py)
+
+
 class Machine:
-    """RAM + kernel + devices, and the VMM's exit handling (see the module docstring)."""
+    """RAM + firmware + kernel + devices, and the VMM's exit handling (module docstring)."""
 
     def __init__(
         self,
@@ -129,32 +159,123 @@ class Machine:
         memory_size: int = 256 << 20,
         serial_sink: Callable[[bytes], None] = lambda data: None,
         cmdline: str = "",
+        initrd: str | Path | None = None,
+        no_reboot: bool = False,
+        clock: Clock | None = None,
     ) -> None:
         """Boot ``kernel`` (a path, or a plan from ``load_kernel``) in a new VM."""
         if isinstance(kernel, BootPlan):
             self.plan = kernel
             memory_size = kernel.mem_size
         else:
-            self.plan = load_kernel(kernel, mem_size=memory_size, cmdline=cmdline)
+            self.plan = load_kernel(
+                kernel,
+                mem_size=memory_size,
+                cmdline=cmdline,
+                initrd=initrd,
+                rsdp_addr=layout.ACPI_ADDR,
+            )
+        self.memory_size = memory_size
+        self.no_reboot = no_reboot
+        self.clock = clock or Clock()
+        self.clock.pause()  # time starts when the vCPUs first run
+        self._serial_sink = serial_sink
         hv.hv_vm_create(hv.HV_VM_DEFAULT)
         self.memory = GuestMemory()
         self.memory.allocate(0, memory_size)
-        self.plan.apply(self._write_boot)
-        self.bus, self.uart = standard_bus(serial_sink)
+        self._new_platform()
+        self._load_images()
         self.what = "running"
-        self.parked: set[int] = set()
         self.cpu_avx = True
         """Whether CPUID offers AVX (the debug target's probe turns it off where the vCPU
         cannot execute AVX instructions)."""
+        self.step_irqs = False
+        """Whether single steps may deliver interrupts (``monitor step-irqs on``)."""
+        self.bios_port = layout.BIOS_PORT
+        self.debugger_attached: Callable[[], bool] = lambda: False
+        self.after_reset: list[Callable[[], None]] = []
+        self.resets = 0
+        self.symbols: dict[str, int] = {}
+        """The kernel's symbols (name -> address), for messages about where the guest is."""
+        self._cpus: dict[int, VcpuState] = {}
         self._lock = threading.Lock()
+        self._triple_fault_reported = False
+        self._reset_due = False
+        self._bios = BiosServices(
+            mem_map=memory_map(memory_size), mem_size=memory_size, tty=serial_sink
+        )
 
-    def _write_boot(self, gpa: int, data: bytes) -> None:
-        self.memory.write(gpa, data)
+    # --- building -------------------------------------------------------------------------------
+
+    def _new_platform(self) -> Platform:
+        platform = build_platform(
+            self.clock.now_ns, mem_size=self.memory_size, serial_sink=self._serial_sink
+        )
+        platform.router.pic.bios_setup()
+        platform.router.pic.write(layout.ELCR + 1, 1, 1 << (layout.IRQ_SCI - 8))
+        self.ports = platform.ports
+        self.mmio = platform.mmio
+        self.router = platform.router
+        self.uart = platform.uart
+        self.platform = platform
+        return platform
+
+    def _load_images(self) -> None:
+        """What firmware and the boot loader leave in RAM."""
+        write = self.memory.write
+        for gpa, data in build_ivt_and_stubs():
+            write(gpa, data)
+        for gpa, data in build_bda(mem_size=self.memory_size):
+            write(gpa, data)
+        write(layout.ACPI_ADDR, build_acpi(cpus=1).blob)
+        write(layout.MPTABLE_ADDR, build_mptable(cpus=1))
+        self.plan.apply(write)
 
     def setup_vcpu(self, vcpu: int) -> None:
-        """Initial state and controls of the boot vCPU (owner thread)."""
+        """Initial state and controls of a new vCPU, and its local APIC (owner thread)."""
         set_vmm_controls(vcpu)
         write_cpu_state(vcpu, self.plan.cpu)
+        index = len(self._cpus)
+        state = VcpuState(vcpu, index, threading.get_ident(), self._new_lapic(vcpu, index))
+        self._cpus[vcpu] = state
+        self.router.add_lapic(state.lapic)
+
+    def _new_lapic(self, vcpu: int, index: int) -> LocalApic:
+        def get_tpr() -> int:
+            state = self._cpus.get(vcpu)
+            if state is None or threading.get_ident() != state.owner:
+                return state.tpr if state is not None else 0
+            state.tpr = hv.hv_vcpu_read_register(vcpu, hv.HV_X86_TPR) & 0xFF
+            return state.tpr
+
+        def set_tpr(value: int) -> None:
+            hv.hv_vcpu_write_register(vcpu, hv.HV_X86_TPR, value & 0xFF)
+            self._cpus[vcpu].tpr = value & 0xFF
+
+        def tsc() -> int:
+            return self.clock.now_ns() * TSC_HZ // 1_000_000_000
+
+        return LocalApic(
+            apic_id=index,
+            clock=self.clock.now_ns,
+            tsc=tsc,
+            tsc_hz=TSC_HZ,
+            get_tpr=get_tpr,
+            set_tpr=set_tpr,
+            on_eoi=self.router.lapic_eoi,
+            notify=lambda: self.router.wake(index),
+            bsp=index == 0,
+        )
+
+    def bind_vcpu(self, vcpu: int, poke: Callable[[], None]) -> None:
+        """The worker's poke, for devices that raise interrupts from any thread."""
+        state = self._cpus[vcpu]
+        state.poke = poke
+        self.router.set_waker(state.index, poke)
+
+    def cpu(self, vcpu: int) -> VcpuState:
+        """The machine's state of ``vcpu``."""
+        return self._cpus[vcpu]
 
     def close(self) -> None:
         """Destroy the VM (vCPUs must be gone)."""
@@ -163,148 +284,187 @@ class Machine:
         except hv.HvError as exc:
             log.debug("hv_vm_destroy: %s", exc)
 
-    # --- exits -----------------------------------------------------------------------------------
+    # --- the debugger's view --------------------------------------------------------------------
+
+    def on_stopped(self) -> None:
+        """Every vCPU stopped for the debugger: virtual time stops."""
+        self.clock.pause()
+
+    def on_resumed(self) -> None:
+        """The vCPUs run again: virtual time flows."""
+        self.clock.resume()
+
+    def is_halted(self, vcpu: int) -> bool:
+        """Whether ``vcpu`` waits in HLT."""
+        state = self._cpus.get(vcpu)
+        return state is not None and state.halted
+
+    def leave_halt(self, vcpu: int) -> None:
+        """The debugger moved RIP: the vCPU no longer waits in HLT."""
+        state = self._cpus.get(vcpu)
+        if state is not None:
+            state.halted = False
+
+    def describe_interrupts(self) -> str:
+        """``monitor info irq``."""
+        return self.router.describe()
+
+    def describe_timers(self) -> str:
+        """``monitor info timers``."""
+        lines = [f"virtual time: {self.clock.now_ns() / 1e9:.6f} s"]
+        lines.append(self.platform.describe_timers())
+        lines += [f"local APIC {s.index} timer:\n{s.lapic.describe()}" for s in self._cpus.values()]
+        return "\n".join(lines)
+
+    # --- entries --------------------------------------------------------------------------------
+
+    def _poll_timers(self, now: int) -> int | None:
+        """Fire due device timers; the earliest next deadline (virtual ns)."""
+        earliest: int | None = None
+        for device in [*self.platform.timers, *self.router.lapics]:
+            due = device.next_deadline_ns()
+            if due is not None and due <= now:
+                device.poll(now)
+                due = device.next_deadline_ns()
+            if due is not None and (earliest is None or due < earliest):
+                earliest = due
+        return earliest
+
+    def before_entry(self, vcpu: int, step: bool) -> Entry:
+        """Timers, interrupt injection and halting before an entry (module docstring)."""
+        state = self._cpus[vcpu]
+        if self._reset_due:
+            self._reset_due = False
+            self.reset(vcpu)
+        due = self._poll_timers(self.clock.now_ns())
+        deadline = None if due is None else self.clock.host_ns(due)
+        pending = self.router.pending(state.index)
+        if state.halted:
+            if pending is None or not self._interruptible(vcpu):
+                return Entry(deadline=deadline, halted=True)
+            state.halted = False
+            self.what = "running"
+            if step and not self.step_irqs:
+                return Entry(stop=Stop("debug", SIGTRAP))
+        if step and not self.step_irqs:
+            return Entry()
+        if pending is not None:
+            self._inject(vcpu, state, pending)
+        return Entry(deadline=deadline)
+
+    @staticmethod
+    def _interruptible(vcpu: int) -> bool:
+        return bool(hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RFLAGS) & RFLAGS_IF)
+
+    def _inject(self, vcpu: int, state: VcpuState, pending: int) -> None:
+        """Inject ``pending`` now if the guest can take it, else ask for an interrupt window."""
+        if hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_CTRL_VMENTRY_IRQ_INFO) & hv.IRQ_INFO_VALID:
+            return  # an event is already queued for this entry
+        blocked = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_GUEST_INTERRUPTIBILITY) & 3
+        if not blocked and self._interruptible(vcpu):
+            vector = self.router.acknowledge(state.index, pending)
+            info = hv.IRQ_INFO_VALID | hv.IRQ_INFO_EXT_IRQ | vector
+            hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_VMENTRY_IRQ_INFO, info)
+            return
+        proc = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_CTRL_CPU_BASED)
+        if not proc & hv.CPU_BASED_IRQ_WND:
+            hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_CPU_BASED, proc | hv.CPU_BASED_IRQ_WND)
+
+    # --- exits ----------------------------------------------------------------------------------
 
     def handle_exit(self, vcpu: int) -> Stop | None:
         """Handle the exit the vCPU just took; None to keep running, or why the run ends."""
-        reason = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_RO_EXIT_REASON)
-        if reason & hv.VMX_EXIT_REASON_FAILED_ENTRY:
-            qual = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_RO_EXIT_QUALIFIC)
-            self.what = f"VM entry failed (exit reason {reason:#x}, detail {qual:#x})"
-            return Stop("fault", signal=SIGABRT, message=self.what)
-        handler = _HANDLERS.get(reason & 0xFFFF)
-        if handler is None:
-            name = hv.VMX_REASON_NAMES.get(reason & 0xFFFF, str(reason))
-            self.what = f"unhandled exit {name}"
-            return Stop("fault", signal=SIGABRT, message=self.what)
-        return handler(self, vcpu)
+        return exits.handle_exit(self, vcpu)
 
-    def _advance(self, vcpu: int) -> None:
-        rip = hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RIP)
-        length = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_RO_VMEXIT_INSTR_LEN)
-        hv.hv_vcpu_write_register(vcpu, hv.HV_X86_RIP, (rip + length) % (1 << 64))
-        # moving RIP ends STI/MOV-SS blocking, as on hardware
-        if hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_GUEST_INTERRUPTIBILITY) & 3:
-            value = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_GUEST_INTERRUPTIBILITY)
-            hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_GUEST_INTERRUPTIBILITY, value & ~3)
+    def halt(self, vcpu: int) -> None:
+        """HLT (RIP already past it): wait for an interrupt."""
+        self._cpus[vcpu].halted = True
+        enabled = self._interruptible(vcpu)
+        self.what = "halted with interrupts " + ("enabled" if enabled else "disabled")
 
-    def _io(self, vcpu: int) -> Stop | None:
-        qual = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_RO_EXIT_QUALIFIC)
-        port = qual >> hv.EXIT_QUAL_IO_PORT_SHIFT & 0xFFFF
-        size = (qual & hv.EXIT_QUAL_IO_SIZE_MASK) + 1
-        if qual & hv.EXIT_QUAL_IO_STRING:
-            self.what = f"string I/O on port {port:#x} is not supported"
-            return Stop("fault", signal=SIGILL, message=self.what)
-        mask = (1 << (8 * size)) - 1
-        if qual & hv.EXIT_QUAL_IO_IN:
-            value = self.bus.read(port, size) & mask
-            rax = hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RAX)
-            rax = value if size == 4 else rax & ~mask | value  # 32-bit results zero-extend
-            hv.hv_vcpu_write_register(vcpu, hv.HV_X86_RAX, rax)
-            self._advance(vcpu)
-            return None
-        value = hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RAX) & mask
-        self._advance(vcpu)
-        try:
-            self.bus.write(port, size, value)
-        except GuestExit as exit_:
-            self.what = f"the guest exited with status {exit_.status}"
-            return Stop("exited", exit_status=exit_.status, message=self.what)
+    def fault(self, what: str, signal: int, vcpu: int) -> Stop:
+        """End the run with a fault the debugger reports (the message says where)."""
+        if " rip " not in what:
+            try:
+                rip = hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RIP)
+            except hv.HvError:
+                pass
+            else:
+                what = f"{what} at rip {rip:#x}{self.symbolize(rip)}"
+        self.what = what
+        return Stop("fault", signal=signal, message=what)
+
+    def symbolize(self, address: int) -> str:
+        """`` <symbol+offset>`` for ``address`` when the kernel has symbols, else ``""``."""
+        best: tuple[int, str] | None = None
+        for name, value in self.symbols.items():
+            if value <= address and (best is None or value > best[0]):
+                best = (value, name)
+        if best is None or address - best[0] > 0x10000:
+            return ""
+        offset = address - best[0]
+        return f" <{best[1]}{f'+{offset:#x}' if offset else ''}>"
+
+    def guest_exit(self, status: int, what: str) -> Stop:
+        """The guest ended the machine (isa-debug-exit, ACPI soft-off)."""
+        self.what = what
+        return Stop("exited", exit_status=status, message=what)
+
+    def triple_fault(self, vcpu: int, rip: int) -> Stop | None:
+        """A triple fault: shown to an attached debugger first, then a reset (as a PC does)."""
+        what = f"triple fault (the CPU shut down) near rip {rip:#x}"
+        if self.debugger_attached() and not self._triple_fault_reported:
+            self._triple_fault_reported = True
+            self._reset_due = True
+            return self.fault(what + "; continue resets the machine", SIGSEGV, vcpu)
+        self._triple_fault_reported = False
+        return self.guest_reset(vcpu, what)
+
+    def guest_reset(self, vcpu: int, how: str) -> Stop | None:
+        """The guest reset the machine: start again, or end the process under ``--no-reboot``."""
+        if self.no_reboot:
+            return self.guest_exit(0, f"the guest reset ({how}) and --no-reboot is set")
+        log.warning("gdbstub: the guest reset (%s); restarting the machine", how)
+        self.reset(vcpu)
         return None
 
-    def _hlt(self, vcpu: int) -> Stop | None:
-        self._advance(vcpu)
-        rflags = hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RFLAGS)
-        self.what = "halted with interrupts " + ("enabled" if rflags & 0x200 else "disabled")
-        self.parked.add(vcpu)
-        return Stop("halted", signal=SIGTRAP, message=self.what)
+    def reset(self, vcpu: int) -> None:
+        """Power-cycle the PC: RAM, firmware, kernel and devices anew, the vCPU at its entry."""
+        self._reset_due = False
+        self.resets += 1
+        self.memory.write(0, bytes(self.memory_size))
+        self._load_images()
+        wakers = {s.index: s.poke for s in self._cpus.values()}
+        self._new_platform()
+        for state in self._cpus.values():
+            state.lapic = self._new_lapic(state.vcpu, state.index)
+            state.halted = False
+            self.router.add_lapic(state.lapic)
+            if wakers.get(state.index) is not None:
+                self.router.set_waker(state.index, wakers[state.index])  # type: ignore[arg-type]
+        write_cpu_state(vcpu, self.plan.cpu)
+        self.what = "running"
+        for listener in self.after_reset:
+            listener()
 
-    def _cpuid(self, vcpu: int) -> Stop | None:
-        leaf = hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RAX) & 0xFFFFFFFF
-        subleaf = hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RCX) & 0xFFFFFFFF
-        xcr0 = hv.hv_vcpu_read_register(vcpu, hv.HV_X86_XCR0)
-        cr4 = hv.hv_vcpu_read_register(vcpu, hv.HV_X86_CR4)
-        values = cpuid_model.cpuid(
-            leaf, subleaf, xcr0=xcr0, cr4_osxsave=bool(cr4 & (1 << 18)), avx=self.cpu_avx
-        )
-        for reg, value in zip(
-            (hv.HV_X86_RAX, hv.HV_X86_RBX, hv.HV_X86_RCX, hv.HV_X86_RDX), values, strict=True
-        ):
-            hv.hv_vcpu_write_register(vcpu, reg, value)
-        self._advance(vcpu)
-        return None
+    def read_msr(self, vcpu: int, msr: int) -> int | None:
+        """A guest RDMSR: the local APIC's, the machine's, then the backend's; None = #GP."""
+        return guestmsr.read(self, self._cpus[vcpu], vcpu, msr)
 
-    def _inject_gp(self, vcpu: int) -> None:
-        info = hv.IRQ_INFO_VALID | hv.IRQ_INFO_HARD_EXC | hv.IRQ_INFO_ERROR_VALID | hv.IDT_GP
-        hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_VMENTRY_EXC_ERROR, 0)
-        hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_VMENTRY_IRQ_INFO, info)
+    def write_msr(self, vcpu: int, msr: int, value: int) -> bool:
+        """A guest WRMSR; False = #GP."""
+        return guestmsr.write(self, self._cpus[vcpu], vcpu, msr, value)
 
-    def _rdmsr(self, vcpu: int) -> Stop | None:
-        msr = hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RCX) & 0xFFFFFFFF
-        try:
-            value = hv.hv_vcpu_read_msr(vcpu, msr)
-        except hv.HvError:
-            log.info("guest read of unknown MSR %#x: #GP", msr)
-            self._inject_gp(vcpu)
-            return None
-        hv.hv_vcpu_write_register(vcpu, hv.HV_X86_RAX, value & 0xFFFFFFFF)
-        hv.hv_vcpu_write_register(vcpu, hv.HV_X86_RDX, value >> 32)
-        self._advance(vcpu)
-        return None
+    def lapic_device(self, vcpu: int) -> MmioDevice:
+        """The local APIC ``vcpu`` sees at 0xFEE00000."""
+        return self._cpus[vcpu].lapic
 
-    def _wrmsr(self, vcpu: int) -> Stop | None:
-        msr = hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RCX) & 0xFFFFFFFF
-        low = hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RAX) & 0xFFFFFFFF
-        high = hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RDX) & 0xFFFFFFFF
-        try:
-            hv.hv_vcpu_write_msr(vcpu, msr, high << 32 | low)
-        except hv.HvError:
-            log.info("guest write of MSR %#x refused: #GP", msr)
-            self._inject_gp(vcpu)
-            return None
-        self._advance(vcpu)
-        return None
+    def emulate_mmio(self, vcpu: int, gpa: int, qual: int) -> Stop | None:
+        """An EPT violation nothing decoded: decode the instruction and perform it."""
+        return emulate_mmio(self, vcpu, gpa, qual)
 
-    def _ept(self, vcpu: int) -> Stop | None:
-        gpa = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_GUEST_PHYSICAL_ADDRESS)
-        qual = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_RO_EXIT_QUALIFIC)
-        if hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.GDBSTUB_VMCS_MMIO_DECODED):
-            size = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.GDBSTUB_VMCS_MMIO_SIZE)
-            if not qual & hv.EPT_VIOLATION_DATA_WRITE:
-                hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.GDBSTUB_VMCS_MMIO_DATA, (1 << (8 * size)) - 1)
-            log.info(
-                "guest %s of %d bytes at unmapped %#x ignored",
-                "write" if qual & 2 else "read",
-                size,
-                gpa,
-            )
-            return None
-        self.what = f"guest access to unmapped memory at {gpa:#x}"
-        return Stop("fault", signal=SIGSEGV, message=self.what)
+    def bios_call(self, vcpu: int) -> None:
+        """A BIOS stub's port write: run the service (``firmware/bios.py``)."""
+        from .bioscall import bios_call
 
-    def _triple_fault(self, vcpu: int) -> Stop | None:
-        rip = hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RIP)
-        self.what = f"triple fault (the CPU shut down) near rip {rip:#x}"
-        return Stop("fault", signal=SIGSEGV, message=self.what)
-
-    def _exception(self, vcpu: int) -> Stop | None:
-        info = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_RO_VMEXIT_IRQ_INFO)
-        vector = info & 0xFF
-        self.what = f"unexpected exception vector {vector}"
-        return Stop("fault", signal=SIGILL if vector == hv.IDT_UD else SIGSEGV, message=self.what)
-
-    def _irq_window(self, vcpu: int) -> Stop | None:
-        return None
-
-
-_HANDLERS: dict[int, Callable[[Machine, int], Stop | None]] = {
-    hv.VMX_REASON_IO: Machine._io,
-    hv.VMX_REASON_HLT: Machine._hlt,
-    hv.VMX_REASON_CPUID: Machine._cpuid,
-    hv.VMX_REASON_RDMSR: Machine._rdmsr,
-    hv.VMX_REASON_WRMSR: Machine._wrmsr,
-    hv.VMX_REASON_EPT_VIOLATION: Machine._ept,
-    hv.VMX_REASON_TRIPLE_FAULT: Machine._triple_fault,
-    hv.VMX_REASON_EXC_NMI: Machine._exception,
-    hv.VMX_REASON_IRQ_WND: Machine._irq_window,
-}
+        bios_call(self, self._bios, vcpu)

@@ -41,9 +41,13 @@ FCR_ENABLE, FCR_CLEAR_RX = 0x01, 0x02
 class Uart16550:
     """A 16550A UART at ``base`` (8 ports) that transmits to ``sink``."""
 
-    def __init__(self, sink: Sink, base: int = COM1_BASE) -> None:
+    def __init__(
+        self, sink: Sink, base: int = COM1_BASE, irq: Callable[[bool], None] | None = None
+    ) -> None:
         self.base = base
         self.sink = sink
+        self.irq = irq
+        self._line = False
         self._lock = threading.Lock()
         self._rx: deque[int] = deque()
         self.ier = 0
@@ -58,6 +62,7 @@ class Uart16550:
         """Queue bytes for the guest to receive (safe from any thread)."""
         with self._lock:
             self._rx.extend(data)
+        self._update_irq()
 
     @property
     def rx_pending(self) -> int:
@@ -66,21 +71,41 @@ class Uart16550:
             return len(self._rx)
 
     def irq_pending(self) -> bool:
-        """Whether the UART would be raising its interrupt line (for a future PIC)."""
+        """Whether the UART raises its interrupt line (an IIR condition and MCR.OUT2)."""
         with self._lock:
             return self._iir_locked() != IIR_NONE and bool(self.mcr & MCR_OUT2)
+
+    def _update_irq(self) -> None:
+        """Drive the interrupt line from the IIR state (outside the lock)."""
+        if self.irq is None:
+            return
+        level = self.irq_pending()
+        if level != self._line:
+            self._line = level
+            self.irq(level)
+
+    def describe(self) -> str:
+        """IER/IIR/LCR/MCR and the receive FIFO, for ``monitor info irq``."""
+        with self._lock:
+            return (
+                f"uart {self.base:#x}: ier={self.ier:#04x} iir={self._iir_locked():#04x} "
+                f"lcr={self.lcr:#04x} mcr={self.mcr:#04x} rx={len(self._rx)} "
+                f"irq={'high' if self._line else 'low'}"
+            )
 
     def read(self, port: int, size: int) -> int:
         """``in`` from one of the UART's ports (wider accesses read consecutive ports)."""
         value = 0
         for i in range(size):
             value |= self._read8(port - self.base + i) << (8 * i)
+        self._update_irq()
         return value
 
     def write(self, port: int, size: int, value: int) -> None:
         """``out`` to one of the UART's ports (wider accesses write consecutive ports)."""
         for i in range(size):
             self._write8(port - self.base + i, (value >> (8 * i)) & 0xFF)
+        self._update_irq()
 
     # -- byte registers
     def _iir_locked(self) -> int:

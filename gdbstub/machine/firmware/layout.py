@@ -11,8 +11,9 @@ every memory map the machine hands out.
 0x9fc00-0x9ffff       EBDA (1 KiB; BDA word 0x40E holds its segment 0x9fc0)
 0xe0000-0xeffff       ACPI tables (RSDP first, 16-byte aligned, found by the BIOS-area scan)
 0xf0000-0xf0fff       MP floating pointer and MP configuration table
-0xf1000-0xf1fff       BIOS service stubs (one 4-byte stub per vector: ``out BIOS_PORT, ax``;
-                      ``iret``), the machine answers the port exit in Python
+0xf1000-0xf17ff       BIOS service stubs (one 8-byte stub per vector: ``push dx; mov dx,
+                      BIOS_PORT; out dx, ax; pop dx; iret``, see ``bios.py``); the machine
+                      answers the port exit in Python
 0xfec00000            I/O APIC (MMIO, 4 KiB)
 0xfee00000            local APIC (MMIO, 4 KiB)
 ====================  ===========================================================================
@@ -31,7 +32,6 @@ ACPI_SIZE = 0x10000
 MPTABLE_ADDR = 0xF0000
 MPTABLE_SIZE = 0x1000
 BIOS_STUBS = 0xF1000
-BIOS_STUB_SIZE = 4
 BIOS_PORT = 0x511  # a port nothing else uses (QEMU's fw_cfg is 0x510-0x511; we have no fw_cfg)
 
 IOAPIC_ADDR = 0xFEC00000

@@ -1,0 +1,64 @@
+"""The PC platform under ``gdbstub run``: QEMU-style test kernels of our own on every backend.
+
+``tests/guests/pc_kernel.asm`` is a 32-bit PVH kernel that prints on the 0xE9 debug console.
+With the command line ``quick`` it powers off through ACPI at once; otherwise it reads its
+command line, initrd and the RTC, counts PIT ticks through the 8259 and local APIC timer
+ticks for half a second of ACPI PM-timer time, measures the APIC timer's count rate, and
+powers off. The same kernel under QEMU prints ``pit ticks: 50``, ``lapic ticks: 499`` and a
+count of about 31.25 million (a 1 GHz APIC bus divided by 16, for half a second).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+from gdbdrive import Stub, backends
+from guestbuild import build
+
+BACKENDS = [b for b in backends() if b != "hvf-shim"]
+
+
+def _run(tmp_path: Path, backend: str, *extra: str, timeout: float = 60) -> tuple[int, str]:
+    stub = Stub(build("pc_kernel"), backend, *extra, wait=False, tmp=tmp_path)
+    try:
+        status = stub.wait_exit(timeout)
+    finally:
+        stub.stop()
+    return status, stub.serial_text()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_acpi_soft_off_ends_the_process_with_status_0(tmp_path: Path, backend: str) -> None:
+    status, out = _run(tmp_path, backend, "--cmdline", "quick")
+    assert out == "pc_kernel\nbye\n"
+    assert status == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_timers_rtc_cmdline_and_initrd(tmp_path: Path, backend: str) -> None:
+    initrd = tmp_path / "initrd.img"
+    initrd.write_bytes(b"initrd-payload-0123456789")
+    before = time.gmtime()
+    status, out = _run(
+        tmp_path, backend, "--append", "hello platform", "--initrd", str(initrd), timeout=120
+    )
+    after = time.gmtime()
+    assert status == 0, out
+    assert "cmdline: hello platform\n" in out
+    assert "initrd: initrd-payload-0\n" in out
+    rtc = re.search(r"rtc: (\d\d)-(\d\d)-(\d\d) (\d\d):(\d\d):(\d\d)", out)
+    assert rtc is not None, out
+    year, month, day = (int(rtc.group(i)) for i in (1, 2, 3))
+    assert (year, month, day) in {
+        (t.tm_year % 100, t.tm_mon, t.tm_mday) for t in (before, after)
+    }, "the RTC shows the host's date (UTC, BCD)"
+    numbers = {k: int(v) for k, v in re.findall(r"(pit ticks|lapic ticks|lapic count): (\d+)", out)}
+    # 100 Hz for 0.5 s: a tick the guest cannot take in time is dropped, never doubled
+    assert 30 <= numbers["pit ticks"] <= 51, out
+    assert 100 <= numbers["lapic ticks"] <= 501, out
+    # the APIC timer counts at 1 GHz / 16: 31.25 million in half a second of PM-timer time
+    assert abs(numbers["lapic count"] - 31_250_000) < 0.05 * 31_250_000, out
+    assert out.endswith("bye\n")

@@ -16,9 +16,10 @@ from gdbstub import hv
 
 BACKENDS = [name for name in ("emu", "kvm") if name in hv.available_backends()]
 RSP0_TOP, IST1_TOP, SYSCALL_STACK, USER_STACK = 0x9800, 0xA800, 0xB800, 0xC000
-KERNEL_CS, KERNEL_DS, USER_CS, USER_DS = 0x10, 0x18, 0x33, 0x2B
+KERNEL_CS, KERNEL_DS, USER32_CS, USER_DS, USER_CS = 0x10, 0x18, 0x23, 0x2B, 0x33
+SYSENTER_STACK = 0xB000
 FMASK = 0x47700
-RF = 1 << 16
+IF, RF = 1 << 9, 1 << 16
 
 
 def program() -> bytes:
@@ -111,4 +112,27 @@ def test_ring3_program(vm: Vm) -> None:
     assert reg(vcpu, hv.HV_X86_R8) == KERNEL_CS and reg(vcpu, hv.HV_X86_R9) == 0
     assert run_to_port(vcpu) == 0x55  # ring 3 after the store
     assert reg(vcpu, hv.HV_X86_R8) == USER_CS and reg(vcpu, hv.HV_X86_R9) == USER_DS
+    assert reg(vcpu, hv.HV_X86_RSP) == USER_STACK
+    # 32-bit compatibility mode, as Linux's 32-bit programs enter the kernel
+    int80_next = CODE + code.index(b"\xcd\x80") + 2
+    assert run_to_port(vcpu) == 0x56  # int 0x80 through a DPL3 gate, onto RSP0
+    frame = reg(vcpu, hv.HV_X86_RBX)
+    assert frame == RSP0_TOP - 40
+    assert u64(vm, frame) == int80_next
+    assert u64(vm, frame + 8) == USER32_CS
+    assert u64(vm, frame + 24) == USER_STACK
+    assert u64(vm, frame + 32) == USER_DS
+    assert reg(vcpu, hv.HV_X86_RAX) == 7
+    assert run_to_port(vcpu) == 0x57  # iretq back to compatibility mode
+    assert reg(vcpu, hv.HV_X86_RAX) == 8
+    assert reg(vcpu, hv.HV_X86_RBX) & 0xFFFF == USER32_CS
+    assert vmcs(vcpu, hv.VMCS_GUEST_CS_AR) & 0x6000 == 0x4000  # D, not L
+    assert run_to_port(vcpu) == 0x58  # sysenter
+    assert reg(vcpu, hv.HV_X86_R8) == KERNEL_CS and reg(vcpu, hv.HV_X86_R9) == KERNEL_DS
+    assert reg(vcpu, hv.HV_X86_RBX) == SYSENTER_STACK
+    assert not reg(vcpu, hv.HV_X86_R10) & (IF | RF)
+    assert vmcs(vcpu, hv.VMCS_GUEST_CS_AR) & 0x2000  # L: 64-bit kernel code
+    assert run_to_port(vcpu) == 0x59  # sysretl
+    assert reg(vcpu, hv.HV_X86_RBX) & 0xFFFF == USER32_CS
+    assert reg(vcpu, hv.HV_X86_RCX) & 0xFFFF == USER_DS
     assert reg(vcpu, hv.HV_X86_RSP) == USER_STACK

@@ -13,7 +13,16 @@
 ;   0x52  ring 3 waits for an interrupt: the test injects vector 0x20 after this exit
 ;   0x53  interrupt handler (RSP0 stack): rbx = RSP (the frame), r8 = CS, r9 = SS
 ;   0x54  #PF handler (IST1 stack): rbx = RSP (error code, frame), rcx = CR2
-;   0x55  ring 3 again, after the faulting store was skipped: r8 = CS, r9 = SS; then spins
+;   0x55  ring 3 again, after the faulting store was skipped: r8 = CS, r9 = SS
+;
+; then the program far-returns to 32-bit compatibility mode (CS 0x23) and enters the kernel as
+; Linux's 32-bit programs do:
+;
+;   0x56  int 0x80 (a DPL3 gate, RSP0 stack): rbx = RSP (the frame), eax = 7
+;   0x57  back in compat mode after iretq: eax = 8, ebx = CS
+;   0x58  sysenter: r8 = CS, r9 = SS, r10 = RFLAGS, rbx = RSP (SYSENTER_ESP); returns with
+;         sysretl (ECX = the return address the program left in EBP, ESP from ESI)
+;   0x59  back in compat mode: ebx = CS, ecx = SS; then spins
 
 %define KERNEL_CS       0x10
 %define KERNEL_DS       0x18
@@ -27,6 +36,7 @@
 %define USER_STACK      0xC000
 %define PERCPU          0xD000
 %define FAULT_ADDRESS   0x400000        ; beyond the 2 MiB that are mapped
+%define SYSENTER_STACK  0xB000
 
 kernel:
         lgdt    [gdtr]
@@ -55,6 +65,11 @@ kernel:
         mov     rsi, pf_handler
         mov     edx, 1
         call    set_gate
+        mov     rdi, 0x80
+        mov     rsi, int80_handler
+        xor     edx, edx
+        call    set_gate
+        or      byte [idt + 0x80 * 16 + 5], 0x60    ; DPL 3: ring 3 may INT 0x80
         lidt    [idtr]
         ; SYSCALL: EFER.SCE, STAR, LSTAR, FMASK; swapgs finds the per-CPU area
         mov     ecx, 0xC0000080
@@ -78,6 +93,16 @@ kernel:
         xor     edx, edx
         wrmsr
         mov     qword [PERCPU + 8], SYSCALL_STACK
+        mov     ecx, 0x174              ; SYSENTER_CS, _ESP, _EIP
+        mov     eax, KERNEL_CS
+        xor     edx, edx
+        wrmsr
+        mov     ecx, 0x175
+        mov     eax, SYSENTER_STACK
+        wrmsr
+        mov     ecx, 0x176
+        mov     eax, sysenter_entry
+        wrmsr
         ; to ring 3
         mov     ax, USER_DS
         mov     ds, ax
@@ -130,6 +155,24 @@ irq_handler:
         out     0x53, al
         iretq
 
+int80_handler:
+        mov     rbx, rsp
+        out     0x56, al
+        inc     eax
+        iretq
+
+sysenter_entry:
+        mov     r8, cs
+        mov     r9, ss
+        pushfq
+        pop     r10
+        mov     rbx, rsp
+        out     0x58, al
+        mov     ecx, ebp                ; where the program continues
+        mov     r11d, 0x3202
+        mov     esp, esi                ; its stack
+        sysret                          ; sysretl: to compatibility mode
+
 pf_handler:
         mov     rbx, rsp
         mov     rcx, cr2
@@ -161,7 +204,25 @@ fault_end:
         mov     r8, cs
         mov     r9, ss
         out     0x55, al
+        push    USER32_CS               ; to compatibility mode, still ring 3
+        push    compat
+        retfq
+
+bits 32
+compat:
+        mov     eax, 7
+        int     0x80
+        mov     ebx, cs
+        out     0x57, al
+        mov     ebp, .back
+        mov     esi, esp
+        sysenter
+.back:
+        mov     ebx, cs
+        mov     ecx, ss
+        out     0x59, al
         jmp     $
+bits 64
 
 align 16
 gdt:    dq      0

@@ -7,15 +7,22 @@ EFER and the segment caches, exactly as in QEMU, which unicorn is). Guest memory
 own buffers mapped with ``mem_map_ptr``, so the VMM and the guest see the same bytes. The
 semantics are the KVM backend's (see ``kvm.py``); what unicorn lacks, this module builds:
 
-* **Hidden segment state.** unicorn's register API sets only selectors in 64-bit mode. Bases,
-  limits, access rights, EFER and the derived ``hflags`` are written by patching the CPU state
-  inside a saved unicorn context (offsets probed once at start-up) and restoring it.
+* **Hidden segment state** (``emu_state``). unicorn's register API sets only selectors in
+  64-bit mode. Bases, limits, access rights, EFER, the derived ``hflags``, QEMU's exception in
+  flight and the TSC offset are written by patching the CPU state inside a saved unicorn
+  context (offsets probed once at start-up) and restoring it. Guest memory is read by walking
+  the page tables in Python, never through unicorn's MMU, and unicorn calls that look up
+  guest-linear addresses themselves (dropping translations) run with CR2 saved: CR2 and the
+  exception state are exactly what the guest's code left (``emu_start`` gets no end address:
+  unicorn looked that up in the guest's page tables after every run, leaving
+  CR2 = 0xffff_ffff_ffff_fffe and a #PF "in flight" that made the next real one a #DF).
 * **Threads, kicks, deadlines.** A vCPU belongs to its creating thread. ``hv_vcpu_interrupt``
   sets a stop flag and calls ``emu_stop`` (repeatedly, until the owner has noticed, so a kick
   that races with the start of ``emu_start`` is not lost); a kick before entry makes the next
   run return exit 1 at once. Deadlines are ``emu_start`` timeouts (exit 52).
-* **Instruction exits.** Code is scanned (capstone) the first time it runs for IN/OUT/INS/
-  OUTS, HLT, RDMSR/WRMSR and CPUID, and a code hook goes on exactly those addresses. Block
+* **Instruction exits** (``emu_code``). Code is scanned (capstone) the first time it runs for
+  IN/OUT/INS/OUTS, HLT, RDMSR/WRMSR and CPUID (and IRETQ/SYSRETQ, below), and a code hook goes
+  on exactly those addresses; above CPL0 (I/O: above IOPL) they fault in unicorn instead. Block
   hooks (``BlockHooks``) cover the guest-linear addresses not scanned yet: a block starting
   there calls into Python, which scans it and on to where any block starting inside it ends
   (the first control transfer), then cuts that span out of the hooked ranges and has it
@@ -26,48 +33,52 @@ semantics are the KVM backend's (see ``kvm.py``); what unicorn lacks, this modul
   as on the framework. RDMSR/WRMSR exit (31/32) unless the MSR is native or granted; then they
   execute in unicorn. INT3 is not scanned for: it reaches the interrupt hook (below) whenever
   it executes, so an int3 written a moment ago is seen like any other.
-* **Code written by the host.** The VMM and the debugger write guest RAM through their own
-  buffers, which unicorn never sees. Every guest-physical page holding a scanned block is
-  remembered with a copy of its bytes; each entry (``hv_vcpu_run``/``run_until``) compares
-  them (runs of contiguous pages at once: about 1 us plus 0.2 us a page). In a changed page
-  the differing bytes are found; the blocks and instruction sites overlapping them are
-  forgotten (rescanned when executed) and the translated blocks are flushed, so the guest runs
-  what the host wrote, as on the framework. Data written next to code costs only the compare.
-  A code hook also checks that its instruction is still there (guest-modified code).
-* **Exceptions.** Faults and traps reach a UC_HOOK_INTR hook. Vectors set in the exception
-  bitmap exit (reason 0 with interruption info; #BP from INT3 as the framework reports it:
-  software exception, RIP back at the int3, instruction length 1); others are delivered
-  through the guest's IDT by this module (as is an event injected through
-  VMCS_CTRL_VMENTRY_IRQ_INFO; a software one returns after VMCS_CTRL_VMENTRY_INSTR_LEN bytes):
-  real-mode IVT, protected-mode and long-mode interrupt/trap gates, same privilege level
-  only, no task gates. A delivery that fails becomes #DF, then a triple fault (exit 2). Error
-  codes: #PF has P from a page walk plus W/I from the faulting access when known; other
-  faults push 0. unicorn 2.1 drops the #UD of an invalid opcode once any code hook exists
-  (emu_start returns at the instruction with no event): a run that stops without progress
-  and without a kick or deadline, or a single step that stays on UD0/UD1/UD2 or on bytes that
-  do not decode, raises #UD here.
-* **Debug registers.** DR0-DR3/DR7 are evaluated here: execution breakpoints are code hooks on
-  the exact linear addresses (fault-like, RIP at the instruction, RFLAGS.RF suppresses one
-  hit); data breakpoints write-protect (or, for read/write, access-protect) the guest-physical
-  page, single-step the access with the page opened, and raise a trap-like #DB (RIP after the
-  instruction) when the access overlaps the DR range. With #DB in the exception bitmap they
-  exit (reason 0, vector 1, DR6 bits B0-B3/BS in the qualification), else #DB is delivered to
-  the guest. MTF is ``emu_start(count=1)`` (exit 37). Interrupt-window exiting (exit 7) steps
-  one instruction at a time while RFLAGS.IF is clear or an STI shadow is pending (MOV SS
-  shadows are not tracked).
+* **Code written by the host** (``emu_code``). The VMM and the debugger write guest RAM through
+  their own buffers, which unicorn never sees. Every guest-physical page holding a scanned block
+  is remembered with a copy of its bytes; each entry (``hv_vcpu_run``/``run_until``) compares them
+  (runs of contiguous pages at once: about 1 us plus 0.2 us a page). In a changed page the
+  differing bytes are found; the blocks and instruction sites overlapping them are forgotten
+  (rescanned when executed) and the translated blocks are flushed, so the guest runs what the host
+  wrote, as on the framework. Data written next to code costs only the compare. A code hook also
+  checks that its instruction is still there (guest-modified code).
+* **Exceptions** (``emu_events``). Faults and traps reach a UC_HOOK_INTR hook. Vectors set in
+  the exception bitmap exit (reason 0 with interruption info and the error code QEMU computed;
+  #BP from INT3 as the framework reports it: software exception, RIP back at the int3,
+  instruction length 1); others are delivered through the guest's IDT by the backend (as is an
+  event injected through VMCS_CTRL_VMENTRY_IRQ_INFO, which also wakes a vCPU in HLT; a
+  software one returns after VMCS_CTRL_VMENTRY_INSTR_LEN bytes): real-mode IVT, protected-mode
+  and long-mode interrupt/trap gates with the gate DPL check of software interrupts and the
+  stack switch of a privilege change (TSS RSP0/IST in long mode, SS0:ESP0 in protected mode),
+  no task gates. A fault during delivery is raised and combined as the SDM's double-fault
+  table says (#DF, then a triple fault: exit 2). unicorn 2.1 drops the #UD of an invalid
+  opcode once any code hook exists (emu_start returns at the instruction with no event): a run
+  that stops without progress and without a kick or deadline, or a single step that stays on
+  UD0/UD1/UD2 or on bytes that do not decode, raises #UD here.
+* **System calls** (``emu_events``). unicorn 2.1 steps over SYSCALL and SYSENTER without their
+  effect; an instruction hook records them and the backend applies it (RCX/R11, FMASK, CS/SS
+  from STAR, LSTAR/CSTAR; the SYSENTER MSRs). SYSRET/SYSEXIT/IRETQ are QEMU's; an IRETQ or
+  SYSRETQ to a non-canonical address raises #GP(0) at the instruction, as on Intel hardware.
+* **Debug registers** (``emu_debug``). DR0-DR3/DR7 are evaluated here: execution breakpoints are
+  code hooks on the exact linear addresses (fault-like, RIP at the instruction, RFLAGS.RF
+  suppresses one hit); data breakpoints write-protect (or, for read/write, access-protect) the
+  guest-physical page, single-step the access with the page opened, and raise a trap-like #DB (RIP
+  after the instruction) when the access overlaps the DR range. With #DB in the exception bitmap
+  they exit (reason 0, vector 1, DR6 bits B0-B3/BS in the qualification), else #DB is delivered to
+  the guest. MTF is ``emu_start(count=1)`` (exit 37). Interrupt-window exiting (exit 7) steps one
+  instruction at a time while RFLAGS.IF is clear or an STI shadow is pending (MOV SS shadows are
+  not tracked).
 * **Memory exits.** Unmapped or protected accesses stop with RIP at the instruction and exit 48
   with GPA and access bits; the MMIO extension fields read 0 (not decoded): the VMM decodes.
 * **MSR permissions and address spaces** are kept as in ``kvm.py``. An address space is a
   list of regions; every vCPU's ``Uc`` maps the regions of its space, and ``hv_vcpu_set_space``
   remaps them.
 
-Approximations: the TSC is unicorn's (not settable; ``hv_vm_sync_tsc`` and IA32_TSC reads and
-writes are kept as an offset on the emulated clock, guest RDTSC does not see them); no
-VEX-encoded (AVX) instructions (unicorn 2 is QEMU 5.0's TCG: #UD), though the YMM state
-round-trips through the XSAVE image; hv_vcpu_read_msr/write_msr know only the MSRs unicorn keeps
-(_KNOWN_MSRS); XCR0 is kept here; string I/O (INS/OUTS) exits like other I/O but the VMM
-has to emulate the memory side; interrupt delivery does not switch stacks on a privilege change
-(except long-mode IST).
+The guest TSC is the host's tick counter plus an offset that ``hv_vm_sync_tsc`` and IA32_TSC
+writes set and guest RDTSC/RDTSCP see (``emu_regs``). Approximations: no VEX-encoded (AVX)
+instructions (unicorn 2 is QEMU 5.0's TCG: #UD), though the YMM state round-trips through the
+XSAVE image; hv_vcpu_read_msr/write_msr know only the MSRs unicorn keeps (_KNOWN_MSRS); XCR0 is
+kept here; string I/O (INS/OUTS) exits like other I/O but the VMM has to emulate the memory
+side; SYSCALL outside 64-bit mode behaves as on AMD (CSTAR, STAR[31:0]) where Intel raises #UD.
 Code the guest itself rewrites is rescanned at the next entry, not at once: an IN/OUT/HLT/MSR/
 CPUID the guest writes into an already scanned block and runs within the same entry executes
 in unicorn without an exit. Code is scanned by guest-linear address. Spans leave the block
@@ -312,7 +323,7 @@ class EmuBackend(Registers):
         if vcpu.uc_dirty_memory:
             self._remap(vcpu)
         if vcpu.code:
-            self._quiet(vcpu, self._check_code, vcpu)
+            self._check_code(vcpu)
         if vcpu.unpaged_spans and vcpu.uc.reg_read(X.UC_X86_REG_CR0) & 1 << 31:
             self._forget_unpaged(vcpu)
         try:

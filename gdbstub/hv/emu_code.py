@@ -429,7 +429,7 @@ class CodeScan(CpuState):
                     vcpu.sites.pop(address, None)
                     hook = vcpu.site_hooks.pop(address, None)
                     if hook is not None:
-                        vcpu.uc.hook_del(hook)
+                        self._quiet(vcpu, vcpu.uc.hook_del, hook)
                     stale = True
             if page.view is None or not page.blocks:
                 del vcpu.code[gpa]
@@ -484,9 +484,11 @@ class CodeScan(CpuState):
     def _faults_first(self, vcpu: Vcpu, kind: str) -> bool:
         """Whether the privileged instruction at a site faults before it would exit, as on
         hardware: HLT, RDMSR, WRMSR above CPL0, I/O above IOPL (in protected mode)."""
+        if not vcpu.uc.reg_read(X.UC_X86_REG_CS) & 3:
+            return False  # CPL0 (CS.RPL is CPL in protected mode), the common case
         state = self._snapshot(vcpu)
         if not state.cpl:
-            return False
+            return False  # real mode
         if kind != "io":
             return True
         iopl = (int(vcpu.uc.reg_read(X.UC_X86_REG_RFLAGS)) >> 12) & 3

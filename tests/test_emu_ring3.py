@@ -1,4 +1,5 @@
-"""A ring-3 program and its kernel (tests/guests/emu_ring3.asm) on the emu backend, and on kvm
+"""A ring-3 program and its kernel (tests/guests/emu_ring3.asm; emu_ring3_32.asm for a 32-bit
+kernel with SS0:ESP0 and a HLT in ring 3 that must #GP) on the emu backend, and on kvm
 as a cross-check of what hardware does (on this host KVM emulates the CPL0 part and runs the
 CPL3 part natively): SYSCALL/SYSRETQ with swapgs, an external interrupt injected in ring 3
 (stack switch to RSP0, SS null), a #PF in ring 3 on the IST1 stack, IRETQ back to ring 3."""
@@ -6,6 +7,7 @@ CPL3 part natively): SYSCALL/SYSRETQ with swapgs, an external interrupt injected
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Iterator
 
 import pytest
@@ -136,3 +138,27 @@ def test_ring3_program(vm: Vm) -> None:
     assert reg(vcpu, hv.HV_X86_RBX) & 0xFFFF == USER32_CS
     assert reg(vcpu, hv.HV_X86_RCX) & 0xFFFF == USER_DS
     assert reg(vcpu, hv.HV_X86_RSP) == USER_STACK
+
+
+def test_ring3_under_a_32bit_kernel(vm: Vm) -> None:
+    if hv.backend_name() == "kvm" and os.path.exists("/sys/module/kvm_pvm"):
+        pytest.skip("kvm_pvm takes ring-3 events through PVM's own entry, not the guest's")
+    code = assemble_flat((GUESTS_DIR / "emu_ring3_32.asm").read_text(), bits=32, org=CODE)
+    vcpu = vm.vcpu("protected", code)
+    waiting = CODE + code.index(b"\xe6\x52") + 2
+    halt = CODE + code.index(b"\x90\xf4") + 1
+    assert run_to_port(vcpu) == 0x52
+    set_vmcs(vcpu, hv.VMCS_CTRL_VMENTRY_IRQ_INFO, hv.IRQ_INFO_VALID | hv.IRQ_INFO_EXT_IRQ | 0x20)
+    assert run_to_port(vcpu) == 0x53  # on SS0:ESP0 from the TSS
+    frame = reg(vcpu, hv.HV_X86_RBX)
+    assert frame == 0x9800 - 20
+    assert reg(vcpu, hv.HV_X86_RCX) & 0xFFFF == 0x10
+    eip, cs, eflags, esp, ss = struct.unpack("<5I", vm.mem.read(frame, 20))
+    assert (eip, cs, esp, ss) == (waiting, 0x1B, 0xC000, 0x23)
+    assert eflags & 0x3202 == 0x3202
+    assert run_to_port(vcpu) == 0x54  # HLT in ring 3: #GP(0), not a HLT exit
+    frame = reg(vcpu, hv.HV_X86_RBX)
+    error, eip, cs, _, esp, ss = struct.unpack("<6I", vm.mem.read(frame, 24))
+    assert (error, eip, cs, esp, ss) == (0, halt, 0x1B, 0xC000, 0x23)
+    assert run_to_port(vcpu) == 0x55
+    assert reg(vcpu, hv.HV_X86_RBX) & 0xFFFF == 0x1B and reg(vcpu, hv.HV_X86_RCX) & 0xFFFF == 0x23

@@ -382,30 +382,33 @@ class Events(DebugRegs):
 
     def _check_return(self, vcpu: Vcpu, address: int, kind: str) -> None:
         """Before an IRETQ or SYSRETQ (REX.W) at CPL0: #GP(0) here when it would return to a
-        non-canonical 64-bit address (unicorn would fault at the fetch, in ring 3)."""
-        code = self._read_linear(vcpu, address, 4)
-        if not code or not 0x48 <= code[0] <= 0x4F or not code[0] & 8:
-            return  # not the 64-bit form: returns to 32-bit code
+        non-canonical 64-bit address (unicorn would fault at the fetch, in ring 3). The
+        common case, a canonical target, costs a register read (and a stack read)."""
         uc = vcpu.uc
-        state = self._snapshot(vcpu)
-        if state.cpl != 0 or not state.hflags & HF_CS64:
-            return  # QEMU raises #GP itself outside ring 0; 64-bit mode only
+        cs = 0
         if kind == "sysret":
-            if not state.efer & C.EFER_SCE:
-                return  # #UD, QEMU's
             target = int(uc.reg_read(X.UC_X86_REG_RCX))
         else:
-            rsp = int(uc.reg_read(X.UC_X86_REG_RSP))
-            frame = self._read_linear(vcpu, rsp, 16)
+            frame = self._read_linear(vcpu, int(uc.reg_read(X.UC_X86_REG_RSP)), 16)
             if len(frame) != 16:
                 return  # QEMU raises the #PF
             target, cs = struct.unpack("<QQ", frame)
+        if canonical(target):
+            return
+        code = self._read_linear(vcpu, address, 4)
+        if not code or not 0x48 <= code[0] <= 0x4F or not code[0] & 8:
+            return  # not the 64-bit form: returns to 32-bit code
+        state = self._snapshot(vcpu)
+        if state.cpl != 0 or not state.hflags & HF_CS64:
+            return  # QEMU raises #GP itself outside ring 0; 64-bit mode only
+        if kind == "sysret" and not state.efer & C.EFER_SCE:
+            return  # #UD, QEMU's
+        if kind == "iretq":
             try:
                 flags = self._descriptor(vcpu, state, cs & 0xFFFF, 0)[2]
             except Guard:
                 return  # QEMU raises the #GP/#NP
             if not flags & DESC_L:
-                return
-        if not canonical(target):
-            vcpu.pending_event = (C.IDT_GP, C.IRQ_INFO_HARD_EXC, 0)
-            uc.emu_stop()
+                return  # to compatibility mode: EIP
+        vcpu.pending_event = (C.IDT_GP, C.IRQ_INFO_HARD_EXC, 0)
+        uc.emu_stop()

@@ -203,7 +203,8 @@ class Events(DebugRegs):
             offset |= struct.unpack_from("<I", gate, 8)[0] << 32
         base, limit, flags = self._descriptor(vcpu, state, selector, ext)
         dpl = (flags >> 13) & 3
-        if not flags & _CODE or dpl > cpl or (long_mode and not flags & DESC_L):
+        code_segment = flags & (_CODE | _DESC_S) == _CODE | _DESC_S
+        if not code_segment or dpl > cpl or (long_mode and not flags & DESC_L):
             raise Guard(
                 f"bad handler code segment 0x{selector:x}", C.IDT_GP, selector & 0xFFFC | ext
             )

@@ -45,6 +45,7 @@ __all__ = [
     "ReadRegisters",
     "Row",
     "SetPhysicalMode",
+    "SetStepFlags",
     "SetThread",
     "Step",
     "ThreadAlive",
@@ -238,6 +239,13 @@ class SetPhysicalMode(Command):
     """``Qqemu.PhyMemMode:0|1``."""
 
     on: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SetStepFlags(Command):
+    """``Qqemu.sstep=<hex>``: QEMU's single-step flags (1 enable, 2 no IRQs, 4 no timers)."""
+
+    flags: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -480,6 +488,10 @@ def _set_physical_mode(rest: bytes) -> Command:
     return SetPhysicalMode(rest == b"1")
 
 
+def _set_step_flags(rest: bytes) -> Command:
+    return SetStepFlags(_hex(rest, "sstep flags"))
+
+
 def _memory_region(rest: bytes) -> Command:
     return QueryMemoryRegion(_hex(rest, "address"))
 
@@ -549,6 +561,9 @@ COMMANDS: tuple[Row, ...] = (
     Row(b"Qqemu.PhyMemMode:", _set_physical_mode, "set_physical_mode"),
     Row(b"qqemu.PhyMemMode", _bare, "physical_mode"),
     Row(b"qqemu.Supported", _bare, "qemu_supported"),
+    Row(b"Qqemu.sstep=", _set_step_flags, "set_step_flags"),
+    Row(b"qqemu.sstepbits", _bare, "step_flag_bits"),
+    Row(b"qqemu.sstep", _bare, "step_flags"),
     # session end
     Row(b"D", _detach, "detach"),
     Row(b"k", _kill, "kill"),

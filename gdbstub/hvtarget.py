@@ -243,6 +243,7 @@ class HvTarget:
             thread=1, signal=SIGTRAP, reason=None, address=None, exit_status=None, expedite=()
         )
         self._exited: int | None = None
+        self._step_flags = 0x7  # QEMU's default sstep flags: steps skip interrupt handlers
         bind = getattr(vmm, "bind_vcpu", None)
         for index in range(vcpu_count):
             worker = VcpuWorker(index, self._on_worker_stop, setup=vmm.setup_vcpu)
@@ -385,6 +386,16 @@ class HvTarget:
         )
 
     # --- memory -------------------------------------------------------------------------------
+
+    def set_step_flags(self, flags: int) -> None:
+        """QEMU's ``sstep`` flags; without NOIRQ (2) a step may enter an interrupt handler."""
+        if hasattr(self.vmm, "step_irqs"):
+            self.vmm.step_irqs = not flags & 0x2
+        self._step_flags = flags
+
+    def step_flags(self) -> int:
+        """The ``sstep`` flags in force (0x7 unless gdb or ``monitor step-irqs`` changed them)."""
+        return self._step_flags
 
     def set_physical_memory_mode(self, on: bool) -> None:
         """Addresses are guest-physical (on) or guest-virtual (off, the default)."""

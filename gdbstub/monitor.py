@@ -191,6 +191,30 @@ def _info_breakpoints(target: HvTarget, args: list[str]) -> str:
     return target.breakpoint_report()
 
 
+def _info_irq(target: HvTarget, args: list[str]) -> str:
+    describe = getattr(target.vmm, "describe_interrupts", None)
+    if describe is None:
+        raise MonitorError("this VMM has no interrupt controllers")
+    return f"{describe()}\n"
+
+
+def _info_timers(target: HvTarget, args: list[str]) -> str:
+    describe = getattr(target.vmm, "describe_timers", None)
+    if describe is None:
+        raise MonitorError("this VMM has no timers")
+    return f"{describe()}\n"
+
+
+def _step_irqs(target: HvTarget, args: list[str]) -> str:
+    if args not in (["on"], ["off"]):
+        raise MonitorError("usage: step-irqs on|off")
+    flags = target.step_flags()
+    target.set_step_flags(flags & ~0x6 if args[0] == "on" else flags | 0x6)
+    if args[0] == "on":
+        return "single steps deliver pending interrupts (and may enter their handlers)\n"
+    return "single steps keep interrupts pending (QEMU's default sstep flags)\n"
+
+
 def _status(target: HvTarget, args: list[str]) -> str:
     what = getattr(target.vmm, "what", "running")
     return f"backend {hv.backend_name()}; {what}\n"
@@ -215,6 +239,14 @@ COMMANDS: tuple[Command, ...] = (
         _info_breakpoints,
         "info breakpoints",
         "breakpoints and the mechanism each one uses",
+    ),
+    Command(("info", "irq"), _info_irq, "info irq", "PIC, I/O APIC and local APIC state"),
+    Command(("info", "timers"), _info_timers, "info timers", "PIT, RTC, PM timer, APIC timers"),
+    Command(
+        ("step-irqs",),
+        _step_irqs,
+        "step-irqs on|off",
+        "whether single steps may enter interrupt handlers (default off)",
     ),
     Command(("status",), _status, "status", "backend, and what happened to the guest"),
 )

@@ -53,6 +53,7 @@ from .commands import (
     ReadRegister,
     ReadRegisters,
     SetPhysicalMode,
+    SetStepFlags,
     SetThread,
     Step,
     ThreadAlive,
@@ -523,7 +524,20 @@ class GdbSession:
         return b"1" if self._physical else b"0"
 
     def _h_qemu_supported(self, cmd: Command) -> _Reply:
-        return b"PhyMemMode"
+        return b"sstepbits;sstep;PhyMemMode"
+
+    def _h_set_step_flags(self, cmd: Command) -> _Reply:
+        assert isinstance(cmd, SetStepFlags)
+        if cmd.flags & ~0x7:
+            return b"E22"
+        self.target.set_step_flags(cmd.flags)
+        return OK
+
+    def _h_step_flags(self, cmd: Command) -> _Reply:
+        return b"%x" % self.target.step_flags()
+
+    def _h_step_flag_bits(self, cmd: Command) -> _Reply:
+        return b"ENABLE=1,NOIRQ=2,NOTIMER=4"
 
     # --- handlers: end of session -----------------------------------------------------------
 

@@ -211,6 +211,14 @@ class Target(Protocol):
         """Switch memory access between guest-virtual (off) and guest-physical (on) addresses."""
         ...
 
+    def set_step_flags(self, flags: int) -> None:
+        """QEMU's ``sstep`` flags: 1 enable, 2 steps take no interrupts, 4 no timers."""
+        ...
+
+    def step_flags(self) -> int:
+        """The current ``sstep`` flags (QEMU's default 0x7: steps skip interrupt handlers)."""
+        ...
+
     def detach(self) -> None:
         """Remove the debugger's breakpoints and let the guest run."""
         ...

@@ -157,6 +157,12 @@ class FakeTarget:
     def set_physical_memory_mode(self, on: bool) -> None:
         self.physical = on
 
+    def set_step_flags(self, flags: int) -> None:
+        self.sstep = flags
+
+    def step_flags(self) -> int:
+        return getattr(self, "sstep", 0x7)
+
     def detach(self) -> None:
         self.calls.append(("detach",))
         self.breakpoints.clear()

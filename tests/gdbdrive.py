@@ -91,6 +91,12 @@ class Stub:
         self._log_file.close()
 
 
+def _elf_class(path: Path) -> int:
+    """1 for ELF32, 2 for ELF64 (0 for anything else)."""
+    head = path.read_bytes()[:5]
+    return head[4] if head[:4] == b"\x7fELF" else 0
+
+
 def _clean(text: str) -> str:
     """Terminal output without escape sequences and carriage returns."""
     return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text).replace("\r", "")
@@ -103,7 +109,11 @@ class Gdb:
         if shutil.which("gdb") is None:
             pytest.skip("gdb is not installed")
         env = dict(os.environ, TERM="dumb")
-        files = [str(elf)] if elf is not None else ["-ex", "set architecture i386:x86-64"]
+        # the stub describes an x86-64 CPU; a 32-bit kernel's ELF would select i386 (gdb then
+        # rejects the target description), so the architecture is set first, as QEMU users do
+        files = ["-ex", "set architecture i386:x86-64"]
+        if elf is not None:
+            files = [str(elf)] if _elf_class(elf) == 2 else [*files, "-ex", f"file {elf}"]
         self.child = pexpect.spawn(
             "gdb",
             ["-nx", "-q", *files],

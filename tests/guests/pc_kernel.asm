@@ -5,6 +5,8 @@
 ;
 ;   "quick"  print "pc_kernel\n" and power off through ACPI (0x2000 to port 0x604): the
 ;            process must end with status 0, as under QEMU.
+;   "idle"   set up the PIT at ~100 Hz through the 8259, then `sti; hlt` for ever (ticks
+;            counts the interrupts).
 ;   else     also print the command line and the first bytes of the initrd (PVH module 0),
 ;            the RTC's date and time, then count for half a second of ACPI PM-timer time
 ;            (3.579545 MHz, a clock independent of the timers under test):
@@ -108,6 +110,9 @@ pvh_entry:
         mov     al, ah
         out     0x40, al
         mov     dword [ticks], 0
+        mov     esi, [cmdline]
+        cmp     dword [esi], "idle"
+        je      idle
         call    wait_half_second
         mov     esi, msg_pit
         mov     eax, [ticks]
@@ -134,6 +139,12 @@ pvh_entry:
         mov     esi, msg_count
         call    print_number_line
         jmp     power_off
+
+; "idle": halt with the PIT ticking, for ever (for the debugger tests)
+idle:
+        sti
+        hlt
+        jmp     idle
 
 power_off:
         mov     esi, msg_bye

@@ -274,6 +274,18 @@ def test_misc_queries(client: Client, target: FakeTarget) -> None:
     assert client.ask(b"qqemu.PhyMemMode") == b"1"
 
 
+def test_qemu_single_step_flags(client: Client, target: FakeTarget) -> None:
+    """QEMU's sstep packets: gdb's ``maintenance packet Qqemu.sstep=N`` works as with QEMU."""
+    assert b"sstep" in client.ask(b"qqemu.Supported").split(b";")
+    assert client.ask(b"qqemu.sstepbits") == b"ENABLE=1,NOIRQ=2,NOTIMER=4"
+    assert client.ask(b"qqemu.sstep") == b"7"
+    assert client.ask(b"Qqemu.sstep=1") == b"OK"
+    assert target.sstep == 1
+    assert client.ask(b"qqemu.sstep") == b"1"
+    assert client.ask(b"Qqemu.sstep=10") == b"E22"
+    assert client.ask(b"Qqemu.sstep=zz").startswith(b"E")
+
+
 def test_lldb_extensions(client: Client, target: FakeTarget) -> None:
     assert client.ask(b"QThreadSuffixSupported") == b"OK"
     assert client.ask(b"QListThreadsInStopReply") == b"OK"

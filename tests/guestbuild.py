@@ -41,6 +41,7 @@ KERNELS: dict[str, tuple[str, str, str, tuple[Part, ...]]] = {
     "elf64_kernel": ("elf64", "elf64.ld", "elf_x86_64", WHOLE),
     "mb_kernel": ("elf32", "multiboot.ld", "elf_i386", WHOLE),
     "pc_kernel": ("elf32", "pvh32.ld", "elf_i386", WHOLE),
+    "mb_pc_kernel": ("elf32", "multiboot.ld", "elf_i386", WHOLE),
 }  # fmt: skip
 
 

@@ -62,3 +62,36 @@ def test_timers_rtc_cmdline_and_initrd(tmp_path: Path, backend: str) -> None:
     # the APIC timer counts at 1 GHz / 16: 31.25 million in half a second of PM-timer time
     assert abs(numbers["lapic count"] - 31_250_000) < 0.05 * 31_250_000, out
     assert out.endswith("bye\n")
+
+
+MB_BOOT = "ebda: 9FC0\nbasemem: 027F\n"  # what QEMU's BIOS leaves: EBDA at 0x9fc00, 639 KiB
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_multiboot_kernel_reads_bda_cmos_pit_and_reboots(tmp_path: Path, backend: str) -> None:
+    """tests/guests/mb_pc_kernel.asm behaves as under QEMU: BDA, CMOS clock, PIT read-back,
+    an i8042 reset that restarts the machine (CMOS NVRAM survives), then ACPI power-off."""
+    stub = Stub(build("mb_pc_kernel"), backend, wait=False, tmp=tmp_path)
+    try:
+        status = stub.wait_exit(60)
+    finally:
+        stub.stop()
+    out = stub.serial_text()
+    assert status == 0, out
+    assert out.count(MB_BOOT) == 2 and out.count("pit: out\npanic\n") == 2, out
+    assert out.startswith("boot 0000\n") and "\nboot 0001\n" in out, out
+    assert "the guest reset (i8042); restarting" in stub.log.read_text()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_reboot_ends_the_process_on_a_reset(tmp_path: Path, backend: str) -> None:
+    stub = Stub(build("mb_pc_kernel"), backend, "--no-reboot", wait=False, tmp=tmp_path)
+    try:
+        status = stub.wait_exit(60)
+    finally:
+        stub.stop()
+    out = stub.serial_text()
+    assert status == 0
+    assert out.count("boot ") == 1 and out.endswith("panic\n"), out
+    log = stub.log.read_text()
+    assert "the guest reset (i8042); --no-reboot: exiting" in log

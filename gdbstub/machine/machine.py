@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 SIGTRAP, SIGSEGV = 5, 11
 RFLAGS_IF = 1 << 9
+NVRAM_FIRST = 0x0E  # CMOS bytes after the clock and status registers
 TSC_HZ = 1_000_000_000  # what the LAPIC's TSC-deadline arithmetic assumes (not advertised)
 
 # MSRs the guest may access without exits (as QEMU and hyperkit enable them on the framework).
@@ -423,6 +424,7 @@ class Machine:
     def guest_reset(self, vcpu: int, how: str) -> Stop | None:
         """The guest reset the machine: start again, or end the process under ``--no-reboot``."""
         if self.no_reboot:
+            log.warning("gdbstub: the guest reset (%s); --no-reboot: exiting", how)
             return self.guest_exit(0, f"the guest reset ({how}) and --no-reboot is set")
         log.warning("gdbstub: the guest reset (%s); restarting the machine", how)
         self.reset(vcpu)
@@ -435,7 +437,9 @@ class Machine:
         self.memory.write(0, bytes(self.memory_size))
         self._load_images()
         wakers = {s.index: s.poke for s in self._cpus.values()}
+        nvram = bytes(self.platform.rtc.cmos[NVRAM_FIRST:])
         self._new_platform()
+        self.platform.rtc.cmos[NVRAM_FIRST:] = nvram  # CMOS memory survives a reset
         for state in self._cpus.values():
             state.lapic = self._new_lapic(state.vcpu, state.index)
             state.halted = False

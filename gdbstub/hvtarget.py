@@ -71,7 +71,8 @@ class PlatformVmm(Vmm, Protocol):
       stay pending (a step does not land in an interrupt handler).
     * ``is_halted(vcpu)`` / ``leave_halt(vcpu)``: the vCPU waits in HLT; the debugger moved it.
     * ``on_stopped()`` / ``on_resumed()``: every vCPU stopped for the debugger / runs again
-      (virtual time stops meanwhile).
+      (virtual time stops meanwhile); ``vcpu_stopped(vcpu)``: one vCPU's run ended (called on
+      its owner thread).
     """
 
     def before_entry(self, vcpu: int, step: bool) -> Entry:
@@ -775,6 +776,9 @@ class HvTarget:
                 thread.worker.kick()
 
     def _on_worker_stop(self, worker: VcpuWorker, stop: Stop) -> None:
+        vcpu_stopped = getattr(self.vmm, "vcpu_stopped", None)
+        if vcpu_stopped is not None:  # on the owner thread, before anyone looks at the vCPU
+            vcpu_stopped(worker.vcpu)
         tid = worker.index + 1
         with self._lock:
             thread = self._threads[tid]

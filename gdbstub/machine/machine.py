@@ -148,6 +148,7 @@ class VcpuState:
     tpr: int = 0  # last TPR read on the owner thread (for other threads' describe())
     poke: Callable[[], None] | None = None
     msrs: dict[int, int] = field(default_factory=dict)  # the machine's own MSRs (guestmsr.py)
+    tsc_at_stop: int | None = None  # the guest TSC when the debugger stopped the vCPU
 
 
 class Machine:
@@ -191,6 +192,9 @@ class Machine:
         """Whether CPUID offers AVX (the debug target's probe turns it off where the vCPU
         cannot execute AVX instructions)."""
         self.step_irqs = False
+        self.tsc_settable = True
+        """Whether the guest TSC is put back after a debugger stop (false where the backend
+        cannot write it: this host's kvm_pvm)."""
         """Whether single steps may deliver interrupts (``monitor step-irqs on``)."""
         self.bios_port = layout.BIOS_PORT
         self.debugger_attached: Callable[[], bool] = lambda: False
@@ -295,6 +299,26 @@ class Machine:
         """The vCPUs run again: virtual time flows."""
         self.clock.resume()
 
+    def vcpu_stopped(self, vcpu: int) -> None:
+        """A run of ``vcpu`` ended (owner thread): remember its TSC, which the next entry
+        puts back, so the time the debugger held the VM does not show in the guest's TSC."""
+        state = self._cpus.get(vcpu)
+        if state is None:
+            return
+        try:
+            state.tsc_at_stop = hv.hv_vcpu_read_msr(vcpu, hv.MSR_TSC)
+        except hv.HvError:
+            state.tsc_at_stop = None
+
+    def _restore_tsc(self, vcpu: int, state: VcpuState) -> None:
+        tsc, state.tsc_at_stop = state.tsc_at_stop, None
+        if tsc is None or not self.tsc_settable:
+            return
+        try:
+            hv.hv_vcpu_write_msr(vcpu, hv.MSR_TSC, tsc)
+        except hv.HvError:
+            self.tsc_settable = True  # the backend cannot offset the TSC (docs/linux.md)
+
     def is_halted(self, vcpu: int) -> bool:
         """Whether ``vcpu`` waits in HLT."""
         state = self._cpus.get(vcpu)
@@ -334,6 +358,8 @@ class Machine:
     def before_entry(self, vcpu: int, step: bool) -> Entry:
         """Timers, interrupt injection and halting before an entry (module docstring)."""
         state = self._cpus[vcpu]
+        if state.tsc_at_stop is not None:
+            self._restore_tsc(vcpu, state)
         if self._reset_due:
             self._reset_due = False
             self.reset(vcpu)

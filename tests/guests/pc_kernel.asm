@@ -5,6 +5,7 @@
 ;
 ;   "quick"  print "pc_kernel\n" and power off through ACPI (0x2000 to port 0x604): the
 ;            process must end with status 0, as under QEMU.
+;   "tsc"    print the TSC ticks of half a second, and across tsc_mark (see tsc_test).
 ;   "idle"   set up the PIT at ~100 Hz through the 8259, then `sti; hlt` for ever (ticks
 ;            counts the interrupts).
 ;   else     also print the command line and the first bytes of the initrd (PVH module 0),
@@ -113,6 +114,8 @@ pvh_entry:
         mov     esi, [cmdline]
         cmp     dword [esi], "idle"
         je      idle
+        cmp     dword [esi], "tsc "
+        je      tsc_test
         call    wait_half_second
         mov     esi, msg_pit
         mov     eax, [ticks]
@@ -139,6 +142,51 @@ pvh_entry:
         mov     esi, msg_count
         call    print_number_line
         jmp     power_off
+
+; "tsc ": the TSC ticks of half a second of PM-timer time, then the ticks across tsc_mark (a
+; debugger holds the guest there), both as 16 hex digits
+tsc_test:
+        mov     byte [busy], 1
+        rdtsc
+        mov     [tsc0], eax
+        mov     [tsc0 + 4], edx
+        call    wait_half_second
+        rdtsc
+        mov     esi, msg_tsc_ref
+        call    print_tsc_delta
+        rdtsc
+        mov     [tsc0], eax
+        mov     [tsc0 + 4], edx
+global tsc_mark
+tsc_mark:
+        nop
+        rdtsc
+        mov     esi, msg_tsc_stop
+        call    print_tsc_delta
+        jmp     power_off
+
+; print esi, then edx:eax - [tsc0] as 16 hex digits and a newline
+print_tsc_delta:
+        sub     eax, [tsc0]
+        sbb     edx, [tsc0 + 4]
+        push    eax
+        push    edx
+        call    puts
+        pop     eax
+        call    hex8
+        pop     eax
+        call    hex8
+        jmp     newline
+
+hex8:
+        mov     ecx, 8
+.digit: rol     eax, 4
+        push    eax
+        and     al, 0x0f
+        call    hexdigit
+        pop     eax
+        loop    .digit
+        ret
 
 ; "idle": halt with the PIT ticking, for ever (for the debugger tests)
 idle:
@@ -297,6 +345,8 @@ msg_pit:        db "pit ticks: ", 0
 msg_lapic:      db "lapic ticks: ", 0
 msg_count:      db "lapic count: ", 0
 msg_bye:        db "bye", 10, 0
+msg_tsc_ref:    db "tsc half second: ", 0
+msg_tsc_stop:   db "tsc across the stop: ", 0
 
         align 8
 idt_ptr:
@@ -310,6 +360,7 @@ start_info:     resd 1
 cmdline:        resd 1
 ticks:          resd 1
 t0:             resd 1
+tsc0:           resd 2
 busy:           resb 1
 buffer:         resb 32
                 resb 8192

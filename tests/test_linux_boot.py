@@ -1,0 +1,197 @@
+"""Debian 12's own Linux kernel under ``gdbstub run``: to a busybox shell on the serial console.
+
+The kernel package and busybox-static are fetched with ``apt-get download`` into a cache outside
+the repository (tests/debian_kernel.py); the tests skip with a message when that is impossible.
+The shell is driven through the stub's stdin and stdout (``--serial stdio``), as a user types.
+``LINUX_BOOT_TIMEOUT`` (seconds, default 600) bounds each boot.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from debian_kernel import (
+    INIT_MARKER,
+    busybox_initramfs,
+    cached_busybox,
+    cached_debian_kernel,
+    extract_vmlinux,
+)
+from gdbdrive import ROOT, Gdb
+
+pytestmark = pytest.mark.linux
+
+BOOT_TIMEOUT = float(os.environ.get("LINUX_BOOT_TIMEOUT", "600"))
+CMDLINE = "console=ttyS0 nokaslr panic=-1 quiet"
+
+
+@pytest.fixture(scope="module")
+def bzimage() -> Path:
+    kernel = cached_debian_kernel()
+    if kernel is None:
+        pytest.skip("Debian's linux-image-amd64 could not be fetched (apt-get download)")
+    return kernel
+
+
+@pytest.fixture(scope="module")
+def initramfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    busybox = cached_busybox()
+    if busybox is None:
+        pytest.skip("Debian's busybox-static could not be fetched (apt-get download)")
+    return busybox_initramfs(tmp_path_factory.mktemp("initramfs") / "initramfs.cpio", busybox)
+
+
+class Console:
+    """``gdbstub run`` with the guest's serial line on its stdin/stdout."""
+
+    def __init__(self, kernel: Path, initramfs: Path, *extra: str) -> None:
+        args = [
+            sys.executable, "-m", "gdbstub", "run", str(kernel),
+            "--initrd", str(initramfs), "--append", CMDLINE, "--backend", "emu",
+            "--serial", "stdio", "--listen", "127.0.0.1:0", *extra,
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            args,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        )
+        self.text = ""
+        self.log = ""
+        self._chunks: queue.SimpleQueue[str] = queue.SimpleQueue()
+        threading.Thread(target=self._pump, args=(self.proc.stdout, True), daemon=True).start()
+        threading.Thread(target=self._pump, args=(self.proc.stderr, False), daemon=True).start()
+
+    def _pump(self, stream: object, serial: bool) -> None:
+        while True:
+            data = stream.read1(4096)  # type: ignore[attr-defined]
+            if not data:
+                return
+            text = data.decode("utf-8", "replace")
+            if serial:
+                self._chunks.put(text)
+            else:
+                self.log += text
+
+    def expect(self, pattern: str, timeout: float) -> re.Match[str]:
+        """Wait until the serial output matches ``pattern`` (a regex)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            match = re.search(pattern, self.text)
+            if match:
+                return match
+            left = deadline - time.monotonic()
+            if left <= 0 or self.proc.poll() is not None and self._chunks.empty():
+                raise AssertionError(
+                    f"no {pattern!r} on the console; last output:\n{self.text[-3000:]}\n"
+                    f"stub log:\n{self.log[-2000:]}"
+                )
+            try:
+                self.text += self._chunks.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                pass
+
+    def type(self, line: str) -> None:
+        """Type ``line`` and Enter on the guest's console."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def port(self) -> int:
+        """The stub's gdb port (from its first log lines)."""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            match = re.search(r"target remote [\d.]+:(\d+)", self.log)
+            if match:
+                return int(match.group(1))
+            time.sleep(0.05)
+        raise AssertionError(f"no port in the stub's log: {self.log}")
+
+    def close(self) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        return self.proc.wait(30)
+
+
+@contextmanager
+def console(kernel: Path, initramfs: Path, *extra: str) -> Iterator[Console]:
+    con = Console(kernel, initramfs, *extra)
+    try:
+        yield con
+    finally:
+        con.close()
+
+
+def _shell_session(con: Console) -> None:
+    con.expect(re.escape(INIT_MARKER), BOOT_TIMEOUT)
+    con.expect(r"[#$] $", 120)
+    con.type("echo typed-$((6 * 7))")
+    con.expect("typed-42", 120)
+    con.type("poweroff -f")
+    assert con.proc.wait(120) == 0, con.log
+
+
+def test_bzimage_boots_to_a_shell_and_powers_off(bzimage: Path, initramfs: Path) -> None:
+    with console(bzimage, initramfs, "--no-reboot") as con:
+        _shell_session(con)
+
+
+def test_pvh_vmlinux_boots_to_a_shell_and_powers_off(
+    bzimage: Path, initramfs: Path, tmp_path: Path
+) -> None:
+    vmlinux = extract_vmlinux(bzimage, tmp_path / "vmlinux")
+    with console(vmlinux, initramfs, "--no-reboot") as con:
+        _shell_session(con)
+
+
+def _system_map(bzimage: Path) -> dict[str, int]:
+    deb = next(bzimage.parent.parent.glob(f"{bzimage.parent.name}.deb"), None)
+    if deb is None:
+        pytest.skip("System.map needs the kernel package in the cache")
+    tar = subprocess.run(
+        ["sh", "-c", f"dpkg-deb --fsys-tarfile '{deb}' | tar -xO --wildcards './boot/System.map*'"],
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    return {f[2]: int(f[0], 16) for f in (line.split() for line in tar.splitlines()) if len(f) == 3}
+
+
+def test_gdb_breaks_in_start_kernel_and_in_a_system_call(bzimage: Path, initramfs: Path) -> None:
+    symbols = _system_map(bzimage)
+    with console(bzimage, initramfs, "--no-reboot", "--wait") as con:
+        gdb = Gdb(None, con.port(), timeout=BOOT_TIMEOUT)
+        try:
+            gdb.cmd(f"hbreak *{symbols['start_kernel']:#x}")
+            out = gdb.cmd("continue", timeout=BOOT_TIMEOUT)
+            assert "Breakpoint 1" in out, out
+            assert gdb.value("$pc") == symbols["start_kernel"]
+            gdb.cmd("delete")
+            gdb.child.sendline("continue")
+            con.expect(re.escape(INIT_MARKER), BOOT_TIMEOUT)
+            con.expect(r"[#$] $", 120)
+            gdb.interrupt()
+            gdb.cmd(f"hbreak *{symbols['__x64_sys_uname']:#x}")
+            gdb.child.sendline("continue")
+            gdb.child.expect("Continuing")
+            con.type("uname -r")
+            gdb.child.expect(r"\(gdb\) ", timeout=120)
+            assert gdb.value("$pc") == symbols["__x64_sys_uname"]
+            gdb.cmd("delete")
+            gdb.child.sendline("continue")
+            con.expect(r"6\.1\.\d+", 120)
+            con.type("poweroff -f")
+            assert con.proc.wait(120) == 0
+        finally:
+            gdb.close()

@@ -93,7 +93,7 @@ class Console:
             if match:
                 return match
             left = deadline - time.monotonic()
-            if left <= 0 or self.proc.poll() is not None and self._chunks.empty():
+            if left <= 0 or (self.proc.poll() is not None and self._chunks.empty()):
                 raise AssertionError(
                     f"no {pattern!r} on the console; last output:\n{self.text[-3000:]}\n"
                     f"stub log:\n{self.log[-2000:]}"

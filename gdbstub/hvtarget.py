@@ -552,8 +552,10 @@ class HvTarget:
 
     def _insert_page_watch(self, tid: int, kind: int, address: int, length: int) -> Breakpoint:
         chunks = self.physical_chunks(tid, address, length)
-        if sum(size for _, size in chunks) < length:
-            raise TargetError.bad_address()
+        if sum(size for _, size in chunks) < length or not all(
+            self._is_ram(gpa, size) for gpa, size in chunks
+        ):
+            raise TargetError.bad_address()  # (never protect pages that are not guest RAM)
         bp = Breakpoint(kind, address, length, "page", physical=chunks)
         flags = hv.HV_MEMORY_READ | hv.HV_MEMORY_EXEC if kind == 2 else 0
         for gpa, size in chunks:
@@ -561,6 +563,10 @@ class HvTarget:
                 self._protected[page] = self._protected.get(page, 0) + 1
                 hv.hv_vm_protect(page, PAGE, flags)
         return bp
+
+    def _is_ram(self, gpa: int, size: int) -> bool:
+        """Whether ``[gpa, gpa + size)`` lies within one RAM range."""
+        return any(s <= gpa and gpa + size <= s + n for s, n in self.memory.ranges())
 
     def _unprotect(self, bp: Breakpoint) -> None:
         for gpa, size in bp.physical:
@@ -870,10 +876,20 @@ class HvTarget:
 
     # --- sessions -----------------------------------------------------------------------------
 
+    def remove_all_breakpoints(self) -> None:
+        """Remove every breakpoint and watchpoint a debugger inserted; the guest's memory
+        shows its own bytes again. Nothing is resumed (a client that vanished without ``D``
+        leaves the guest as it was). Debug registers are written on the vCPU threads, so
+        every vCPU must be stopped."""
+        for kind, address, length in list(self._breakpoints):
+            try:
+                self.remove_breakpoint(kind, address, length)
+            except (hv.HvError, TargetError) as exc:
+                log.warning("could not remove the Z%d at %#x: %s", kind, address, exc)
+
     def detach(self) -> None:
         """Remove the debugger's breakpoints and let the guest run."""
-        for kind, address, length in list(self._breakpoints):
-            self.remove_breakpoint(kind, address, length)
+        self.remove_all_breakpoints()
         if self._exited is None and not self.is_running():
             self.resume({}, ResumeAction(kind="c", signal=None, range=None))
 

@@ -15,7 +15,16 @@ from gdbstub.machine import loader
 from gdbstub.machine.loader import BootError, BootPlan, load_kernel, symbols
 
 MEM = 64 << 20
-BENCH = Path("/work/shared/bench/guest")
+BENCH = Path(__file__).resolve().parents[2] / "shared" / "bench" / "guest"
+"""The shared bench guest, beside the repository (../shared/) on the development machines."""
+
+
+def bench_guest(name: str) -> Path:
+    """``BENCH / name``, or skip the test (with where it looked) when it is absent."""
+    path = BENCH / name
+    if not path.exists():
+        pytest.skip(f"the shared bench guest ../shared/bench/guest/{name} is absent")
+    return path
 
 
 def memory_of(plan: BootPlan) -> dict[int, int]:
@@ -146,9 +155,7 @@ def test_mode_switch_is_pvh() -> None:
 
 
 def test_bench_pvh() -> None:
-    path = BENCH / "bench.elf"
-    if not path.exists():
-        pytest.skip("bench guest not present")
+    path = bench_guest("bench.elf")
     plan = load_kernel(path, mem_size=256 << 20)
     assert plan.protocol == "pvh"
     assert plan.entry == symbols(path)["pvh_start32"]
@@ -207,9 +214,7 @@ def test_multiboot_elf_and_flat_load_the_same_bytes() -> None:
 
 
 def test_bench_multiboot() -> None:
-    path = BENCH / "bench-mb.elf"
-    if not path.exists():
-        pytest.skip("bench guest not present")
+    path = bench_guest("bench-mb.elf")
     plan = load_kernel(path, mem_size=256 << 20)
     assert plan.protocol == "multiboot"  # Multiboot wins over the PVH note, as in QEMU
     assert plan.entry == symbols(path)["pvh_start32"]
@@ -321,9 +326,7 @@ def test_truncated_elf(tmp_path: Path) -> None:
 
 
 def test_segment_outside_memory() -> None:
-    path = BENCH / "bench.elf"
-    if not path.exists():
-        pytest.skip("bench guest not present")
+    path = bench_guest("bench.elf")
     with pytest.raises(BootError) as exc:
         load_kernel(path, mem_size=8 << 20)
     assert "outside guest memory" in one_line(exc)

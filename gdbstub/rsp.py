@@ -106,7 +106,7 @@ class Decoder:
         self._max = max_packet
         self._buf = bytearray()
         self._in_packet = False
-        self._scan = 0  # how much of _buf (inside a packet) is known to hold no '#'
+        self._scan = 0  # how much of _buf (inside a packet) is known to hold no '#' or '$'
         self._overflow = False
 
     @property
@@ -138,8 +138,9 @@ class Decoder:
                 self._scan = 0
                 self._overflow = False
                 continue
+            # buf[:_scan] is known to hold neither '#' nor '$' (both were searched there)
             end = buf.find(b"#", self._scan)
-            restart = buf.find(b"$", 0, len(buf) if end < 0 else end)
+            restart = buf.find(b"$", self._scan, len(buf) if end < 0 else end)
             if restart >= 0:
                 # A raw '$' inside a body: the sender abandoned this packet; start over there.
                 del buf[: restart + 1]
@@ -174,7 +175,7 @@ class Decoder:
         if expected != checksum(body):
             return BadPacket(f"checksum mismatch (sent {sent!r})")
         try:
-            payload = _unpack_body(body)
+            payload = _unpack_body(body, self._max)
         except ValueError as exc:
             return BadPacket(str(exc))
         if len(payload) > self._max:  # run-length encoding can expand a short body
@@ -186,13 +187,18 @@ _HEX2 = re.compile(rb"[0-9a-fA-F]{2}")
 _ESCAPED = re.compile(rb"\}(.)", re.DOTALL)
 
 
-def _unpack_body(body: bytes) -> bytes:
-    """Undo ``}`` escapes and ``*`` run-length encoding in a received body."""
-    if body.endswith(b"}") and _trailing_escape(body):
-        raise ValueError("packet ends inside an escape")
+def _unpack_body(body: bytes, limit: int = PACKET_SIZE) -> bytes:
+    """Undo ``}`` escapes and ``*`` run-length encoding in a received body.
+
+    One left-to-right pass, as gdb's reader does: ``}`` takes the next byte as data, ``*``
+    takes the next byte as a count, whatever either byte is. So ``a*}}`` is ``a`` repeated
+    and then a dangling escape (an error), not ``a*`` and an escaped ``}``. Expansion stops
+    with an error once the payload exceeds ``limit``."""
     if b"*" not in body:
         if b"}" not in body:
             return body
+        if _trailing_escape(body):
+            raise ValueError("packet ends inside an escape")
         return unescape_binary(body)
     out = bytearray()
     i = 0
@@ -200,6 +206,8 @@ def _unpack_body(body: bytes) -> bytes:
     while i < n:
         byte = body[i]
         if byte == _ESCAPE:
+            if i + 1 >= n:
+                raise ValueError("packet ends inside an escape")
             out.append(body[i + 1] ^ 0x20)
             i += 2
         elif byte == _RLE:
@@ -209,6 +217,8 @@ def _unpack_body(body: bytes) -> bytes:
             if count < 0:
                 raise ValueError("bad run-length count")
             out += bytes((out[-1],)) * count
+            if len(out) > limit:
+                raise ValueError("packet longer than PacketSize")
             i += 2
         else:
             out.append(byte)
@@ -217,7 +227,7 @@ def _unpack_body(body: bytes) -> bytes:
 
 
 def _trailing_escape(body: bytes) -> bool:
-    """True if the final ``}`` of ``body`` is an escape character, not an escaped byte."""
+    """True if the final ``}`` of ``body`` (which has no ``*``) is a dangling escape."""
     run = len(body) - len(body.rstrip(b"}"))
     return run % 2 == 1
 

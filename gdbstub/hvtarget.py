@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
 
-from . import hv, paging, regs, xsave
+from . import hv, memregion, paging, regs, xsave
 from .breakpoints import STOP_REASONS, Breakpoint, dr7_value, dr_length_ok
 from .memory import GuestMemory
 from .target import NotSupported, ResumeAction, StopEvent, TargetError
@@ -237,6 +237,7 @@ class HvTarget:
         self._lock = threading.Lock()
         self._threads: dict[int, _Thread] = {}
         self._breakpoints: dict[tuple[int, int, int], Breakpoint] = {}
+        self._run_breakpoints: list[Breakpoint] = []  # those inserted for the last resume
         self._slots: list[Breakpoint | None] = [None] * 4
         self._protected: dict[int, int] = {}  # guest page -> number of page watchpoints
         self._pending_stop: tuple[int, Stop] | None = None
@@ -274,13 +275,16 @@ class HvTarget:
             raise TargetError(0x16)
         return thread
 
-    def thread_extra_info(self, tid: int) -> str:
-        """``vCPU n [state]`` for ``info threads``."""
+    def thread_state(self, tid: int) -> str:
+        """``running``, ``halted`` (stopped while waiting in HLT) or ``stopped``."""
         thread = self._thread(tid)
         is_halted = getattr(self.vmm, "is_halted", None)
         halted = thread.parked or (is_halted is not None and is_halted(thread.worker.vcpu))
-        state = "running" if thread.worker.running else "halted" if halted else "stopped"
-        return f"vCPU {thread.worker.index} [{state}]"
+        return "running" if thread.worker.running else "halted" if halted else "stopped"
+
+    def thread_extra_info(self, tid: int) -> str:
+        """``vCPU n [state]`` for ``info threads``."""
+        return f"vCPU {self._thread(tid).worker.index} [{self.thread_state(tid)}]"
 
     def pc_regnum(self) -> int:
         """gdb's number of rip."""
@@ -579,9 +583,24 @@ class HvTarget:
                     )
 
     def breakpoint_report(self) -> str:
-        """``monitor info breakpoints``."""
-        lines = [bp.describe() for bp in self._breakpoints.values()] or ["no breakpoints"]
-        return "\n".join(lines) + "\n" + self.features.describe() + "\n"
+        """``monitor info breakpoints``: those inserted now, else those of the last run (gdb
+        takes its breakpoints out whenever the guest stops and puts them back to resume)."""
+        lines = [bp.describe() for bp in self._breakpoints.values()]
+        if not lines and self._run_breakpoints:
+            lines = ["none inserted while the guest is stopped (gdb removes them at every stop);"]
+            lines += ["inserted for the last run:"]
+            lines += [bp.describe() for bp in self._run_breakpoints]
+        return "\n".join(lines or ["no breakpoints"]) + "\n" + self.features.describe() + "\n"
+
+    def memory_region(self, tid: int, address: int) -> memregion.Region:
+        """The mapped (or unmapped) region around ``address``, for lldb's qMemoryRegionInfo."""
+        if self.physical_mode:
+            for start, size in self.memory.ranges():
+                if start <= address < start + size:
+                    return memregion.Region(start, size, "rwx")
+            return memregion.Region(address & ~(PAGE - 1), PAGE, "")
+        state = self._paging_state(self._thread(tid))
+        return memregion.region_at(self.memory.read, state, address)
 
     # --- running ------------------------------------------------------------------------------
 
@@ -609,6 +628,7 @@ class HvTarget:
             raise TargetError(0x16)
         with self._lock:
             self._pending_stop = None
+        self._run_breakpoints = list(self._breakpoints.values())
         for thread, _ in plan:
             self._commit(thread)
         self._hook("on_resumed")

@@ -906,6 +906,7 @@ class HvTarget:
                 self.remove_breakpoint(kind, address, length)
             except (hv.HvError, TargetError) as exc:
                 log.warning("could not remove the Z%d at %#x: %s", kind, address, exc)
+        self._run_breakpoints = []  # the next client does not see this one's
 
     def detach(self) -> None:
         """Remove the debugger's breakpoints and let the guest run."""

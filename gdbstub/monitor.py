@@ -2,11 +2,21 @@
 
 One table: command words -> (handler, usage, help). Handlers take the target and the argument
 words and return the text gdb prints. Errors are answered with a line of text, never raised.
+
+gdb sends the command text as typed, without evaluating anything, so addresses are read here:
+``monitor disas $pc``, ``monitor disas rip+16 4`` and ``monitor translate &ticks`` take
+expressions (``_Expressions``) of numbers (C notation), register names (gdb's, with or without
+``$``, and ``pc``/``sp``/``fp``, ``eax``-style low halves), the kernel's symbols (``&sym``
+is the same), ``+ - * / ( )``. Several expressions follow each other: the first token that
+cannot continue an expression starts the next one (``rip + 16 4`` is ``rip+16`` and ``4``).
 """
 
 from __future__ import annotations
 
+import difflib
+import re
 import shlex
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -42,6 +52,109 @@ def _int(text: str, target: HvTarget | None = None) -> int:
 
 def _tid(target: HvTarget) -> int:
     return getattr(target, "selected_thread", 0) or target.thread_ids()[0]
+
+
+_TOKEN = re.compile(r"\s*(?:(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9]\d*)\b|(\$?[A-Za-z_.][\w.$@]*)|(.))")
+_ALIASES = {"pc": "rip", "sp": "rsp", "fp": "rbp", "rflags": "eflags", "flags": "eflags"}
+_LOW32 = {f"e{n}": f"r{n}" for n in ("ax", "bx", "cx", "dx", "si", "di", "bp", "sp", "ip")}
+
+
+class _Expressions:
+    """A recursive-descent reader of the monitor's address expressions (module docstring)."""
+
+    def __init__(self, target: HvTarget, text: str) -> None:
+        self.target = target
+        self.tokens: list[tuple[str, str]] = []
+        for match in _TOKEN.finditer(text.strip()):
+            number, name, other = match.groups()
+            if number is not None:
+                self.tokens.append(("num", number))
+            elif name is not None:
+                self.tokens.append(("name", name))
+            elif other is not None and not other.isspace():
+                if other not in "+-*/()&~":
+                    raise MonitorError(f"cannot read {other!r} in {text.strip()!r}")
+                self.tokens.append(("op", other))
+        self.pos = 0
+        self._regs: dict[str, int] | None = None
+
+    def values(self) -> list[int]:
+        """Every expression of the text, in order."""
+        out = []
+        while self.pos < len(self.tokens):
+            out.append(self._sum() & 0xFFFF_FFFF_FFFF_FFFF)
+        return out
+
+    def _peek(self) -> tuple[str, str] | None:
+        return self.tokens[self.pos] if self.pos < len(self.tokens) else None
+
+    def _take_op(self, ops: str) -> str | None:
+        token = self._peek()
+        if token is not None and token[0] == "op" and token[1] in ops:
+            self.pos += 1
+            return token[1]
+        return None
+
+    def _sum(self) -> int:
+        value = self._product()
+        while (op := self._take_op("+-")) is not None:
+            rhs = self._product()
+            value = value + rhs if op == "+" else value - rhs
+        return value
+
+    def _product(self) -> int:
+        value = self._unary()
+        while (op := self._take_op("*/")) is not None:
+            rhs = self._unary()
+            if op == "/" and rhs == 0:
+                raise MonitorError("division by zero")
+            value = value * rhs if op == "*" else value // rhs
+        return value
+
+    def _unary(self) -> int:
+        op = self._take_op("-~&+")
+        if op == "-":
+            return -self._unary()
+        if op == "~":
+            return ~self._unary()
+        if op in ("&", "+"):
+            return self._unary()  # &symbol is the symbol's address, as in gdb
+        token = self._peek()
+        if token is None:
+            raise MonitorError("an expression ends too early")
+        self.pos += 1
+        kind, text = token
+        if kind == "num":
+            return int(text, 8) if text.startswith("0") and len(text) > 1 else int(text, 0)
+        if kind == "name":
+            return self._name(text)
+        if text == "(":
+            value = self._sum()
+            if self._take_op(")") is None:
+                raise MonitorError("missing ')'")
+            return value
+        raise MonitorError(f"unexpected {text!r}")
+
+    def _name(self, text: str) -> int:
+        if text in self.target.symbols:
+            return self.target.symbols[text]
+        name = text.lstrip("$").lower()
+        name = _ALIASES.get(name, name)
+        if self._regs is None:
+            self._regs = self.target.registers(_tid(self.target))
+        if name in self._regs:
+            return self._regs[name]
+        if name in _LOW32:
+            return self._regs[_LOW32[name]] & 0xFFFF_FFFF
+        raise MonitorError(f"{text}: not a register or a symbol of the kernel")
+
+
+def _addresses(target: HvTarget, args: list[str], most: int, usage: str) -> list[int]:
+    """The expressions of ``args`` (at most ``most``)."""
+    values = _Expressions(target, " ".join(args)).values()
+    if len(values) > most:
+        raise MonitorError(f"usage: {usage}")
+    return values
 
 
 def _help(target: HvTarget, args: list[str]) -> str:
@@ -86,12 +199,27 @@ def _msr(target: HvTarget, args: list[str]) -> str:
     return f"MSR {msr:#x} <- {value:#x}\n"
 
 
-def _vmcs(target: HvTarget, args: list[str]) -> str:
-    fields = (
-        [int(a, 0) if a[0].isdigit() else getattr(hv, a.upper(), -1) for a in args]
-        if args
-        else sorted(hv.VMCS_FIELD_NAMES)
+def _vmcs_field(text: str) -> int:
+    """A VMCS field by number or name (``VMCS_GUEST_RIP``, ``guest_rip``, ``GUEST_RIP``)."""
+    if text[:1].isdigit():
+        return _int(text)
+    by_name = {name: field for field, name in hv.VMCS_FIELD_NAMES.items()}
+    name = text.upper()
+    for candidate in (name, "VMCS_" + name):
+        if candidate in by_name:
+            return by_name[candidate]
+    short = [n.removeprefix("VMCS_") for n in by_name]
+    close = difflib.get_close_matches(name.removeprefix("VMCS_"), short, n=4, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    known = textwrap.fill(" ".join(sorted(short)), 96, initial_indent="  ", subsequent_indent="  ")
+    raise MonitorError(
+        f"unknown VMCS field {text!r}; {hint}'monitor vmcs' lists every field by name "
+        f"(the VMCS_ prefix is optional, numbers are field encodings). Known fields:\n{known}"
     )
+
+
+def _vmcs(target: HvTarget, args: list[str]) -> str:
+    fields = [_vmcs_field(a) for a in args] if args else sorted(hv.VMCS_FIELD_NAMES)
     lines = []
 
     def read_all(vcpu: int) -> None:
@@ -108,9 +236,10 @@ def _vmcs(target: HvTarget, args: list[str]) -> str:
 
 
 def _translate(target: HvTarget, args: list[str]) -> str:
-    if len(args) != 1:
+    values = _addresses(target, args, 1, "translate ADDR")
+    if not values:
         raise MonitorError("usage: translate ADDR")
-    address = _int(args[0], target)
+    address = values[0]
     r = target.registers(_tid(target))
     state = paging.PagingState(cr0=r["cr0"], cr3=r["cr3"], cr4=r["cr4"], efer=r["efer"])
     result = paging.translate(target.memory.read, *state, address)
@@ -169,8 +298,11 @@ def _sync_tsc(target: HvTarget, args: list[str]) -> str:
 def _disas(target: HvTarget, args: list[str]) -> str:
     import capstone
 
-    address = _int(args[0], target) if args else target.registers(_tid(target))["rip"]
-    count = _int(args[1]) if len(args) > 1 else 10
+    values = _addresses(target, args, 2, "disas [ADDR [N]]")
+    address = values[0] if values else target.registers(_tid(target))["rip"]
+    count = values[1] if len(values) > 1 else 10
+    if not 0 < count <= 1000:
+        raise MonitorError(f"disas: {count} instructions? (1 to 1000)")
     code = target.read_memory(_tid(target), address, 15 * count)
     cs = capstone.Cs(capstone.CS_ARCH_X86, target.code_mode(_tid(target)))
     lines = [
@@ -215,9 +347,55 @@ def _step_irqs(target: HvTarget, args: list[str]) -> str:
     return "single steps keep interrupts pending (QEMU's default sstep flags)\n"
 
 
+_STOP_WHY = {
+    "swbreak": "at a breakpoint",
+    "hwbreak": "at a hardware breakpoint",
+    "watch": "by a watchpoint",
+    "rwatch": "by a read watchpoint",
+    "awatch": "by an access watchpoint",
+}
+_SIGNALS = {2: "SIGINT", 4: "SIGILL", 5: "SIGTRAP", 7: "SIGBUS", 8: "SIGFPE", 11: "SIGSEGV"}
+
+
+def _where(target: HvTarget, tid: int) -> str:
+    rip = target.registers(tid)["rip"]
+    symbolize = getattr(target.vmm, "symbolize", None)
+    return f"rip {rip:#x}{symbolize(rip) if symbolize is not None else ''}"
+
+
 def _status(target: HvTarget, args: list[str]) -> str:
-    what = getattr(target.vmm, "what", "running")
-    return f"backend {hv.backend_name()}; {what}\n"
+    """Per vCPU: running, or stopped for the debugger (and why), or halted in HLT; then
+    what the machine says when it is more than "running" (a fault, an exit)."""
+    lines = [f"backend {hv.backend_name()}"]
+    stop = target.last_stop()
+    what = str(getattr(target.vmm, "what", "running"))
+    for tid in target.thread_ids():
+        state = target.thread_state(tid)
+        name = f"vCPU {tid - 1}"
+        if state == "running":
+            lines.append(f"{name}: running")
+            continue
+        if stop.exit_status is not None:
+            lines.append(f"{name}: stopped: the guest exited with status {stop.exit_status}")
+            continue
+        if state == "halted":
+            how = what if what.startswith("halted") else "halted in HLT"
+            lines.append(f"{name}: {how} (waiting for an interrupt), at {_where(target, tid)}")
+            continue
+        why = ""
+        if stop.thread == tid:
+            why = _STOP_WHY.get(stop.reason or "", "")
+            if stop.reason in ("watch", "rwatch", "awatch") and stop.address is not None:
+                why += f" on {stop.address:#x}"
+            if not why:
+                why = {2: "by Ctrl-C", 5: "by a step or at start-up"}.get(
+                    stop.signal, f"by {_SIGNALS.get(stop.signal, f'signal {stop.signal}')}"
+                )
+        lines.append(f"{name}: stopped {why or 'with the others'}, at {_where(target, tid)}")
+    unexpected = stop.exit_status is not None or stop.signal not in (2, 5)
+    if unexpected and what != "running" and not what.startswith("halted"):
+        lines.append(f"guest: {what}")
+    return "\n".join(lines) + "\n"
 
 
 COMMANDS: tuple[Command, ...] = (
@@ -248,7 +426,7 @@ COMMANDS: tuple[Command, ...] = (
         "step-irqs on|off",
         "whether single steps may enter interrupt handlers (default off)",
     ),
-    Command(("status",), _status, "status", "backend, and what happened to the guest"),
+    Command(("status",), _status, "status", "backend, each vCPU's state, what happened"),
 )
 
 

@@ -1,55 +1,112 @@
-"""The TCP server: the only module of the stub that touches sockets.
+"""The debugger server: the only module of the stub that touches sockets.
 
 Theory of operation
 -------------------
-``GdbServer`` listens (127.0.0.1 by default) and serves one client at a time. For each client
-it makes a fresh ``Decoder`` and ``GdbSession`` and then blocks in ``select`` on three things:
+``GdbServer`` listens on TCP (127.0.0.1 by default; IPv6 too) or on a Unix socket (created
+with mode 0600, removed by ``close``) and runs one event loop, ``serve_forever``, over a
+``select`` of:
 
-* the client socket: bytes go through the decoder, frames through the session, and the
-  session's outputs are written back (``SendBytes``) or end the client (``CloseConnection``
-  after ``D``, ``Shutdown`` after ``k``);
-* ``target.wake_fd``: readable while the target holds a stop; every pending stop is taken
-  with ``take_stop()`` and handed to the session, which answers the outstanding resume;
-* a private socketpair that ``stop()`` writes to, so another thread can end ``serve_forever``.
+* the listener: a new connection becomes the client when there is none, or when the client
+  has not said anything yet (a port scanner, ``nc -z``, a health check: they never stop the
+  guest, and a real debugger is not kept out by them). While a debugger is attached, a second
+  one is refused: its first packet is answered with ``E.another debugger ... is attached``
+  (gdb prints it as "Remote failure reply") and the connection is closed; the first client
+  notices nothing;
+* the client: bytes go through a ``Decoder`` and a ``GdbSession``; the session's outputs are
+  written back (``SendBytes``) or end the client (``CloseConnection`` after ``D``,
+  ``Shutdown`` after ``k``). The client *attaches* with its first packet: a running guest is
+  stopped for it then (as QEMU stops the VM for a new gdb), and the stop is what ``?`` says;
+* ``target.wake_fd``: stops go to the session (the stop reply) or, with nobody attached, are
+  kept for the next client's ``?``; a guest that exits ends the loop;
+* a private socketpair: ``stop()`` (any thread; the signal handlers of ``gdbstub run``) and
+  ``pause_guest()`` (the console's Ctrl-A s) write a command byte to it.
 
-There are no timeouts in the steady state and no polling. When a client goes away without
-``D``, the server detaches the target for it (breakpoints removed, guest running) and waits
-for the next client; a new client finds the guest halted again, because the server interrupts
-a running guest and waits for its stop before reading the client's first packet (the stop is
-then what ``?`` reports). After ``k`` ``serve_forever`` returns.
+Rules of a connection's end (docs/usage.md has them for users):
 
-``log_packets`` names a file that receives every chunk read and written, with a timestamp.
+* ``D``: the session removes the breakpoints and resumes the guest (gdb's "detach").
+* The client closes, dies, or its connection breaks (TCP keepalive notices a dead peer; a
+  write that cannot complete in ``send_timeout`` s counts as broken) without ``D``: every
+  breakpoint and watchpoint it inserted is removed (memory shows the guest's own bytes) and
+  the guest is left as it was: stopped if it was stopped (a ``--wait`` guest keeps waiting),
+  running if it was running for the client (it is stopped briefly to take the breakpoints
+  out, as debug registers are written on the vCPU's thread). A guest that stopped by itself
+  meanwhile (a fault, a finished step) stays stopped.
+* An exception while serving the client ends that connection only: one line in the log (the
+  traceback too when the log level is INFO, ``gdbstub run -v``), the same clean-up as above.
+* ``stop(signal)``: a client waiting for a stop reply gets ``X<signal>`` (the process ended
+  by that signal), then the connection closes and ``serve_forever`` returns False.
+
+Each connection and disconnection is logged as one plain line (``debugger connected from
+127.0.0.1:53412``). ``log_packets`` names a file that receives every chunk read and written,
+with a timestamp.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import ipaddress
 import logging
 import os
 import select
 import socket
+import stat
 import threading
 import time
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import IO
 
-from .rsp import Decoder
+from .rsp import Decoder, Interrupt, Packet, encode
 from .session import CloseConnection, GdbSession, Output, SendBytes, Shutdown
-from .target import StopEvent, Target
+from .target import ResumeAction, StopEvent, Target
 
-__all__ = ["GdbServer", "serve"]
+__all__ = ["GdbServer", "is_loopback", "serve"]
 
 log = logging.getLogger(__name__)
 
 _RECV_SIZE = 0x40000
+_REFUSE_WINDOW = 5.0  # seconds a refused client has to send its first packet
+_CMD_STOP, _CMD_PAUSE = b"x", b"p"
+# A vanished client's guest runs on after these stops (the client's own breakpoints, or the
+# interrupt the server sent to take them out); any other stop is the guest's and is kept.
+_CLIENT_STOP_REASONS = frozenset({"swbreak", "hwbreak", "watch", "rwatch", "awatch"})
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) is reachable only from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class _Client:
+    conn: socket.socket
+    name: str
+    decoder: Decoder = field(default_factory=Decoder)
+    session: GdbSession | None = None  # created when the client attaches (first packet)
+
+
+@dataclass
+class _Refused:
+    conn: socket.socket
+    name: str
+    deadline: float
+    decoder: Decoder = field(default_factory=Decoder)
+    answered: bool = False
 
 
 class GdbServer:
-    """Serve ``target`` to gdb or lldb clients over TCP, one client at a time.
+    """Serve ``target`` to gdb or lldb clients, one at a time (see the module docstring).
 
     The socket is bound and listening once the constructor returns, so ``port`` is known even
-    when 0 was asked for. ``running`` tells the server that the guest is already running when
-    the first client connects (it is then halted for that client, as for later clients).
-    ``attach_timeout`` bounds the wait for that halt.
+    when 0 was asked for. ``unix_path`` listens on a Unix socket instead of ``host:port``.
+    ``running`` tells the server that the guest is already running (it is stopped when a
+    client attaches). ``attach_timeout`` bounds the wait for that stop.
     """
 
     def __init__(
@@ -58,31 +115,46 @@ class GdbServer:
         host: str = "127.0.0.1",
         port: int = 1234,
         *,
+        unix_path: str | os.PathLike[str] | None = None,
         log_packets: str | os.PathLike[str] | None = None,
         running: bool = False,
         attach_timeout: float = 5.0,
+        send_timeout: float = 60.0,
     ) -> None:
         self.target = target
-        self._listener = socket.create_server((host, port), backlog=1)
+        self._unix_path = None if unix_path is None else os.fspath(unix_path)
+        self._unix_inode: tuple[int, int] | None = None
+        if self._unix_path is not None:
+            self._listener = self._listen_unix(self._unix_path)
+        else:
+            self._listener = _listen_tcp(host, port)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
-        self._log: IO[str] | None = (
-            open(log_packets, "a", encoding="utf-8") if log_packets is not None else None  # noqa: SIM115
-        )
+        self._wake_w.setblocking(False)
+        self._log: IO[str] | None = None
+        if log_packets is not None:
+            self._log = open(log_packets, "a", encoding="utf-8")  # noqa: SIM115
         self._guest_running = running
         self._held_stops: list[StopEvent] = []
         self._attach_timeout = attach_timeout
+        self._send_timeout = send_timeout
         self._stopping = threading.Event()
+        self._stop_signal: int | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._client: _Client | None = None
+        self._refused: list[_Refused] = []
+        self._pause_requested = False
         self.attached = False
-        """Whether a debugger is connected now."""
+        """Whether a debugger is attached now (it has sent a packet and not gone)."""
 
-    # --- public API ----------------------------------------------------------------------
+    # --- addresses -------------------------------------------------------------------------
 
     @property
     def address(self) -> tuple[str, int]:
-        """The (host, port) the server listens on."""
+        """The (host, port) the server listens on; (path, 0) for a Unix socket."""
+        if self._unix_path is not None:
+            return self._unix_path, 0
         host, port = self._listener.getsockname()[:2]
         return str(host), int(port)
 
@@ -91,42 +163,34 @@ class GdbServer:
         """The TCP port the server listens on (useful when constructed with port 0)."""
         return self.address[1]
 
-    def serve_forever(self) -> bool:
-        """Serve clients until one kills the target or the guest exits (True), or ``stop()``.
+    @property
+    def endpoint(self) -> str:
+        """What gdb's ``target remote`` takes: ``127.0.0.1:1234``, ``[::1]:1234`` or a path."""
+        if self._unix_path is not None:
+            return self._unix_path
+        host, port = self.address
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-        Between clients the target's stops are watched too: a guest that exits while nobody is
-        attached ends the server; any other stop is kept for the next client's ``?``.
-        """
+    # --- public API ------------------------------------------------------------------------
+
+    def serve_forever(self) -> bool:
+        """Serve clients until one kills the target or the guest exits (True), or ``stop()``
+        (False). Between clients the target's stops are kept for the next client's ``?``."""
         while not self._stopping.is_set():
-            listener, wake, stops_fd = (
-                self._listener.fileno(),
-                self._wake_r.fileno(),
-                self.target.wake_fd,
-            )
-            ready, _, _ = select.select([listener, wake, stops_fd], [], [])
-            if wake in ready:
-                break
-            if stops_fd in ready:
-                stops = self._take_stops()
-                self._held_stops += stops
-                if stops:
-                    self._guest_running = False
-                if any(stop.exit_status is not None for stop in stops):
-                    return True
-                continue
             try:
-                conn, peer = self._listener.accept()
-            except OSError:
+                ended = self._loop_once()
+            except Exception as exc:  # never let one fault end the VM
+                self._internal_error(exc)
                 continue
-            log.info("debugger connected from %s", peer)
-            self.attached = True
-            try:
-                with conn:
-                    if self._serve_client(conn):
-                        return True
-            finally:
-                self.attached = False
-            log.info("debugger %s gone", peer)
+            if ended:
+                if self._client is not None:  # it has its W (or its X09 after k)
+                    self._close_quietly(self._client)
+                return True
+        if self._client is not None:
+            self._end_client(self._client, "the stub is shutting down")
+        for refused in self._refused:
+            refused.conn.close()
+        self._refused.clear()
         return False
 
     def start(self) -> threading.Thread:
@@ -138,23 +202,29 @@ class GdbServer:
         self._thread.start()
         return self._thread
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Make ``serve_forever`` return (from any thread); joins the ``start()`` thread."""
+    def stop(self, timeout: float | None = None, *, signal: int | None = None) -> None:
+        """Make ``serve_forever`` return (from any thread, also a signal handler). With
+        ``signal``, a client waiting for a stop reply is told ``X<signal>`` first."""
+        if signal is not None and self._stop_signal is None:
+            self._stop_signal = signal
         self._stopping.set()
-        try:
-            self._wake_w.send(b"x")
-        except OSError:
-            pass
+        self._command(_CMD_STOP)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
+    def pause_guest(self) -> None:
+        """Stop the guest for the debugger, as Ctrl-C from gdb does (any thread). An attached
+        gdb that waits sees SIGINT; with nobody attached the next gdb finds it stopped."""
+        self._command(_CMD_PAUSE)
+
     def close(self) -> None:
-        """Stop serving and release the sockets and the packet log."""
+        """Stop serving and release the sockets (a Unix socket's file too) and the log."""
         if self._closed:
             return
         self.stop()
         self._closed = True
         self._listener.close()
+        self._remove_unix_socket()
         self._wake_r.close()
         self._wake_w.close()
         if self._log is not None:
@@ -171,54 +241,234 @@ class GdbServer:
     ) -> None:
         self.close()
 
-    # --- one client ----------------------------------------------------------------------
+    # --- the event loop --------------------------------------------------------------------
 
-    def _serve_client(self, conn: socket.socket) -> bool:
-        """Serve one client; True if it killed the target."""
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        session = GdbSession(self.target)
-        decoder = Decoder()
-        self._halt_guest(session)
-        wake_fd = self.target.wake_fd
-        conn_fd, stop_fd = conn.fileno(), self._wake_r.fileno()
-        while True:
-            ready, _, _ = select.select([conn_fd, wake_fd, stop_fd], [], [])
-            if stop_fd in ready:
-                self._drop_client(session)
+    def _command(self, command: bytes) -> None:
+        with contextlib.suppress(OSError):
+            self._wake_w.send(command)
+
+    def _loop_once(self) -> bool:
+        client = self._client
+        listener, wake, stops = self._listener.fileno(), self._wake_r.fileno(), self.target.wake_fd
+        client_fd = client.conn.fileno() if client is not None else -1
+        refused = {r.conn.fileno(): r for r in self._refused}
+        watched = [listener, wake, stops, *refused]
+        if client is not None:
+            watched.append(client_fd)
+        timeout = None
+        if self._refused:
+            timeout = max(0.0, min(r.deadline for r in self._refused) - time.monotonic())
+        ready, _, _ = select.select(watched, [], [], timeout)
+        if wake in ready:
+            commands = self._wake_r.recv(64)
+            if _CMD_PAUSE in commands:
+                self._pause()
+            if self._stopping.is_set():
                 return False
+        if stops in ready and self._on_stops():
+            return True
+        if client is not None and client_fd in ready and self._client is client:
+            ended = self._on_client_data(client)
+            if ended:
+                return True
+        if listener in ready:
+            self._accept()
+        now = time.monotonic()
+        for fd, item in refused.items():
+            if fd in ready or item.deadline <= now:
+                self._on_refused(item)
+        return False
+
+    def _on_stops(self) -> bool:
+        """Hand the target's stops to the attached session or keep them; True if the guest
+        exited."""
+        stops = self._take_stops()
+        if not stops:
+            return False
+        self._guest_running = False
+        client = self._client
+        exited = any(stop.exit_status is not None for stop in stops)
+        if client is not None and client.session is not None:
             outputs: list[Output] = []
-            exited = False
-            if wake_fd in ready:
-                for stop in self._take_stops():
-                    outputs += session.on_stop(stop)
-                    exited = exited or stop.exit_status is not None
-            if conn_fd in ready:
-                try:
-                    data = conn.recv(_RECV_SIZE)
-                except OSError:
-                    data = b""
-                if not data:
-                    self._drop_client(session)
-                    return False
-                self._record("<-", data)
-                for frame in decoder.feed(data):
-                    outputs += session.on_frame(frame)
-            for output in outputs:
-                match output:
-                    case SendBytes(data=out):
-                        self._record("->", out)
-                        try:
-                            conn.sendall(out)
-                        except OSError:
-                            self._drop_client(session)
-                            return False
-                    case CloseConnection():
-                        self._guest_running = True  # detached: the guest runs on
+            for stop in stops:
+                outputs += client.session.on_stop(stop)
+            self._send_outputs(client, outputs)
+        else:
+            self._held_stops += stops
+        return exited
+
+    def _accept(self) -> None:
+        try:
+            conn, peer = self._listener.accept()
+        except OSError:
+            return
+        name = _peer_name(peer, self._unix_path)
+        current = self._client
+        if current is not None and current.session is None:
+            self._end_client(current, f"said nothing; it gives way to {name}")
+            current = None
+        if current is not None and _closed_by_peer(current.conn):
+            self._end_client(current, "disconnected")
+            current = None
+        if current is not None:
+            log.warning(
+                "gdbstub: refused a second debugger from %s: %s is attached", name, current.name
+            )
+            conn.setblocking(False)
+            self._refused.append(_Refused(conn, name, time.monotonic() + _REFUSE_WINDOW))
+            return
+        self._setup_connection(conn)
+        self._client = _Client(conn, name)
+        log.warning("gdbstub: debugger connected from %s", name)
+
+    def _setup_connection(self, conn: socket.socket) -> None:
+        conn.settimeout(self._send_timeout)  # reads happen only when select says so
+        if conn.family in (socket.AF_INET, socket.AF_INET6):
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            for option, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6)):
+                if hasattr(socket, option):
+                    with contextlib.suppress(OSError):
+                        conn.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+    def _on_client_data(self, client: _Client) -> bool:
+        """Read from the client and answer; True if the session ended the server (``k``, or
+        the guest exited while it was answered)."""
+        try:
+            data = client.conn.recv(_RECV_SIZE)
+        except OSError:
+            data = b""
+        if not data:
+            self._end_client(client, "disconnected")
+            return False
+        self._record("<-", data)
+        try:
+            return self._serve(client, data)
+        except Exception as exc:
+            self._internal_error(exc, client)
+            return False
+
+    def _serve(self, client: _Client, data: bytes) -> bool:
+        outputs: list[Output] = []
+        for frame in client.decoder.feed(data):
+            if client.session is None:
+                if not isinstance(frame, Packet | Interrupt):
+                    continue  # noise before the first packet: not a debugger (yet)
+                client.session = self._attach(client)
+            outputs += client.session.on_frame(frame)
+        return self._send_outputs(client, outputs)
+
+    def _send_outputs(self, client: _Client, outputs: list[Output]) -> bool:
+        for output in outputs:
+            match output:
+                case SendBytes(data=out):
+                    if not self._send(client, out):
                         return False
-                    case Shutdown():
-                        return True
-            if exited:
-                return True  # the guest is gone: the client has its W, the server ends
+                case CloseConnection():
+                    self._guest_running = True  # detached: the guest runs on
+                    self._end_client(client, "detached; the guest runs on")
+                    return False
+                case Shutdown():
+                    self._end_client(client, "killed the guest")
+                    return True
+        return False
+
+    def _send(self, client: _Client, data: bytes) -> bool:
+        self._record("->", data)
+        try:
+            client.conn.sendall(data)
+        except OSError as exc:
+            self._end_client(client, f"connection lost ({exc.strerror or exc})")
+            return False
+        return True
+
+    def _attach(self, client: _Client) -> GdbSession:
+        """The client's first packet: stop a running guest for it; stops go to ``?``."""
+        session = GdbSession(self.target)
+        stops = self._held_stops + self._take_stops()
+        self._held_stops = []
+        if self._guest_running and not stops:
+            stops = self._interrupt_and_wait()
+        for stop in stops:
+            session.on_stop(stop)  # IDLE: held for '?'
+        self.attached = True
+        return session
+
+    def _interrupt_and_wait(self) -> list[StopEvent]:
+        self.target.interrupt()
+        deadline = time.monotonic() + self._attach_timeout
+        while (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select([self.target.wake_fd], [], [], left)
+            if ready:
+                stops = self._take_stops()
+                if stops:
+                    self._guest_running = False
+                    return stops
+        log.warning("gdbstub: the guest did not stop within %.1f s", self._attach_timeout)
+        return []
+
+    def _pause(self) -> None:
+        """Ctrl-A s: stop the guest for the debugger."""
+        client = self._client
+        if client is not None and client.session is not None:
+            if client.session.running:
+                self.target.interrupt()  # the session sends the SIGINT stop to gdb
+            return
+        if self._guest_running:
+            self._held_stops += self._interrupt_and_wait()
+            log.warning("gdbstub: the guest is stopped; attach gdb to look at it")
+
+    # --- the end of a client -----------------------------------------------------------------
+
+    def _end_client(self, client: _Client, why: str) -> None:
+        """Close ``client``'s connection and log one line; without ``D`` take its
+        breakpoints out and leave the guest as it was."""
+        session = client.session
+        outcome = ""
+        try:
+            if session is not None and not session.finished:
+                outcome = self._release(client, session)
+                if self._stopping.is_set():
+                    outcome = ""
+        except Exception as exc:
+            self._internal_error(exc)
+        finally:
+            self._close_quietly(client)
+        log.warning("gdbstub: debugger %s %s%s", client.name, why, outcome)
+
+    def _close_quietly(self, client: _Client) -> None:
+        if self._client is client:
+            self._client = None
+            self.attached = False
+        with contextlib.suppress(OSError):
+            client.conn.close()
+
+    def _release(self, client: _Client, session: GdbSession) -> str:
+        """Take a vanished client's breakpoints out; say what became of the guest."""
+        if self._stopping.is_set() and self._stop_signal is not None:
+            # the VM ends: a client waiting for a stop reply learns how
+            if session.running:
+                with contextlib.suppress(OSError):
+                    client.conn.sendall(encode(b"X%02x" % (self._stop_signal & 0xFF)))
+            return ""
+        remove = getattr(self.target, "remove_all_breakpoints", None)
+        if not session.running:
+            if remove is not None:
+                remove()
+            return " without detaching; the guest stays stopped"
+        # running for the client: stop it (debug registers are written on the vCPU threads)
+        stops = self._interrupt_and_wait()
+        if remove is not None:
+            remove()
+        if any(stop.exit_status is not None for stop in stops):
+            self._held_stops += stops
+            return " without detaching; the guest exited"
+        if stops and all(s.signal == 2 or s.reason in _CLIENT_STOP_REASONS for s in stops):
+            self.target.resume({}, ResumeAction("c"))
+            self._guest_running = True
+            return " without detaching; the guest runs on"
+        self._held_stops += stops
+        return " without detaching; the guest stopped by itself and stays stopped"
 
     def _take_stops(self) -> list[StopEvent]:
         stops: list[StopEvent] = []
@@ -226,36 +476,127 @@ class GdbServer:
             stops.append(stop)
         return stops
 
-    def _halt_guest(self, session: GdbSession) -> None:
-        """Stop a running guest before a new client looks at it; the stop goes to ``?``."""
-        stops = self._held_stops + self._take_stops()
-        self._held_stops = []
-        if self._guest_running and not stops:
-            self.target.interrupt()
-            ready, _, _ = select.select(
-                [self.target.wake_fd, self._wake_r.fileno()], [], [], self._attach_timeout
-            )
-            if self.target.wake_fd in ready:
-                stops = self._take_stops()
-            else:
-                log.warning("the guest did not stop within %.1f s", self._attach_timeout)
-        self._guest_running = False
-        for stop in stops:
-            session.on_stop(stop)  # IDLE: held for '?'
+    # --- refused clients -----------------------------------------------------------------------
 
-    def _drop_client(self, session: GdbSession) -> None:
-        """The client vanished (or the server stops) without D: let the guest run."""
-        if not session.finished:
-            try:
-                self.target.detach()
-            except Exception:
-                log.exception("detach after a lost client failed")
-            self._guest_running = True
+    def _on_refused(self, refused: _Refused) -> None:
+        """Answer a refused client's first packet with the reason, then close it gently."""
+        done = refused.deadline <= time.monotonic()
+        try:
+            data = refused.conn.recv(_RECV_SIZE)
+        except BlockingIOError:
+            data = b"?"  # (not readable: only the deadline passed)
+        except OSError:
+            data = b""
+        if not data:
+            done = True
+        elif not refused.answered and any(
+            isinstance(f, Packet) for f in refused.decoder.feed(data)
+        ):
+            holder = self._client.name if self._client is not None else "another debugger"
+            message = (
+                f"E.another debugger ({holder}) is attached to this VM; "
+                "gdbstub serves one at a time"
+            )
+            with contextlib.suppress(OSError):
+                refused.conn.sendall(b"+" + encode(message.encode()))
+                refused.conn.shutdown(socket.SHUT_WR)
+            refused.answered = True
+            refused.deadline = min(refused.deadline, time.monotonic() + 1.0)
+        if done:
+            self._refused.remove(refused)
+            with contextlib.suppress(OSError):
+                refused.conn.close()
+
+    # --- faults ---------------------------------------------------------------------------------
+
+    def _internal_error(self, exc: BaseException, client: _Client | None = None) -> None:
+        """One line for an unexpected error (the traceback at INFO level); the client, if
+        any, is let go as if it had vanished."""
+        where = f" while serving {client.name}" if client is not None else ""
+        log.error(
+            "gdbstub: internal error%s: %s: %s%s",
+            where,
+            type(exc).__name__,
+            exc,
+            "" if log.isEnabledFor(logging.INFO) else " (-v shows the traceback)",
+            exc_info=exc if log.isEnabledFor(logging.INFO) else None,
+        )
+        if client is not None and self._client is client:
+            self._end_client(client, "was disconnected after the error")
 
     def _record(self, direction: str, data: bytes) -> None:
         if self._log is not None:
             self._log.write(f"{time.time():.6f} {direction} {data!r}\n")
             self._log.flush()
+
+    # --- Unix sockets ---------------------------------------------------------------------------
+
+    def _listen_unix(self, path: str) -> socket.socket:
+        """A Unix socket at ``path`` with mode 0600; a stale socket file is replaced."""
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            pass
+        else:
+            if not stat.S_ISSOCK(mode):
+                raise FileExistsError(errno.EEXIST, f"{path} exists and is not a socket")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)  # nobody listens: a leftover of a process that died
+            else:
+                raise OSError(errno.EADDRINUSE, "another process listens on it")
+            finally:
+                probe.close()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            listener.bind(path)
+        except OSError:
+            listener.close()
+            raise
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o600)
+        info = os.stat(path)
+        self._unix_inode = (info.st_dev, info.st_ino)
+        listener.listen(1)
+        return listener
+
+    def _remove_unix_socket(self) -> None:
+        if self._unix_path is None or self._unix_inode is None:
+            return
+        try:
+            info = os.stat(self._unix_path)
+            if (info.st_dev, info.st_ino) == self._unix_inode:
+                os.unlink(self._unix_path)
+        except OSError:
+            pass
+        self._unix_inode = None
+
+
+def _listen_tcp(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host`` (IPv4 or IPv6 address, or a name) and ``port``."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, sockaddr = infos[0]
+    return socket.create_server(sockaddr, family=family, backlog=4)
+
+
+def _closed_by_peer(conn: socket.socket) -> bool:
+    """Whether the peer has closed ``conn`` (an end of file waits behind any data)."""
+    try:
+        readable, _, _ = select.select([conn], [], [], 0)
+        return bool(readable) and conn.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
+
+
+def _peer_name(peer: object, unix_path: str | None) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = str(peer[0]), int(peer[1])
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return f"on {unix_path}" if unix_path else "a local client"
 
 
 def serve(
@@ -268,5 +609,5 @@ def serve(
 ) -> bool:
     """Listen on ``host:port`` and serve ``target`` until a client kills it (True)."""
     with GdbServer(target, host, port, log_packets=log_packets, running=running) as server:
-        log.info("listening on %s:%d", *server.address)
+        log.info("listening on %s", server.endpoint)
         return server.serve_forever()

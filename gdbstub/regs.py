@@ -14,8 +14,9 @@ order, each ``bitsize / 8`` bytes, little-endian.  Registers keep one width in e
 (eflags and segment selectors 32 bits, everything else at least 64), so the ``g`` blob never
 changes size when the guest switches between real, protected and long mode.
 
-Two descriptions are served: with the AVX feature (when the guest's XCR0 enables AVX) and
-without.  The AVX feature comes last, so both variants share every register number and offset;
+Two descriptions are served: with the AVX feature (where the vCPU runs AVX instructions, as
+probed when the VM starts: ``HvTarget.features.avx``; the machine's CPUID model offers AVX on
+the same condition) and without.  The AVX feature comes last, so both variants share every register number and offset;
 the variant without AVX is a prefix of the one with it.
 
 Missing values: ``encode_g`` writes zeros for registers absent from the mapping it gets (the

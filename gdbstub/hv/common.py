@@ -482,9 +482,12 @@ class FrameworkBooks(Generic[SpaceT, VcpuT]):
 # Capability images (low 32 bits: must be one; high 32 bits: may be one) of the controls these
 # backends implement. Default-one bits follow the Intel SDM; I/O always exits. A new vCPU starts
 # with the must-be-one values, as a VMM that combines its wishes by cap2ctrl expects.
+# As on an Intel Mac (hyperkit needs CR3-load/store exiting allowed 0 and CR8-load/store exiting
+# allowed 1, QEMU asks for the TPR shadow): the default-one CR3-load/store exiting bits (15, 16)
+# are not must-be-one, and TPR shadow and CR8-load/store exiting may be one.
 
 PIN_MUST = 0x16 | C.PIN_BASED_INTR | C.PIN_BASED_NMI
-PROC_MUST = 0x0401E172 | C.CPU_BASED_UNCOND_IO | C.CPU_BASED_SECONDARY_CTLS
+PROC_MUST = 0x04006172 | C.CPU_BASED_UNCOND_IO | C.CPU_BASED_SECONDARY_CTLS
 PROC2_MUST = C.CPU_BASED2_EPT | C.CPU_BASED2_UNRESTRICTED
 ENTRY_MUST = 0x11FF
 EXIT_MUST = 0x36DFF
@@ -520,6 +523,7 @@ def vmx_capabilities(proc2_extra: int = 0) -> dict[int, int]:
     also allows."""
     pin_may = PIN_MUST | C.PIN_BASED_VIRTUAL_NMI | C.PIN_BASED_PREEMPTION_TIMER
     proc_may = PROC_MUST | C.CPU_BASED_IRQ_WND | C.CPU_BASED_HLT | C.CPU_BASED_MTF
+    proc_may |= C.CPU_BASED_TPR_SHADOW | C.CPU_BASED_CR8_LOAD | C.CPU_BASED_CR8_STORE
     proc2_may = PROC2_MUST | C.CPU_BASED2_RDTSCP | proc2_extra
     entry_may = ENTRY_MUST | C.VMENTRY_GUEST_IA32E | C.VMENTRY_LOAD_EFER | C.VMENTRY_LOAD_IA32_PAT
     exit_may = EXIT_MUST | C.VMEXIT_SAVE_EFER | C.VMEXIT_LOAD_EFER | C.VMEXIT_SAVE_IA32_PAT

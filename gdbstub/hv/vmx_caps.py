@@ -197,9 +197,9 @@ def control_write_error(field: int, value: int, caps: Capabilities) -> str | Non
     if value >> 32:
         return f"bits 63:32 of a 32-bit control word set (0x{value:x})"
     if value & must != must:
-        return f"must-be-one bits {bit_list(must & ~value)} clear (value 0x{value:x})"
+        return f"must-be-one bit(s) {bit_list(must & ~value)} clear (value 0x{value:x})"
     if value & ~may:
-        return f"bits {bit_list(value & ~may)} are not allowed to be 1 (value 0x{value:x})"
+        return f"bit(s) {bit_list(value & ~may)} not allowed to be 1 (value 0x{value:x})"
     return None
 
 

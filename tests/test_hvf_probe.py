@@ -139,7 +139,6 @@ def test_probe_text_output_and_refusal() -> None:
     "kvm" not in LOCAL or shutil.which("gcc") is None, reason="the shim needs KVM and gcc"
 )
 def test_probe_on_the_hvf_binding_over_the_shim() -> None:
-    sys.path.insert(0, str(ROOT / "tests"))
     from shim import hvshim
 
     probe = load_probe()

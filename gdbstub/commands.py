@@ -20,6 +20,7 @@ accepted and the process part ignored).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,6 +40,7 @@ __all__ = [
     "Monitor",
     "PacketError",
     "QueryMemoryRegion",
+    "QueryRegisterInfo",
     "QuerySupported",
     "ReadMemory",
     "ReadRegister",
@@ -49,6 +51,7 @@ __all__ = [
     "SetThread",
     "Step",
     "ThreadAlive",
+    "ThreadExtendedInfo",
     "ThreadExtraInfo",
     "ThreadStopInfo",
     "UnknownPacket",
@@ -253,6 +256,20 @@ class QueryMemoryRegion(Command):
     """lldb's ``qMemoryRegionInfo:<addr>``."""
 
     addr: int
+
+
+@dataclass(frozen=True, slots=True)
+class QueryRegisterInfo(Command):
+    """lldb's ``qRegisterInfo<regnum>`` (hex)."""
+
+    regnum: int
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadExtendedInfo(Command):
+    """lldb's ``jThreadExtendedInfo:{"thread":N}``; thread None is lldb's support probe."""
+
+    thread: int | None
 
 
 # --- parsers (each gets the payload after the row's prefix) ------------------------------
@@ -496,6 +513,20 @@ def _memory_region(rest: bytes) -> Command:
     return QueryMemoryRegion(_hex(rest, "address"))
 
 
+def _register_info(rest: bytes) -> Command:
+    return QueryRegisterInfo(_hex(rest, "register number"))
+
+
+def _thread_extended_info(rest: bytes) -> Command:
+    if not rest:
+        return ThreadExtendedInfo(None)
+    try:
+        args = json.loads(rest.decode("utf-8"))
+        return ThreadExtendedInfo(int(args["thread"]))
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise PacketError(f'jThreadExtendedInfo needs {{"thread":N}}: {rest[:40]!r}') from None
+
+
 # --- the table -------------------------------------------------------------------------------
 
 
@@ -576,7 +607,10 @@ COMMANDS: tuple[Row, ...] = (
     Row(b"qGDBServerVersion", _bare, "server_version"),
     Row(b"qThreadStopInfo", _thread_stop_info, "thread_stop_info"),
     Row(b"qMemoryRegionInfo:", _memory_region, "memory_region_info"),
-    Row(b"jThreadsInfo", _bare, "reply_empty"),
+    Row(b"qRegisterInfo", _register_info, "register_info"),
+    Row(b"qWatchpointSupportInfo", _bare_or_args, "watchpoint_support_info", needs="watch"),
+    Row(b"jThreadsInfo", _bare, "threads_info"),
+    Row(b"jThreadExtendedInfo:", _thread_extended_info, "thread_extended_info"),
 )
 """Every packet the stub understands; anything else gets the empty reply."""
 

@@ -15,7 +15,7 @@ hole the size of most of the address space costs a handful of walks. The non-can
 of 4- and 5-level paging, and everything above 4 GiB in 32-bit and PAE paging, are holes too.
 With paging off, the first 4 GiB are one ``rwx`` region (linear = physical).
 
-Growing stops after ``max_steps`` walks in each direction, so a region built of many 4 KiB
+The last region ends at 2**64 - 1 (see ``_LAST``). Growing stops after ``max_steps`` walks in each direction, so a region built of many 4 KiB
 pages is reported in part (it still contains ADDR); lldb asks again for addresses beyond it.
 Nothing here knows about RAM: a page maps whatever its entry says, as the CPU would.
 """
@@ -29,6 +29,9 @@ from . import paging
 __all__ = ["Region", "region_at"]
 
 _TOP = 1 << 64
+_LAST = _TOP - 1
+# The last region ends at 2**64 - 1, not 2**64: lldb walks regions until one ends at
+# 0xffffffffffffffff (its LLDB_INVALID_ADDRESS); an end of 2**64 wraps to 0 and it loops.
 _LOW4G = 1 << 32
 # log2 of the span one entry of each level covers (32-bit paging's PDE is 22, see _span_bits)
 _LEVEL_BITS = {"PML5E": 48, "PML4E": 39, "PDPTE": 30, "PDE": 21, "PTE": 12}
@@ -99,7 +102,7 @@ def region_at(
     address &= _TOP - 1
     mode = paging.paging_mode(state.cr0, state.cr4, state.efer)
     if mode == "none":
-        return Region(0, _LOW4G, "rwx") if address < _LOW4G else Region(_LOW4G, _TOP - _LOW4G, "")
+        return Region(0, _LOW4G, "rwx") if address < _LOW4G else Region(_LOW4G, _LAST - _LOW4G, "")
     walker = _Walker(read_phys, state)
     perms, start, end = walker.probe(address)
     for _ in range(max_steps):
@@ -116,4 +119,4 @@ def region_at(
         if more != perms:
             break
         start = prev_start
-    return Region(start, min(end, _TOP) - start, perms)
+    return Region(start, min(end, _LAST) - start, perms)

@@ -25,6 +25,12 @@ Acknowledgements: until ``QStartNoAckMode`` every packet received is acked ``+``
 from the client resends it. After ``QStartNoAckMode`` (acked and answered ``OK`` first)
 neither side acks and damaged packets are dropped.
 
+Clients: gdb and lldb speak the same packets with different extras. lldb's (``qHostInfo``,
+``qProcessInfo``, ``qRegisterInfo``, ``jThreadsInfo``, ``jThreadExtendedInfo``,
+``qMemoryRegionInfo``, ``reason:`` in stop replies) are built by ``gdbstub.lldbext``; the
+``x`` binary read answers in the dialect the client announced: ``b``-prefixed after gdb's
+``binary-upload+``, raw (and ``OK`` to the ``x0,0`` probe) for lldb.
+
 Errors never escape: a malformed packet gets ``E01``, a ``TargetError`` its own ``E%02x``,
 ``NotSupported``, a capability the target lacks or an unknown packet the empty reply, and an
 unexpected exception from the target ``E79`` (logged).
@@ -38,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeAlias, cast
 
-from . import __version__
+from . import __version__, lldbext, paging
 from .commands import (
     ALL_THREADS,
     ANY_THREAD,
@@ -48,6 +54,8 @@ from .commands import (
     Detach,
     Monitor,
     PacketError,
+    QueryMemoryRegion,
+    QueryRegisterInfo,
     QuerySupported,
     ReadMemory,
     ReadRegister,
@@ -57,6 +65,7 @@ from .commands import (
     SetThread,
     Step,
     ThreadAlive,
+    ThreadExtendedInfo,
     ThreadExtraInfo,
     ThreadStopInfo,
     UnknownPacket,
@@ -89,6 +98,8 @@ E_NO_SUCH_ANNEX = b"E00"
 
 MAX_MEMORY_READ = (PACKET_SIZE - 32) // 2
 """The most bytes one ``m`` reply carries (hex doubles them); longer requests get a prefix."""
+MAX_BINARY_READ = (PACKET_SIZE - 32) // 2
+"""The most bytes one ``x`` reply carries: escapes may double them, as hex does for ``m``."""
 _CONSOLE_CHUNK = 0x4000  # bytes of monitor output per 'O' packet
 
 _DEFAULT_HOST_INFO = {
@@ -102,6 +113,8 @@ _DEFAULT_HOST_INFO = {
 _HEX_VALUED_KEYS = frozenset({"triple", "hostname", "name", "os_build", "os_kernel"})
 _PROCESS_INFO_KEYS = ("pid", "cputype", "cpusubtype", "ostype", "vendor", "endian", "ptrsize")
 _WATCH_REASONS = frozenset({"watch", "rwatch", "awatch"})
+_EXTENDED_REGISTERS = ("rip", "cr0", "cr3", "cr4", "efer")
+"""What jThreadExtendedInfo reports about a vCPU, with its paging mode."""
 _NEGOTIATED_REASONS = frozenset({"swbreak", "hwbreak"})
 
 
@@ -155,6 +168,8 @@ class GdbSession:
         self._last_stop: StopEvent | None = None
         self._lldb = False
         self._threads_in_stop_reply = False
+        self._stepping = False  # the last resume stepped: a plain SIGTRAP is lldb's "trace"
+        self._register_infos: tuple[bytes, ...] | None = None
         self._physical = False
         self._console: list[bytes] = []
         self._after: list[Output] = []
@@ -301,8 +316,12 @@ class GdbSession:
             out += b"%s:;" % reason.encode()
         if self._threads_in_stop_reply:
             out += self._threads_fields()
-        if self._lldb and stop.lldb_reason:
-            out += b"reason:%s;" % stop.lldb_reason.encode()
+        if self._lldb and reason not in _WATCH_REASONS:  # lldb reads a watch key itself
+            lldb_reason, description = lldbext.stop_reason(stop, self._stepping)
+            if lldb_reason is not None:
+                out += b"reason:%s;" % lldb_reason.encode()
+            if description is not None:
+                out += b"description:%s;" % hex_encode(description.encode())
         return bytes(out)
 
     def _threads_fields(self) -> bytes:
@@ -316,6 +335,8 @@ class GdbSession:
         return out + b"thread-pcs:%s;" % b",".join(b"%x" % pc for pc in pcs)
 
     def _resume(self, actions: dict[int, ResumeAction], default: ResumeAction | None) -> _Reply:
+        kinds = [a.kind for a in actions.values()] + ([default.kind] if default else [])
+        self._stepping = any(kind in ("s", "r") for kind in kinds)
         self.target.resume(actions, default)
         self._state = SessionState.RUNNING
         self._held_stop = None
@@ -342,6 +363,9 @@ class GdbSession:
         ]
         features += [b"%s+" % c.encode() for c in ("swbreak", "hwbreak") if c in self._caps]
         features.append(b"vContSupported+")
+        if "binary-upload+" in self._client_features:
+            features.append(b"binary-upload+")  # x answers carry gdb's 'b' prefix
+        features += [b"QThreadSuffixSupported+", b"QListThreadsInStopReply+"]
         return b";".join(features)
 
     def _h_reply_empty(self, cmd: Command) -> _Reply:
@@ -385,9 +409,17 @@ class GdbSession:
         return hex_encode(data[:length])
 
     def _h_binary_read(self, cmd: Command) -> _Reply:
-        # lldb 14 wants "OK" for "x0,0" and raw binary after it; GDB 16 wants a 'b' prefix and
-        # binary-upload+. Neither is advertised: the empty reply sends both clients to 'm'.
-        return b""
+        # Two dialects: gdb (16 and later) offers binary-upload+ in qSupported and reads
+        # "b<data>"; lldb probes with "x0,0", wants "OK" for it, then raw data.
+        assert isinstance(cmd, ReadMemory)
+        gdb_dialect = "binary-upload+" in self._client_features
+        if cmd.length == 0:
+            return b"b" if gdb_dialect else OK
+        length = min(cmd.length, MAX_BINARY_READ)
+        data = self.target.read_memory(self._thread(), cmd.addr, length)
+        if not data:
+            raise TargetError.bad_address(cmd.addr)
+        return (b"b" if gdb_dialect else b"") + data[:length]
 
     def _h_write_memory(self, cmd: Command) -> _Reply:
         assert isinstance(cmd, WriteMemory)
@@ -605,5 +637,73 @@ class GdbSession:
         return b"T00thread:%x;" % tid
 
     def _h_memory_region_info(self, cmd: Command) -> _Reply:
-        # Without region info lldb treats memory as readable and simply tries it.
-        return b""
+        # From the guest's page tables where the target can walk them; without region info
+        # lldb treats memory as readable and simply tries it.
+        assert isinstance(cmd, QueryMemoryRegion)
+        memory_region = getattr(self.target, "memory_region", None)
+        if memory_region is None:
+            return b""
+        region = memory_region(self._thread(), cmd.addr)
+        return lldbext.region_reply(region.start, region.size, region.permissions)
+
+    def _h_register_info(self, cmd: Command) -> _Reply:
+        assert isinstance(cmd, QueryRegisterInfo)
+        if self._register_infos is None:
+            try:
+                self._register_infos = lldbext.register_infos(self.target.target_xml)
+            except ValueError as exc:
+                log.warning("no qRegisterInfo: %s", exc)
+                return b""
+        if cmd.regnum >= len(self._register_infos):
+            return b"E45"  # lldb's "no more registers", as debugserver answers
+        return self._register_infos[cmd.regnum]
+
+    def _h_watchpoint_support_info(self, cmd: Command) -> _Reply:
+        return b"num:4;"  # the debug registers (page watchpoints have no fixed limit)
+
+    def _h_threads_info(self, cmd: Command) -> _Reply:
+        stop = self._query_stop()
+        if stop.exit_status is not None:
+            return b"E01"
+        threads = []
+        for tid in self.target.thread_ids():
+            entry: dict[str, object] = {"tid": tid, "name": f"vCPU {tid - 1}"}
+            registers = {}
+            if tid == stop.thread:
+                entry["signal"] = stop.signal
+                reason, description = lldbext.stop_reason(stop, self._stepping)
+                if reason is not None:
+                    entry["reason"] = reason
+                if description is not None:
+                    entry["description"] = description
+                registers = {str(n): value.hex() for n, value in stop.expedite}
+            else:
+                entry["signal"] = 0
+            pc = self.target.pc_regnum()
+            if str(pc) not in registers:
+                registers[str(pc)] = self.target.read_register(tid, pc).hex()
+            entry["registers"] = registers
+            threads.append(entry)
+        return lldbext.json_payload(threads)
+
+    def _h_thread_extended_info(self, cmd: Command) -> _Reply:
+        assert isinstance(cmd, ThreadExtendedInfo)
+        if cmd.thread is None:
+            return OK  # lldb's probe: the packet is supported
+        if cmd.thread not in self.target.thread_ids():
+            return E_MALFORMED
+        info: dict[str, object] = {
+            "name": f"vCPU {cmd.thread - 1}",
+            "state": self.target.thread_extra_info(cmd.thread),
+        }
+        try:
+            numbers = lldbext.register_numbers(self.target.target_xml)
+            values = {
+                name: int.from_bytes(self.target.read_register(cmd.thread, numbers[name]), "little")
+                for name in _EXTENDED_REGISTERS
+            }
+        except (KeyError, ValueError, TargetError, NotSupported):
+            return lldbext.json_payload(info)  # not an x86 description, or no registers
+        info.update(values)
+        info["paging"] = paging.describe_mode(paging.PagingState.from_regs(values))
+        return lldbext.json_payload(info)

@@ -57,6 +57,9 @@ EXAMPLES: dict[bytes, list[bytes]] = {
     b"qThreadStopInfo": [b"qThreadStopInfo1"],
     b"qMemoryRegionInfo:": [b"qMemoryRegionInfo:1000"],
     b"jThreadsInfo": [b"jThreadsInfo"],
+    b"jThreadExtendedInfo:": [b"jThreadExtendedInfo:", b'jThreadExtendedInfo:{"thread":1}'],
+    b"qRegisterInfo": [b"qRegisterInfo0", b"qRegisterInfo4a"],
+    b"qWatchpointSupportInfo": [b"qWatchpointSupportInfo", b"qWatchpointSupportInfo:"],
 }
 for _kind in range(5):
     EXAMPLES[b"Z%d" % _kind] = [b"Z%d,2000,1" % _kind]

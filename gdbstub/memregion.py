@@ -15,8 +15,9 @@ hole the size of most of the address space costs a handful of walks. The non-can
 of 4- and 5-level paging, and everything above 4 GiB in 32-bit and PAE paging, are holes too.
 With paging off, the first 4 GiB are one ``rwx`` region (linear = physical).
 
-The last region ends at 2**64 - 1 (see ``_LAST``). Growing stops after ``max_steps`` walks in each direction, so a region built of many 4 KiB
-pages is reported in part (it still contains ADDR); lldb asks again for addresses beyond it.
+The last region ends at 2**64 - 1 (see ``_LAST``). Growing stops after ``max_steps`` walks in
+each direction, so a region built of many 4 KiB pages is reported in part (it still contains
+ADDR); lldb asks again for addresses beyond it.
 Nothing here knows about RAM: a page maps whatever its entry says, as the CPU would.
 """
 

@@ -16,8 +16,8 @@ changes size when the guest switches between real, protected and long mode.
 
 Two descriptions are served: with the AVX feature (where the vCPU runs AVX instructions, as
 probed when the VM starts: ``HvTarget.features.avx``; the machine's CPUID model offers AVX on
-the same condition) and without.  The AVX feature comes last, so both variants share every register number and offset;
-the variant without AVX is a prefix of the one with it.
+the same condition) and without.  The AVX feature comes last, so both variants share every
+register number and offset; the variant without AVX is a prefix of the one with it.
 
 Missing values: ``encode_g`` writes zeros for registers absent from the mapping it gets (the
 ``g`` reply here is raw bytes; the "unavailable" marker ``xx`` exists only in hex text, and lldb

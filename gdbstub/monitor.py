@@ -125,7 +125,9 @@ class _Expressions:
         self.pos += 1
         kind, text = token
         if kind == "num":
-            return int(text, 8) if text.startswith("0") and len(text) > 1 else int(text, 0)
+            if text[:2] in ("0x", "0X"):
+                return int(text, 16)
+            return int(text, 8) if text.startswith("0") else int(text)  # C: 017 is octal
         if kind == "name":
             return self._name(text)
         if text == "(":

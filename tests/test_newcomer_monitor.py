@@ -126,6 +126,11 @@ def test_monitor_commands_through_gdb(hello: Path, backend: str, tmp_path: Path)
         assert len(four) == 4 and four[0].startswith(f"{pc + 16:#018x}:"), four
         spaced = gdb.cmd("monitor disas $pc + 16 4").splitlines()
         assert spaced == four
+        assert gdb.cmd(f"monitor disas {pc + 16:#x} 0x4").splitlines() == four
+        assert (
+            gdb.cmd(f"monitor disas {pc + 8} 4").splitlines()
+            == gdb.cmd(f"monitor disas ({pc} + 020) / 2 * 2 - 8 4").splitlines()
+        )  # decimal, octal, * / ( )
         walk = gdb.cmd("monitor translate &ticks")
         assert walk.startswith(f"{ticks:#x} (4-level paging") and f"-> physical {ticks:#x}" in walk
         assert "nosuch: not a register or a symbol" in gdb.cmd("monitor disas nosuch")

@@ -203,7 +203,6 @@ class Machine:
         self.symbols: dict[str, int] = {}
         """The kernel's symbols (name -> address), for messages about where the guest is."""
         self._cpus: dict[int, VcpuState] = {}
-        self._lock = threading.Lock()
         self._triple_fault_reported = False
         self._reset_due = False
         self._bios = BiosServices(

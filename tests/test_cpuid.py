@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 
+from gdbstub.machine import cpuid as model
 from gdbstub.machine.cpuid import cpuid
 
 
@@ -72,3 +73,18 @@ def test_extended_leaves() -> None:
 def test_out_of_range_is_zero() -> None:
     for leaf in (0xE, 0x40000001, 0x80000009, 0x12345678, 2, 4, 7):
         assert ask(leaf) == (0, 0, 0, 0)
+
+
+def test_table_is_the_model_row_by_row() -> None:
+    """The rows a backend that answers CPUID itself loads are exactly the model's answers."""
+    rows = model.table(avx=False)
+    keys = [(leaf, sub) for leaf, sub, *_ in rows]
+    assert len(keys) == len(set(keys))
+    assert (0, 0) in keys and (0xD, 1) in keys and (0x40000000, 0) in keys
+    assert (0x80000008, 0) in keys
+    for leaf, sub, *values in rows:
+        assert tuple(values) == cpuid(
+            leaf, sub, xcr0=3, cr4_osxsave=False, avx=False, apic=True
+        )
+    leaf1 = next(r for r in rows if r[0] == 1)
+    assert leaf1[5] & (1 << model.APIC) and not leaf1[4] & (1 << model.AVX)

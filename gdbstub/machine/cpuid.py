@@ -131,3 +131,22 @@ def _leaf_xsave(subleaf: int, xcr0: int, avx: bool) -> tuple[int, int, int, int]
     if subleaf == 2 and avx:
         return XSAVE_AVX_SIZE, XSAVE_AVX_OFFSET, 0, 0
     return 0, 0, 0, 0  # subleaf 1: no XSAVEOPT/XSAVEC/XSAVES; other components unsupported
+
+
+def table(*, avx: bool = True, apic: bool = True) -> list[tuple[int, int, int, int, int, int]]:
+    """The whole model as ``(leaf, subleaf, eax, ebx, ecx, edx)`` rows, for a backend that
+    answers CPUID itself instead of exiting (KVM's ``KVM_SET_CPUID2``).
+
+    The rows are the answers for XCR0 = x87|SSE (AVX too when ``avx``) and CR4.OSXSAVE clear;
+    such a backend keeps OSXSAVE and the XSAVE area size up to date on its own, as KVM does.
+    """
+    xcr0 = supported_xcr0(avx=avx)
+    leaves = [(leaf, 0) for leaf in range(MAX_BASIC_LEAF + 1) if leaf != 0xD]
+    leaves += [(0xD, sub) for sub in range(3)]
+    leaves += [(MAX_HYPERVISOR_LEAF, 0)]
+    leaves += [(leaf, 0) for leaf in range(0x80000000, MAX_EXTENDED_LEAF + 1)]
+    rows = []
+    for leaf, sub in leaves:
+        values = cpuid(leaf, sub, xcr0=xcr0, cr4_osxsave=False, avx=avx, apic=apic)
+        rows.append((leaf, sub, *values))
+    return rows

@@ -68,6 +68,13 @@ KVM *is* the framework here: same calls, same return codes, exits described thro
   a CPU without usable AVX, instead of killing the vCPU.
 * **Fetches from non-RAM.** An instruction fetch KVM cannot satisfy (the guest jumped to a
   guest-physical address that is not RAM) is exit 48 with the fetch bit, as VMX reports it.
+* **Other instructions KVM cannot emulate** (kvm_pvm: IRET in protected mode, POPCNT, CRC32,
+  x87 and SSE arithmetic, FWAIT, XSAVE/XRSTOR, CMPXCHG16B, RDTSCP...) are completed in
+  software by ``kvm_complete``: one instruction on a per-vCPU unicorn CPU over the same guest
+  RAM, its result written back (faults delivered, accesses outside RAM reported as exit 48);
+  the XSAVE family, RDTSCP, CLAC and STAC by hand. Without unicorn (``gdbstub[emu]``) the
+  run stops with HvError naming the instruction. (kvm_pvm ignores KVM_SET_CPUID2: a guest
+  sees the host's CPUID, AVX-512 and XSAVEC included, whatever the table says.)
 """
 
 from __future__ import annotations
@@ -84,7 +91,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..buffers import Buffer, buffer_address
-from . import common, kvm_probes
+from . import common, kvm_complete, kvm_probes
 from . import constants as C
 from . import kvm_abi as K
 from .errors import HvError
@@ -313,6 +320,7 @@ class _Vcpu:
         self.io_exit_rip = 0  # RIP of the last I/O exit (VMCS_RO_IO_RIP)
         # False when something may need doing before the next entry (see _plain_entry)
         self.plain_entry = False
+        self.soft: Any = None  # kvm_softcpu.SoftCpu, made at the first emulation failure
 
 
 class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
@@ -610,6 +618,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         # no views of the closed kvm_run
         vcpu.regs, vcpu.sregs = K.KvmRegs(), K.KvmSregs()
         vcpu.regs_q = _words(vcpu.regs)
+        vcpu.soft = None
         vcpu.run.close()
         os.close(vcpu.fd)
         with self._lock:
@@ -1603,7 +1612,8 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
             return self._xgetbv(vcpu, i + 3)
         if op in (b"\xc4", b"\xc5") and not self.cpl0_avx:
             return self._undefined_opcode(vcpu)
-        return None
+        bits = 64 if long64 else 32 if sregs.cs.db else 16
+        return kvm_complete.complete(self, vcpu, linear, code, bits)
 
     def _fetch_violation(self, vcpu: _Vcpu, linear: int) -> bool | None:
         """KVM could not fetch the instruction: the guest executes from guest-physical memory
@@ -1696,6 +1706,9 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
                 regs.rax = values[index] & 0xFFFFFFFF
                 regs.rdx = values[index] >> 32
                 regs.rip = (regs.rip + length) % (1 << 64)
+                if vcpu.controls[C.VMCS_CTRL_CPU_BASED] & C.CPU_BASED_MTF:
+                    self._set_exit(vcpu, C.VMX_REASON_MTF)  # single-stepping: it is done
+                    return True
         if fault is not None:
             events = self._dirty(vcpu, "events")
             events.exception.injected = 1

@@ -1,12 +1,33 @@
 """Command line: ``gdbstub run KERNEL`` boots a kernel under the stub, like ``qemu -kernel -s``.
 
-    gdbstub run KERNEL [--listen HOST:PORT] [--wait] [--memory SIZE]
-                       [--serial stdio|file:PATH|none] [--backend auto|kvm|emu|hvf]
-                       [--log-packets PATH] [--cmdline TEXT] [--initrd FILE] [--no-reboot]
+    gdbstub run KERNEL [--listen ADDRESS] [--wait] [--memory SIZE] [--serial DEV]
+                       [--backend auto|kvm|emu|hvf] [--log-packets PATH] [--append TEXT]
+                       [--initrd FILE] [--no-reboot] [-v]
+    gdbstub run qemu-system-x86_64 -kernel KERNEL -s -S ...     (QEMU's spellings, gdbstub.cli)
     gdbstub --version
 
-A bad argument, a missing kernel or an image with no way to boot it: one line on stderr, exit 2.
-The process exits with the guest's status when it writes to isa-debug-exit (port 0xf4).
+Theory of operation
+-------------------
+``main`` parses the command line (``gdbstub.cli``), then ``run`` builds the VM in an order
+that lets every failure be one line on stderr before anything is half made: the kernel is
+read and planned (unreadable or unbootable: usage error), the backend is loaded (missing:
+runtime failure), the listening socket is bound (busy port: runtime failure), the serial back
+end is opened, and only then is guest RAM allocated (too much: runtime failure) and the
+vCPU created. Exit statuses, as QEMU has them:
+
+====  ==================================================================================
+0     the guest powered off (ACPI), reset under ``--no-reboot``, or gdb killed it (``k``)
+odd   ``(v << 1) | 1``: the guest wrote ``v`` to isa-debug-exit (port 0xf4)
+1     a runtime failure: the host cannot give what was asked (RAM, port, backend)
+2     a usage error: a bad argument, an unreadable or unbootable kernel
+130   SIGINT (Ctrl-C in the stub's terminal, unless the terminal is the guest's console)
+143   SIGTERM (also Ctrl-A x on the console)
+====  ==================================================================================
+
+SIGINT and SIGTERM are handled on the Python side: the server stops (a gdb waiting for a stop
+reply gets ``X``), the port or socket is freed, the vCPU is kicked out of the engine and its
+thread joined before the VM is destroyed, so no native library is ever interrupted in the
+middle of its work. Without ``-v`` an exception in a log record is printed as one line.
 """
 
 from __future__ import annotations
@@ -14,202 +35,307 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
+import signal
+import socket
 import sys
 import threading
-from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, NoReturn
+from types import FrameType
+from typing import Any
 
 from . import __version__, hv
+from .cli import HELP, HelpRequested, UsageError, parse
 
 log = logging.getLogger("gdbstub")
 
-
-class UsageError(Exception):
-    """A bad command line; reported as one line on stderr with exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(message)
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
 
 
-def parse_size(text: str) -> int:
-    """``256M``, ``1G``, ``65536``, ``64K`` -> bytes (a multiple of 4 KiB, at least 2 MiB)."""
-    match = re.fullmatch(r"(\d+)([KkMmGg]?)i?[Bb]?", text.strip())
-    if not match:
-        raise UsageError(f"--memory: cannot read size {text!r} (try 256M)")
-    value = (
-        int(match.group(1))
-        * {
-            "": 1 << 20 if int(match.group(1)) < 65536 else 1,
-            "k": 1 << 10,
-            "m": 1 << 20,
-            "g": 1 << 30,
-        }[match.group(2).lower()]
-    )
-    if value < 2 << 20 or value > 64 << 30 or value % 4096:
-        raise UsageError(f"--memory: {text} is out of range (2M to 64G, a multiple of 4K)")
-    return value
+class RuntimeFailure(Exception):
+    """The host cannot give what was asked; one line on stderr, exit status 1."""
 
 
-def parse_listen(text: str) -> tuple[str, int]:
-    """``HOST:PORT``, ``:PORT`` or ``PORT`` -> (host, port); the host defaults to 127.0.0.1."""
-    host, _, port = text.rpartition(":")
-    host = host.strip("[]") or "127.0.0.1"
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise UsageError(f"--listen: {text!r} is not HOST:PORT")
-    return host, int(port)
+class _Signalled(BaseException):
+    """A signal arrived before the server ran: unwind and exit with 128 + signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
-def serial_sink(spec: str) -> Callable[[bytes], None]:
-    """The guest's COM1 output: ``stdio``, ``file:PATH`` or ``none``."""
-    if spec == "none":
-        return lambda data: None
-    if spec == "stdio":
-        out = sys.stdout.buffer
+class _OneLineFormatter(logging.Formatter):
+    """Messages as they are; an exception as ``: Type: text`` on the same line, unless
+    ``verbose`` (then the traceback follows)."""
 
-        def to_stdout(data: bytes) -> None:
-            out.write(data)
-            out.flush()
+    def __init__(self, verbose: bool) -> None:
+        super().__init__("%(message)s")
+        self.verbose = verbose
 
-        return to_stdout
-    if spec.startswith("file:") and len(spec) > 5:
+    def format(self, record: logging.LogRecord) -> str:
+        if self.verbose or not record.exc_info:
+            return super().format(record)
+        exc = record.exc_info[1]
+        saved = record.exc_info, record.exc_text
+        record.exc_info, record.exc_text = None, None
         try:
-            handle: BinaryIO = open(spec[5:], "ab", buffering=0)  # noqa: SIM115 - lives with the VM
-        except OSError as exc:
-            raise UsageError(f"--serial: cannot open {spec[5:]}: {exc.strerror}") from exc
-        return handle.write  # type: ignore[return-value]
-    raise UsageError(f"--serial: {spec!r} is not stdio, file:PATH or none")
+            text = super().format(record)
+        finally:
+            record.exc_info, record.exc_text = saved
+        return f"{text}: {type(exc).__name__}: {exc} (-v shows the traceback)"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (``run`` is the one command)."""
-    parser = _Parser(prog="gdbstub", description="GDB/LLDB remote stub for x86-64 guests")
-    parser.add_argument("--version", action="version", version=f"gdbstub {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    run = sub.add_parser("run", help="boot KERNEL and serve it to gdb")
-    run.add_argument("kernel", metavar="KERNEL")
-    run.add_argument(
-        "--listen", default="127.0.0.1:1234", help="HOST:PORT (default 127.0.0.1:1234)"
-    )
-    run.add_argument(
-        "--wait", action="store_true", help="stop before the first instruction (qemu -S)"
-    )
-    run.add_argument("--memory", default="256M", help="guest RAM (default 256M)")
-    run.add_argument("--serial", default="stdio", help="stdio | file:PATH | none (default stdio)")
-    run.add_argument("--backend", default="auto", choices=("auto", "kvm", "emu", "hvf"))
-    run.add_argument("--log-packets", metavar="PATH", help="write every RSP packet to PATH")
-    run.add_argument(
-        "--cmdline", "--append", default="", help="kernel command line (QEMU: -append)"
-    )
-    run.add_argument(
-        "--initrd", metavar="FILE", help="initial ramdisk (Linux initrd, PVH/Multiboot module)"
-    )
-    run.add_argument(
-        "--no-reboot",
-        action="store_true",
-        help="end the process when the guest resets (status 0), as QEMU -no-reboot",
-    )
-    run.add_argument("--verbose", "-v", action="store_true", help="log what the stub does")
-    return parser
+class _Shutdown:
+    """The signal handlers' side of ``run``: before the server exists a signal unwinds the
+    start-up; afterwards it asks the server to stop, once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.server: Any = None
+
+    def request(self, signum: int) -> None:
+        """End the VM as ``signum`` would (on the main thread: a signal handler)."""
+        if self.signum is not None:
+            os._exit(128 + self.signum)  # a second signal while shutting down: now
+        self.signum = signum
+        if self.server is None:
+            raise _Signalled(signum)
+        self.server.stop(signal=signum)
+
+    def handler(self, signum: int, frame: FrameType | None) -> None:
+        """``signal.signal`` handler."""
+        self.request(signum)
 
 
-def run(args: argparse.Namespace) -> int:
-    """``gdbstub run``: boot, serve, and return the guest's exit status."""
-    from .hvtarget import HvTarget
-    from .machine.firmware.layout import ACPI_ADDR as RSDP_ADDR
-    from .machine.loader import BootError, load_kernel, symbols
-    from .machine.machine import Machine
-    from .server import GdbServer
-    from .target import ResumeAction
+def run(args: argparse.Namespace, shutdown: _Shutdown) -> int:
+    """``gdbstub run``: boot, serve, and return the exit status (see the module docstring)."""
+    from .machine.loader import BootError, load_kernel
+    from .server import Listener
 
-    memory = parse_size(args.memory)
-    host, port = parse_listen(args.listen)
-    sink = serial_sink(args.serial)
     kernel = Path(args.kernel)
     if not kernel.is_file() or not os.access(kernel, os.R_OK):
         raise UsageError(f"cannot read kernel {args.kernel}")
-    if args.initrd is not None:
-        initrd = Path(args.initrd)
-        if not initrd.is_file() or not os.access(initrd, os.R_OK):
-            raise UsageError(f"cannot read initrd {args.initrd}")
+    initrd = None if args.initrd is None else Path(args.initrd)
+    if initrd is not None and (not initrd.is_file() or not os.access(initrd, os.R_OK)):
+        raise UsageError(f"cannot read initrd {args.initrd}")
+    from .machine.firmware.layout import ACPI_ADDR as RSDP_ADDR
+
     try:
         plan = load_kernel(
             kernel,
-            mem_size=memory,
+            mem_size=args.memory_bytes,
             cmdline=args.cmdline,
-            initrd=None if args.initrd is None else Path(args.initrd),
+            initrd=initrd,
             rsdp_addr=RSDP_ADDR,
         )
     except BootError as exc:
         raise UsageError(str(exc)) from exc
+    except OSError as exc:
+        raise UsageError(f"cannot read {exc.filename or args.kernel}: {exc.strerror}") from exc
+    backend = _load_backend(args.backend)
+    where = args.listen_at
     try:
-        hv.select_backend(args.backend)
-        backend = hv.backend_name()
-    except hv.HvError as exc:
-        raise UsageError(f"--backend {args.backend}: {exc}") from exc
-    log.warning("gdbstub %s: backend %s", __version__, backend)
+        listener = Listener(where.host, where.port, where.path)
+    except socket.gaierror as exc:
+        raise UsageError(f"--listen {where}: {exc.strerror}") from exc
+    except OSError as exc:
+        raise RuntimeFailure(_listen_failure(str(where), exc)) from exc
+    parts: dict[str, Any] = {"listener": listener}
     try:
-        machine = Machine(plan, serial_sink=sink, no_reboot=args.no_reboot)
-    except hv.HvError as exc:
-        raise UsageError(f"cannot create the VM: {exc}") from exc
+        return _serve(args, shutdown, plan, kernel, backend, parts)
+    finally:
+        _teardown(parts)
+
+
+def _serve(
+    args: argparse.Namespace,
+    shutdown: _Shutdown,
+    plan: Any,
+    kernel: Path,
+    backend: str,
+    parts: dict[str, Any],
+) -> int:
+    from .console import ConsoleKeys, SerialError, open_serial
+    from .hvtarget import HvTarget
+    from .machine.loader import BootError, symbols
+    from .machine.machine import Machine
+    from .server import GdbServer, is_loopback
+    from .target import ResumeAction
+
+    machine_box: list[Any] = []
+
+    def feed(data: bytes) -> None:  # the UART changes when the machine resets: look it up
+        if machine_box:
+            machine_box[0].uart.feed_input(data)
+
+    keys = ConsoleKeys(quit=lambda: os.kill(os.getpid(), signal.SIGTERM), stop_guest=_pause(parts))
+    try:
+        serial = open_serial(args.serial_spec, feed, keys)
+    except SerialError as exc:
+        raise RuntimeFailure(str(exc)) from exc
+    parts["serial"] = serial
+    try:
+        machine = Machine(plan, serial_sink=serial.write, no_reboot=args.no_reboot)
+    except (MemoryError, OSError, hv.HvError) as exc:
+        raise RuntimeFailure(_vm_failure(args, exc)) from exc
+    parts["machine"] = machine
+    machine_box.append(machine)
     try:
         kernel_symbols = symbols(kernel)
     except BootError:  # a raw image (Multiboot a.out kludge) has no symbol table
         kernel_symbols = {}
     machine.symbols = kernel_symbols
-    target = HvTarget(machine, 1, symbols=kernel_symbols)
-    machine.cpu_avx = target.features.avx
-    if args.serial == "stdio" and not sys.stdin.isatty():
-        threading.Thread(target=_feed_stdin, args=(machine,), daemon=True).start()
     try:
-        server = GdbServer(
-            target, host=host, port=port, log_packets=args.log_packets, running=not args.wait
+        target = HvTarget(machine, 1, symbols=kernel_symbols)
+    except (MemoryError, OSError, hv.HvError) as exc:
+        raise RuntimeFailure(f"cannot create the vCPU: {exc}") from exc
+    parts["target"] = target
+    machine.cpu_avx = target.features.avx
+    log.warning("gdbstub %s: backend %s", __version__, backend)
+    if serial.description:
+        log.warning("gdbstub: %s", serial.description)
+    where = args.listen_at
+    if where.path is None and not is_loopback(where.host):
+        log.warning(
+            "gdbstub: warning: listening on %s, beyond this machine: whoever connects controls "
+            "the guest and reads its memory (127.0.0.1 or unix:PATH keep it local)",
+            where,
         )
-    except OSError as exc:
-        raise UsageError(f"--listen {host}:{port}: {exc.strerror}") from exc
+    server = GdbServer(
+        target,
+        listener=parts.pop("listener"),
+        log_packets=args.log_packets,
+        running=not args.wait,
+    )
+    parts["server"] = server
     log.warning(
-        "gdbstub: %s booted (%s); gdb: target remote %s:%d%s",
+        "gdbstub: %s booted (%s); gdb: target remote %s%s",
         kernel.name,
         machine.plan.protocol,
-        host,
-        server.address[1],
+        server.endpoint,
         "" if args.wait else " (the guest is running)",
     )
     machine.debugger_attached = lambda: server.attached
+    shutdown.server = server
     if not args.wait:
         target.resume({}, ResumeAction(kind="c"))
-    with server:
-        server.serve_forever()
+    server.serve_forever()
+    if shutdown.signum is not None:
+        return 128 + shutdown.signum
     status = target.exit_status
-    target.close()
     return 0 if status is None else status
 
 
-def _feed_stdin(machine: object) -> None:
-    uart = getattr(machine, "uart", None)
-    while uart is not None:
-        data = os.read(0, 4096)
-        if not data:
-            return
-        uart.feed_input(data)
+def _pause(parts: dict[str, Any]) -> Any:
+    def pause() -> None:
+        server = parts.get("server")
+        if server is not None:
+            server.pause_guest()
+
+    return pause
+
+
+def _load_backend(name: str) -> str:
+    """Select and load the backend; one line naming the way out when it cannot be had."""
+    try:
+        hv.select_backend(name)
+        return hv.backend_name()
+    except ImportError as exc:
+        raise RuntimeFailure(
+            f"--backend {name} needs {exc.name or 'unicorn'}, which is not installed: "
+            "pip install 'gdbstub[emu]', or choose --backend kvm"
+        ) from exc
+    except (hv.HvError, OSError) as exc:
+        hint = {
+            "kvm": "is /dev/kvm there and readable and writable by you (group kvm)?",
+            "hvf": "the hvf backend needs macOS on an Intel Mac",
+            "emu": "pip install 'gdbstub[emu]'",
+        }.get(name, "install unicorn (pip install 'gdbstub[emu]') or give access to /dev/kvm")
+        raise RuntimeFailure(f"--backend {name}: {exc}; {hint}") from exc
+
+
+def _listen_failure(where: str, exc: OSError) -> str:
+    reason = exc.strerror or str(exc)
+    if isinstance(exc, FileExistsError):
+        return f"--listen {where}: {exc.strerror}: remove it or choose another path"
+    if exc.errno == 98:  # EADDRINUSE
+        return (
+            f"--listen {where}: {reason} (another gdbstub or QEMU -s?); "
+            "choose another port, e.g. --listen 127.0.0.1:1235"
+        )
+    if exc.errno == 13:  # EACCES
+        return f"--listen {where}: {reason}; ports below 1024 need privileges, use 1234"
+    return f"--listen {where}: {reason}"
+
+
+def _vm_failure(args: argparse.Namespace, exc: BaseException) -> str:
+    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    if isinstance(exc, MemoryError) or getattr(exc, "errno", None) == 12:
+        return (
+            f"cannot get {args.memory} of guest RAM from the host ({text}); "
+            "ask for less with --memory (or -m), e.g. --memory 256M"
+        )
+    return f"cannot create the VM: {text}"
+
+
+def _teardown(parts: dict[str, Any]) -> None:
+    """Free the port first, then the terminal, the vCPU (kicked, joined) and the VM."""
+    for name in ("server", "listener", "serial"):
+        part = parts.pop(name, None)
+        if part is not None:
+            try:
+                part.close()
+            except Exception as exc:
+                log.info("closing the %s: %s", name, exc)
+    target = parts.pop("target", None)
+    if target is not None:
+        target.close()
+    machine = parts.pop("machine", None)
+    if machine is not None:
+        machine.close()
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``gdbstub`` and ``python -m gdbstub``."""
-    logging.basicConfig(format="%(message)s", level=logging.WARNING, stream=sys.stderr)
+    arguments = sys.argv[1:] if argv is None else argv
+    verbose = "-v" in arguments or "--verbose" in arguments
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLineFormatter(verbose))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
     try:
-        args = build_parser().parse_args(argv)
-        if getattr(args, "verbose", False):
-            logging.getLogger().setLevel(logging.INFO)
-        return run(args)
+        args = parse(arguments)
+    except HelpRequested:
+        print(HELP, end="")
+        return 0 if arguments else EXIT_USAGE
     except UsageError as exc:
         print(f"gdbstub: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+        return EXIT_USAGE
+    shutdown = _Shutdown()
+    previous = {
+        signum: signal.signal(signum, shutdown.handler)
+        for signum in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        status = run(args, shutdown)
+    except UsageError as exc:
+        print(f"gdbstub: {exc}", file=sys.stderr)
+        status = EXIT_USAGE
+    except RuntimeFailure as exc:
+        print(f"gdbstub: {exc}", file=sys.stderr)
+        status = EXIT_FAILURE
+    except (_Signalled, KeyboardInterrupt) as exc:
+        status = 128 + (exc.signum if isinstance(exc, _Signalled) else signal.SIGINT)
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+    if any(t.name.startswith("vcpu") and t.is_alive() for t in threading.enumerate()):
+        # a vCPU thread did not end: never let the interpreter's exit run into its engine
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 if __name__ == "__main__":

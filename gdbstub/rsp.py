@@ -15,11 +15,13 @@ is line noise and is dropped. Inside a body:
   ``+``, ``-``, ``*``, ``}``) are never produced; a run is split instead.
 
 ``Decoder.feed`` keeps the unfinished tail of the stream between calls, so TCP may split or
-merge packets at any byte. It checks each checksum and returns ``Packet`` with the body
-already unescaped and expanded (binary ``X`` data included), or ``BadPacket`` when the
-checksum is wrong, the escaping is broken or the body is longer than ``PACKET_SIZE`` (the size
-the stub advertises); the caller answers ``BadPacket`` with a nak. ``encode`` builds the bytes of
-one packet with escaping, optional RLE and the checksum.
+merge packets at any byte. Only replies are run-length encoded: a stub's decoder is made with
+``expand_rle=False`` and reads a ``*`` in a request as the byte it is (as gdbserver does), so
+``m0* ,4`` is a malformed ``m`` packet, not ``m0000,4``. It checks each checksum and returns
+``Packet`` with the body already unescaped and expanded (binary ``X`` data included), or
+``BadPacket`` when the checksum is wrong, the escaping is broken or the body is longer than
+``PACKET_SIZE`` (the size the stub advertises); the caller answers ``BadPacket`` with a nak.
+``encode`` builds the bytes of one packet with escaping, optional RLE and the checksum.
 
 The scanning uses ``bytes.find`` and regular expressions so big packets (64 KiB memory
 transfers) cost a few C-level passes, not a Python loop per byte.
@@ -102,8 +104,9 @@ def checksum(body: bytes) -> int:
 class Decoder:
     """Turns a byte stream from the peer into frames; keeps partial input between feeds."""
 
-    def __init__(self, max_packet: int = PACKET_SIZE) -> None:
+    def __init__(self, max_packet: int = PACKET_SIZE, *, expand_rle: bool = True) -> None:
         self._max = max_packet
+        self._rle = expand_rle
         self._buf = bytearray()
         self._in_packet = False
         self._scan = 0  # how much of _buf (inside a packet) is known to hold no '#' or '$'
@@ -175,7 +178,7 @@ class Decoder:
         if expected != checksum(body):
             return BadPacket(f"checksum mismatch (sent {sent!r})")
         try:
-            payload = _unpack_body(body, self._max)
+            payload = _unpack_body(body, self._max, self._rle)
         except ValueError as exc:
             return BadPacket(str(exc))
         if len(payload) > self._max:  # run-length encoding can expand a short body
@@ -187,14 +190,15 @@ _HEX2 = re.compile(rb"[0-9a-fA-F]{2}")
 _ESCAPED = re.compile(rb"\}(.)", re.DOTALL)
 
 
-def _unpack_body(body: bytes, limit: int = PACKET_SIZE) -> bytes:
+def _unpack_body(body: bytes, limit: int = PACKET_SIZE, rle: bool = True) -> bytes:
     """Undo ``}`` escapes and ``*`` run-length encoding in a received body.
 
     One left-to-right pass, as gdb's reader does: ``}`` takes the next byte as data, ``*``
     takes the next byte as a count, whatever either byte is. So ``a*}}`` is ``a`` repeated
     and then a dangling escape (an error), not ``a*`` and an escaped ``}``. Expansion stops
-    with an error once the payload exceeds ``limit``."""
-    if b"*" not in body:
+    with an error once the payload exceeds ``limit``. Without ``rle`` a ``*`` is a byte like
+    any other."""
+    if not rle or b"*" not in body:
         if b"}" not in body:
             return body
         if _trailing_escape(body):

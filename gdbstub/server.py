@@ -36,8 +36,9 @@ Rules of a connection's end (docs/usage.md has them for users):
 * ``stop(signal)``: a client waiting for a stop reply gets ``X<signal>`` (the process ended
   by that signal), then the connection closes and ``serve_forever`` returns False.
 
-Each connection and disconnection is logged as one plain line (``debugger connected from
-127.0.0.1:53412``). ``log_packets`` names a file that receives every chunk read and written,
+Each debugger's arrival (its first packet) and departure is logged as one plain line
+(``debugger connected from 127.0.0.1:53412``); connections that never send a packet only at
+INFO level. ``log_packets`` names a file that receives every chunk read and written,
 with a timestamp.
 """
 
@@ -57,11 +58,11 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import IO
 
-from .rsp import Decoder, Interrupt, Packet, encode
+from .rsp import BadPacket, Decoder, Interrupt, Packet, encode
 from .session import CloseConnection, GdbSession, Output, SendBytes, Shutdown
 from .target import ResumeAction, StopEvent, Target
 
-__all__ = ["GdbServer", "is_loopback", "serve"]
+__all__ = ["GdbServer", "Listener", "is_loopback", "listen_tcp", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def is_loopback(host: str) -> bool:
 class _Client:
     conn: socket.socket
     name: str
-    decoder: Decoder = field(default_factory=Decoder)
+    decoder: Decoder = field(default_factory=lambda: Decoder(expand_rle=False))
     session: GdbSession | None = None  # created when the client attaches (first packet)
 
 
@@ -104,7 +105,8 @@ class GdbServer:
     """Serve ``target`` to gdb or lldb clients, one at a time (see the module docstring).
 
     The socket is bound and listening once the constructor returns, so ``port`` is known even
-    when 0 was asked for. ``unix_path`` listens on a Unix socket instead of ``host:port``.
+    when 0 was asked for. ``unix_path`` listens on a Unix socket instead of ``host:port``;
+    ``listener`` is one made beforehand (the server closes it).
     ``running`` tells the server that the guest is already running (it is stopped when a
     client attaches). ``attach_timeout`` bounds the wait for that stop.
     """
@@ -116,18 +118,19 @@ class GdbServer:
         port: int = 1234,
         *,
         unix_path: str | os.PathLike[str] | None = None,
+        listener: Listener | None = None,
         log_packets: str | os.PathLike[str] | None = None,
         running: bool = False,
         attach_timeout: float = 5.0,
         send_timeout: float = 60.0,
     ) -> None:
         self.target = target
-        self._unix_path = None if unix_path is None else os.fspath(unix_path)
-        self._unix_inode: tuple[int, int] | None = None
-        if self._unix_path is not None:
-            self._listener = self._listen_unix(self._unix_path)
-        else:
-            self._listener = _listen_tcp(host, port)
+        if listener is None:
+            path = None if unix_path is None else os.fspath(unix_path)
+            listener = Listener(host, port, path)
+        self._listening = listener
+        self._listener = listener.sock
+        self._unix_path = listener.path
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -223,8 +226,7 @@ class GdbServer:
             return
         self.stop()
         self._closed = True
-        self._listener.close()
-        self._remove_unix_socket()
+        self._listening.close()
         self._wake_r.close()
         self._wake_w.close()
         if self._log is not None:
@@ -305,21 +307,18 @@ class GdbServer:
         name = _peer_name(peer, self._unix_path)
         current = self._client
         if current is not None and current.session is None:
-            self._end_client(current, f"said nothing; it gives way to {name}")
+            self._end_client(current, f"sent no packet; it gives way to {name}")
             current = None
         if current is not None and _closed_by_peer(current.conn):
             self._end_client(current, "disconnected")
             current = None
         if current is not None:
-            log.warning(
-                "gdbstub: refused a second debugger from %s: %s is attached", name, current.name
-            )
             conn.setblocking(False)
             self._refused.append(_Refused(conn, name, time.monotonic() + _REFUSE_WINDOW))
             return
         self._setup_connection(conn)
         self._client = _Client(conn, name)
-        log.warning("gdbstub: debugger connected from %s", name)
+        log.info("connection from %s", name)  # a debugger once it sends a packet
 
     def _setup_connection(self, conn: socket.socket) -> None:
         conn.settimeout(self._send_timeout)  # reads happen only when select says so
@@ -352,8 +351,10 @@ class GdbServer:
         outputs: list[Output] = []
         for frame in client.decoder.feed(data):
             if client.session is None:
+                if isinstance(frame, BadPacket):
+                    outputs.append(SendBytes(b"-"))  # damaged: "send it again" (ack mode)
                 if not isinstance(frame, Packet | Interrupt):
-                    continue  # noise before the first packet: not a debugger (yet)
+                    continue  # nothing whole yet: not a debugger (yet)
                 client.session = self._attach(client)
             outputs += client.session.on_frame(frame)
         return self._send_outputs(client, outputs)
@@ -392,6 +393,7 @@ class GdbServer:
         for stop in stops:
             session.on_stop(stop)  # IDLE: held for '?'
         self.attached = True
+        log.warning("gdbstub: debugger connected from %s", client.name)
         return session
 
     def _interrupt_and_wait(self) -> list[StopEvent]:
@@ -421,8 +423,9 @@ class GdbServer:
     # --- the end of a client -----------------------------------------------------------------
 
     def _end_client(self, client: _Client, why: str) -> None:
-        """Close ``client``'s connection and log one line; without ``D`` take its
-        breakpoints out and leave the guest as it was."""
+        """Close ``client``'s connection and log one line (at INFO level for a connection
+        that never sent a packet); without ``D`` take its breakpoints out and leave the guest
+        as it was."""
         session = client.session
         outcome = ""
         try:
@@ -434,7 +437,10 @@ class GdbServer:
             self._internal_error(exc)
         finally:
             self._close_quietly(client)
-        log.warning("gdbstub: debugger %s %s%s", client.name, why, outcome)
+        if session is None:  # never a debugger: a port scanner, a health check
+            log.info("connection from %s %s", client.name, why)
+        else:
+            log.warning("gdbstub: debugger %s %s%s", client.name, why, outcome)
 
     def _close_quietly(self, client: _Client) -> None:
         if self._client is client:
@@ -493,6 +499,9 @@ class GdbServer:
             isinstance(f, Packet) for f in refused.decoder.feed(data)
         ):
             holder = self._client.name if self._client is not None else "another debugger"
+            log.warning(
+                "gdbstub: refused a second debugger from %s: %s is attached", refused.name, holder
+            )
             message = (
                 f"E.another debugger ({holder}) is attached to this VM; "
                 "gdbstub serves one at a time"
@@ -529,10 +538,18 @@ class GdbServer:
             self._log.write(f"{time.time():.6f} {direction} {data!r}\n")
             self._log.flush()
 
-    # --- Unix sockets ---------------------------------------------------------------------------
+
+class Listener:
+    """A listening socket: TCP (IPv4 or IPv6) on ``host:port``, or Unix at ``path`` (mode
+    0600; a stale socket file is replaced, a live one is "busy"). ``close`` removes the
+    Unix socket's file. Made before the VM, so that a busy port fails early."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 1234, path: str | None = None):
+        self.path = path
+        self._inode: tuple[int, int] | None = None
+        self.sock = listen_tcp(host, port) if path is None else self._listen_unix(path)
 
     def _listen_unix(self, path: str) -> socket.socket:
-        """A Unix socket at ``path`` with mode 0600; a stale socket file is replaced."""
         try:
             mode = os.lstat(path).st_mode
         except FileNotFoundError:
@@ -560,23 +577,24 @@ class GdbServer:
             os.umask(old_umask)
         os.chmod(path, 0o600)
         info = os.stat(path)
-        self._unix_inode = (info.st_dev, info.st_ino)
+        self._inode = (info.st_dev, info.st_ino)
         listener.listen(1)
         return listener
 
-    def _remove_unix_socket(self) -> None:
-        if self._unix_path is None or self._unix_inode is None:
-            return
-        try:
-            info = os.stat(self._unix_path)
-            if (info.st_dev, info.st_ino) == self._unix_inode:
-                os.unlink(self._unix_path)
-        except OSError:
-            pass
-        self._unix_inode = None
+    def close(self) -> None:
+        """Close the socket; remove the Unix socket's file if it is still ours."""
+        self.sock.close()
+        if self.path is not None and self._inode is not None:
+            try:
+                info = os.stat(self.path)
+                if (info.st_dev, info.st_ino) == self._inode:
+                    os.unlink(self.path)
+            except OSError:
+                pass
+            self._inode = None
 
 
-def _listen_tcp(host: str, port: int) -> socket.socket:
+def listen_tcp(host: str, port: int) -> socket.socket:
     """A listening TCP socket on ``host`` (IPv4 or IPv6 address, or a name) and ``port``."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, _, _, _, sockaddr = infos[0]

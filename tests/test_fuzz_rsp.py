@@ -88,11 +88,11 @@ def _cut(data: bytes, cuts: list[int]) -> list[bytes]:
 
 
 @settings(max_examples=1500, suppress_health_check=[HealthCheck.too_slow])
-@given(streams, st.lists(st.integers(0, 10_000), max_size=6), limits)
+@given(streams, st.lists(st.integers(0, 10_000), max_size=6), limits, st.booleans())
 def test_decoder_agrees_with_a_byte_at_a_time_reader(
-    data: bytes, cuts: list[int], limit: int
+    data: bytes, cuts: list[int], limit: int, rle: bool
 ) -> None:
-    fuzz.check_codec(data, _cut(data, cuts), limit)
+    fuzz.check_codec(data, _cut(data, cuts), limit, rle)
 
 
 def test_the_fuzzers_crash_is_a_nak_not_an_exception() -> None:
@@ -126,6 +126,14 @@ def test_escapes_and_counts_meeting(body: bytes, payload: bytes) -> None:
 def test_broken_bodies_are_naks(body: bytes) -> None:
     frames = Decoder().feed(wire(body) + b"+")
     assert isinstance(frames[0], BadPacket) and frames[1:] == [Ack()]
+
+
+def test_a_stub_reads_run_lengths_in_requests_as_bytes() -> None:
+    # gdb never compresses requests; as for gdbserver, '*' is a plain byte there
+    assert Decoder(expand_rle=False).feed(wire(b"m0* ,4")) == [Packet(b"m0* ,4")]
+    assert Decoder(expand_rle=False).feed(wire(b"a*}}")) == [Packet(b"a*]")]
+    frames = Decoder(expand_rle=False).feed(wire(b"a*}"))
+    assert isinstance(frames[0], BadPacket)  # the escape dangles either way
 
 
 def test_raw_dollar_and_hash_edges() -> None:

@@ -115,7 +115,9 @@ def test_loopback_session(tmp_path: Path) -> None:
         one.sock.close()
 
         # The server stopped the guest to take the breakpoint out, then let it run on.
-        wait_for(lambda: not server.attached and target.calls[-1][0] == "resume")
+        wait_for(
+            lambda: not server.attached and target.calls[-1:] and target.calls[-1][0] == "resume"
+        )
         assert target.calls[-3:] == [
             ("interrupt",),
             ("remove_all_breakpoints",),
@@ -148,7 +150,7 @@ def test_vanishing_at_a_stop_leaves_the_guest_stopped(caplog: pytest.LogCaptureF
         one = Wire(server.port)
         assert one.ask(b"Z0,1010,1") == b"OK" and target.breakpoints
         one.sock.sendall(rsp.encode(b"c"))
-        wait_for(lambda: target.calls[-1][0] == "resume")
+        wait_for(lambda: target.calls[-1:] and target.calls[-1][0] == "resume")
         target.post_stop(StopEvent(1, 5, reason="swbreak"))
         assert one.packet() == b"T05thread:1;"
         port = one.sock.getsockname()[1]
@@ -220,7 +222,7 @@ def test_pause_guest_is_ctrl_c_for_the_attached_gdb_or_the_next_one() -> None:
         assert client.ask(b"?") == b"T02thread:1;"
         assert target.calls == [("interrupt",)]  # the stop was kept
         client.sock.sendall(rsp.encode(b"c"))
-        wait_for(lambda: target.calls[-1][0] == "resume")
+        wait_for(lambda: target.calls[-1:] and target.calls[-1][0] == "resume")
         server.pause_guest()
         assert client.packet() == b"T02thread:1;"
 

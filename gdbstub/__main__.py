@@ -163,10 +163,15 @@ def _serve(
     from .target import ResumeAction
 
     machine_box: list[Any] = []
+    early: list[bytes] = []  # input that came before the machine (a pipe on stdin)
+    feed_lock = threading.Lock()
 
     def feed(data: bytes) -> None:  # the UART changes when the machine resets: look it up
-        if machine_box:
-            machine_box[0].uart.feed_input(data)
+        with feed_lock:
+            if not machine_box:
+                early.append(data)
+                return
+        machine_box[0].uart.feed_input(data)
 
     keys = ConsoleKeys(quit=lambda: os.kill(os.getpid(), signal.SIGTERM), stop_guest=_pause(parts))
     try:
@@ -179,7 +184,10 @@ def _serve(
     except (MemoryError, OSError, hv.HvError) as exc:
         raise RuntimeFailure(_vm_failure(args, exc)) from exc
     parts["machine"] = machine
-    machine_box.append(machine)
+    with feed_lock:
+        machine_box.append(machine)
+        for data in early:
+            machine.uart.feed_input(data)
     try:
         kernel_symbols = symbols(kernel)
     except BootError:  # a raw image (Multiboot a.out kludge) has no symbol table

@@ -31,6 +31,7 @@ from .. import hv
 from ..vcpu import Stop
 from . import cpuid as cpuid_model
 from .bus import GuestExit, GuestPowerOff, GuestReset
+from .mmio_emulate import device_at
 
 if TYPE_CHECKING:
     from .machine import Machine
@@ -175,11 +176,20 @@ def _ept(machine: Machine, vcpu: int) -> Stop | None:
     qual = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_RO_EXIT_QUALIFIC)
     if hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.GDBSTUB_VMCS_MMIO_DECODED):
         size = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.GDBSTUB_VMCS_MMIO_SIZE)
+        mask = (1 << (8 * size)) - 1
+        device, offset = device_at(machine, vcpu, gpa)
         if qual & hv.EPT_VIOLATION_DATA_WRITE:
-            data = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.GDBSTUB_VMCS_MMIO_DATA)
-            machine.mmio.write(gpa, size, data & ((1 << (8 * size)) - 1))
+            data = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.GDBSTUB_VMCS_MMIO_DATA) & mask
+            if device is None:
+                machine.mmio.write(gpa, size, data)
+            else:
+                device.mmio_write(offset, size, data)
         else:
-            hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.GDBSTUB_VMCS_MMIO_DATA, machine.mmio.read(gpa, size))
+            if device is None:
+                value = machine.mmio.read(gpa, size)
+            else:
+                value = device.mmio_read(offset, size)
+            hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.GDBSTUB_VMCS_MMIO_DATA, value & mask)
         return None
     return machine.emulate_mmio(vcpu, gpa, qual)
 

@@ -13,8 +13,9 @@
 ;            (3.579545 MHz, a clock independent of the timers under test):
 ;              * PIT channel 0, mode 2, ~100 Hz, through the 8259 (IRQ0 -> vector 0x20),
 ;              * local APIC timer, periodic, divide by 16, initial count 62500, vector 0x40;
-;            and how far the APIC timer's current count fell in that half second (its rate),
-;            then power off. Lines: "pit ticks: N", "lapic ticks: N", "lapic count: N".
+;            and how far the APIC timer's current count fell (its rate) against the PM timer,
+;            then power off. Lines: "pit ticks: N", "lapic ticks: N", "pm ticks: N" and
+;            "lapic count: N" (the count fell by N while the PM timer advanced by its N).
 
 bits 32
 
@@ -136,9 +137,17 @@ pvh_entry:
         mov     dword [LAPIC + 0x320], 0x10040  ; one-shot, masked
         mov     dword [LAPIC + 0x380], 0xffffffff
         mov     byte [busy], 1
-        call    wait_half_second
-        mov     eax, 0xffffffff
-        sub     eax, [LAPIC + 0x390]
+        call    wait_half_second        ; also takes c0 right after its first PM-timer read
+        mov     eax, [LAPIC + 0x390]
+        mov     [c1], eax
+        mov     dx, PM_TMR
+        in      eax, dx
+        sub     eax, [t0]
+        and     eax, 0xffffff
+        mov     esi, msg_pm
+        call    print_number_line
+        mov     eax, [c0]
+        sub     eax, [c1]
         mov     esi, msg_count
         call    print_number_line
         jmp     power_off
@@ -211,6 +220,8 @@ wait_half_second:
         in      eax, dx
         and     eax, 0xffffff
         mov     [t0], eax
+        mov     eax, [LAPIC + 0x390]
+        mov     [c0], eax
 .loop:  cmp     byte [busy], 0
         jne     .spin
         sti
@@ -344,6 +355,7 @@ msg_rtc:        db "rtc: ", 0
 msg_pit:        db "pit ticks: ", 0
 msg_lapic:      db "lapic ticks: ", 0
 msg_count:      db "lapic count: ", 0
+msg_pm:         db "pm ticks: ", 0
 msg_bye:        db "bye", 10, 0
 msg_tsc_ref:    db "tsc half second: ", 0
 msg_tsc_stop:   db "tsc across the stop: ", 0
@@ -361,6 +373,8 @@ cmdline:        resd 1
 ticks:          resd 1
 t0:             resd 1
 tsc0:           resd 2
+c0:             resd 1
+c1:             resd 1
 busy:           resb 1
 buffer:         resb 32
                 resb 8192

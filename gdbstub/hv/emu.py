@@ -91,6 +91,7 @@ block hook).
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from typing import Any
@@ -100,13 +101,25 @@ from . import constants as C
 from .emu_code import UD_IDS, BlockHooks, disassembler
 from .emu_regs import _XSAVE_SIZE as _XSAVE_SIZE  # tests read it here
 from .emu_regs import Registers
-from .emu_state import PAGE, ExitRun, Space, Vcpu, X, flush_tlb, probe_layout, unicorn
+from .emu_state import (
+    HF_INHIBIT_IRQ,
+    PAGE,
+    ExitRun,
+    Space,
+    Vcpu,
+    X,
+    flush_tlb,
+    probe_layout,
+    unicorn,
+)
+from .emu_timer import Watchdog
 from .errors import HvError
 
 _FOREVER = C.HV_DEADLINE_FOREVER
 _UNTIL = 0  # emu_start's end address: unused, exits are enabled with none listed
 _VCPU_MAX = 64
 _SPACE_MAX = 8
+WINDOW_SLICE_NS = 500_000  # interrupt-window exiting: how long to run before looking at IF
 
 
 class EmuBackend(Registers):
@@ -124,6 +137,7 @@ class EmuBackend(Registers):
         self._next_space = 1
         self._layout = probe_layout()
         self._env = self._layout.env
+        self._watchdog = Watchdog()
 
     # --- VM --------------------------------------------------------------------------------------
 
@@ -187,6 +201,7 @@ class EmuBackend(Registers):
         vcpu.unpaged_spans.clear()
         vcpu.code.clear()
         vcpu.code_runs = None
+        vcpu.check_cursor = 0
         vcpu.dr_exec_hooks.clear()
         vcpu.dr_dirty = True
         self._install_hooks(vcpu)
@@ -254,10 +269,11 @@ class EmuBackend(Registers):
     def _install_hooks(self, vcpu: Vcpu) -> None:
         uc = vcpu.uc
 
-        scanned = vcpu.scanned
+        scanned, spans = vcpu.scanned, vcpu.spans
 
         def on_block(uc_: Any, address: int, size: int, _data: Any) -> None:
-            if (address, size) not in scanned:  # else translated before its span was cut
+            # else scanned already (the block was translated before its span was cut)
+            if (address, size) not in scanned and address & ~0xFFF not in spans:
                 self._scan_block(vcpu, address, size)
 
         def on_intr(uc_: Any, intno: int, _data: Any) -> None:
@@ -289,6 +305,7 @@ class EmuBackend(Registers):
         uc.hook_add(unicorn.UC_HOOK_INSN, on_sysenter, None, 1, 0, X.UC_X86_INS_SYSENTER)
         uc.hook_add(unicorn.UC_HOOK_INSN_INVALID, on_invalid_insn)
         uc.hook_add(unicorn.UC_HOOK_MEM_INVALID, on_bad_memory)
+        self._install_nets(vcpu)
 
     # --- running ---------------------------------------------------------------------------------
 
@@ -313,6 +330,12 @@ class EmuBackend(Registers):
 
     def _run(self, vcpu: Vcpu, deadline: int | None, *, any_exit: bool) -> None:
         vcpu.exit_recorded = False
+        try:
+            self._run_entries(vcpu, deadline, any_exit)
+        finally:
+            vcpu.left_ns = time.monotonic_ns()
+
+    def _run_entries(self, vcpu: Vcpu, deadline: int | None, any_exit: bool) -> None:
         if vcpu.kick.is_set():
             vcpu.kick.clear()
             self._set_exit(vcpu, C.VMX_REASON_IRQ)
@@ -345,11 +368,24 @@ class EmuBackend(Registers):
         else:
             self._set_exit(vcpu, C.VMX_REASON_VMX_TIMER_EXPIRED)
 
+    def _inhibited(self, vcpu: Vcpu) -> bool:
+        """Whether QEMU holds off interrupts for one instruction (after STI, MOV SS)."""
+        return bool(self._snapshot(vcpu).hflags & HF_INHIBIT_IRQ)
+
+    def _timer_stop(self, vcpu: Vcpu, kind: str, token: int) -> None:
+        """The watchdog: the entry ``token`` reached its deadline (or window slice)."""
+        with vcpu.lock:
+            if vcpu.running and vcpu.entry_token == token and vcpu.uc is not None:
+                vcpu.timer_fired = kind
+                vcpu.uc.emu_stop()
+
     def _enter(self, vcpu: Vcpu, deadline: int | None, any_exit: bool) -> bool:
         """One emu_start; True when an exit for the caller has been recorded."""
         uc = vcpu.uc
         if vcpu.uncut or vcpu.forgotten:
             self._quiet(vcpu, self._cut_scanned, vcpu)
+        if vcpu.new_sites:
+            self._quiet(vcpu, self._add_sites, vcpu)
         if vcpu.dr_dirty:
             self._quiet(vcpu, self._apply_debug, vcpu)
         rflags = uc.reg_read(X.UC_X86_REG_RFLAGS)
@@ -358,50 +394,62 @@ class EmuBackend(Registers):
             uc.reg_write(X.UC_X86_REG_RFLAGS, rflags & ~(1 << 16))
         stepping = bool(vcpu.controls[C.VMCS_CTRL_CPU_BASED] & C.CPU_BASED_MTF)
         window = bool(vcpu.controls[C.VMCS_CTRL_CPU_BASED] & C.CPU_BASED_IRQ_WND)
-        sti = False
-        blocking = C.GUEST_INTRBILITY_STI_BLOCKING | C.GUEST_INTRBILITY_MOVSS_BLOCKING
+        stop_at, kind = deadline, "deadline"
         if window:
             # interrupt-window exiting: exit before the first instruction at which the guest
-            # can take an interrupt (IF set, no STI/MOV SS shadow); until then, one instruction
-            # at a time, so that the moment IF opens is seen
-            if rflags & 0x200 and not vcpu.controls[C.VMCS_GUEST_INTERRUPTIBILITY] & blocking:
+            # can take an interrupt (IF set, no STI/MOV SS shadow); until then the guest runs
+            # in slices, and IF is looked at between them
+            blocking = C.GUEST_INTRBILITY_STI_BLOCKING | C.GUEST_INTRBILITY_MOVSS_BLOCKING
+            if (
+                rflags & 0x200
+                and not vcpu.controls[C.VMCS_GUEST_INTERRUPTIBILITY] & blocking
+                and not self._inhibited(vcpu)
+            ):
                 self._set_exit(vcpu, C.VMX_REASON_IRQ_WND)
                 return True
-            sti = self._read_linear(vcpu, self._linear_rip(vcpu), 1) == b"\xfb"
-        timeout_us = 0
-        if deadline is not None:
-            timeout_us = max(1, (deadline - time.monotonic_ns()) // 1000)
+            slice_end = time.monotonic_ns() + WINDOW_SLICE_NS
+            if not stepping and (deadline is None or slice_end < deadline):
+                stop_at, kind = slice_end, "slice"
         vcpu.pending_event = None
         vcpu.mem_fault = None
         vcpu.halted = False
         vcpu.emulate_msr = None
         vcpu.system_insn = None
+        vcpu.timer_fired = None
         if vcpu.stale_fault or vcpu.tsc_dirty:
             self._patch(vcpu)  # no exception in flight; the TSC offset
         start_rip = int(uc.reg_read(X.UC_X86_REG_RIP))
-        self._step_mode(vcpu, stepping or window)
+        start_linear = self._linear_rip(vcpu) if stepping else None
+        self._step_mode(vcpu, stepping)
         error: Any = None
+        token = 0
+        if stop_at is not None:
+            token = self._watchdog.arm(stop_at, functools.partial(self._timer_stop, vcpu, kind))
         with vcpu.lock:
             if vcpu.kick.is_set():
                 vcpu.kick.clear()
+                self._watchdog.disarm(token)
                 self._set_exit(vcpu, C.VMX_REASON_IRQ)
                 return True
             vcpu.running = True
+            vcpu.entry_token = token
         start = time.thread_time_ns()
         try:
-            uc.emu_start(start_rip, _UNTIL, timeout_us, 1 if stepping or window else 0)
+            uc.emu_start(start_rip, _UNTIL, 0, 1 if stepping else 0)
         except unicorn.UcError as exc:
             error = exc
         finally:
             vcpu.exec_ns += time.thread_time_ns() - start
             with vcpu.lock:
                 vcpu.running = False
+            if token:
+                self._watchdog.disarm(token)
         vcpu.skip_rip = None
-        if window:  # one instruction ran (or none): the STI shadow covers the next one only
-            moved = int(uc.reg_read(X.UC_X86_REG_RIP)) != start_rip
-            vcpu.controls[C.VMCS_GUEST_INTERRUPTIBILITY] &= ~blocking
-            if sti and moved and not rflags & 0x200:
-                vcpu.controls[C.VMCS_GUEST_INTERRUPTIBILITY] |= C.GUEST_INTRBILITY_STI_BLOCKING
+        if vcpu.recovery is not None:  # an instruction site ran without its hook (emu_nets)
+            self._finish_recovery(vcpu)
+            if vcpu.pending_event is not None:
+                return self._exception(vcpu)
+            return False
         if vcpu.exit_recorded:
             return True
         if vcpu.new_sites:
@@ -429,11 +477,18 @@ class EmuBackend(Registers):
             uc.reg_write(X.UC_X86_REG_RIP, uc.reg_read(X.UC_X86_REG_RIP) + 1)
             vcpu.controls[C.VMCS_GUEST_ACTIVITY_STATE] = C.GUEST_ACTIVITY_HLT
             return False
-        if vcpu.uncut and (
-            not (stepping or window) or int(uc.reg_read(X.UC_X86_REG_RIP)) == start_rip
-        ):
+        if vcpu.uncut and (not stepping or int(uc.reg_read(X.UC_X86_REG_RIP)) == start_rip):
             return False  # stopped to take newly scanned code out of the block hooks
-        if self._lost_invalid_opcode(vcpu, start_rip, stepping or window, deadline):
+        if vcpu.timer_fired == "slice":
+            return False  # look at the interrupt window again
+        if (
+            vcpu.timer_fired is None
+            and not vcpu.kick.is_set()
+            and (stepping or int(uc.reg_read(X.UC_X86_REG_RIP)) != start_rip)
+            and self._missed_hlt(vcpu, start_linear, stepping)
+        ):
+            return False  # a HLT without its code hook ended the run: it has one now
+        if self._lost_invalid_opcode(vcpu, start_rip, stepping, deadline):
             vcpu.pending_event = (C.IDT_UD, C.IRQ_INFO_HARD_EXC, None)
             return self._exception(vcpu)
         return self._after_instruction(vcpu, stepping, deadline, any_exit)
@@ -446,6 +501,8 @@ class EmuBackend(Registers):
         progress and without a kick or a deadline means exactly that; single-stepping (where
         ``jmp $`` stays put too), the bytes at RIP must be UD0/UD1/UD2 or not decode."""
         if int(vcpu.uc.reg_read(X.UC_X86_REG_RIP)) != start_rip or vcpu.kick.is_set():
+            return False
+        if vcpu.timer_fired is not None:
             return False
         if deadline is not None and time.monotonic_ns() >= deadline - 2_000_000:
             return False

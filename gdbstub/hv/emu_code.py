@@ -2,25 +2,50 @@
 
 Theory of operation
 -------------------
-Code is scanned (capstone) the first time it runs for the instructions that exit or need the
-backend (IN/OUT/INS/OUTS, HLT, RDMSR/WRMSR, CPUID; IRETQ/SYSRETQ for their canonical-address
-check), and a code hook goes on exactly those addresses. Block hooks (:class:`BlockHooks`)
-cover the guest-linear addresses not scanned yet: a block starting there calls into Python,
-which scans it and on to where any block starting inside it ends (the first control transfer),
-then cuts that span out of the hooked ranges and has it retranslated. Scanned code thus runs
-at unicorn's own speed, without a Python call per block.
+Some instructions must stop emulation *before* they execute (the framework's contract: RIP at
+the instruction, nothing of it done): IN/OUT/INS/OUTS, HLT, RDMSR/WRMSR and CPUID, and, for
+their canonical-address check, IRETQ/SYSRETQ. Each one found gets a code hook on its exact
+address ("site"). Finding them:
+
+* **Block hooks** (:class:`BlockHooks`) cover the guest-linear addresses not scanned yet. A
+  block starting there calls into Python, which decodes that block exactly (capstone), so its
+  own sites exit from the first run on.
+* **Code the same in every address space** (paging off, or the upper half in long mode, such
+  as a kernel) is then scanned a whole chunk at a time (``CHUNK`` bytes, aligned, only pages
+  that are present and executable) and cut out of the block hooks, so that it runs at
+  unicorn's own speed without a call into Python per block, and so that the block hooks stay
+  few: unicorn walks its hook lists (all block hooks per translated block, all code hooks per
+  translated instruction), so a thousand hooks make translation 30 times slower. A chunk is
+  scanned without decoding, by byte patterns that do not depend on where instructions start:
+  RDMSR, WRMSR, CPUID, SYSRET (0F xx) and IRETQ (REX.W CF) get a code hook at every match;
+  one at a byte that is not an instruction start never fires, and a hook checks its bytes
+  when it does. The one-byte opcodes (IN/OUT/INS/OUTS, HLT) would need instruction
+  boundaries, which a linear sweep only guesses; the safety nets of ``emu_nets`` find them
+  instead, precisely, the first time each one runs.
+* **Other code** (a process's, at addresses that other processes use for other code) stays
+  under the block hooks: each block is decoded as it is translated, and a block at an address
+  scanned before with the same length is not decoded again (the nets catch what that misses).
 
 The VMM and the debugger write guest RAM through their own buffers, which unicorn never sees.
-Every guest-physical page holding a scanned block is remembered with a copy of its bytes; each
-entry compares them (runs of contiguous pages at once); in a changed page the differing bytes
-are found, the blocks and instruction sites overlapping them are forgotten and the translated
-blocks flushed. A code hook also checks that its instruction is still there.
+Every guest-physical page holding scanned code is remembered with a copy of its bytes, and
+compared at entries: all of them while they are few (``FULL_PAGES``) or when the vCPU stayed
+out of emulation for a while (``HOST_PAUSE_NS``: a debugger stop), else the page at RIP and a
+rotating share of the others (``PAGE_BUDGET`` pages an entry), so that a kernel's thousands of
+code pages do not cost a compare of megabytes at each of thousands of entries a second. In a
+changed page the differing bytes are found: the sites there are dropped, a chunk-scanned page
+is searched again there (new pattern sites) and its translations of those bytes are removed;
+blocks scanned one by one there are forgotten and every translation is flushed (their
+addresses may belong to another address space now). A code hook also checks that its
+instruction is still there.
 """
 
 from __future__ import annotations
 
 import bisect
 import ctypes
+import re
+import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +83,10 @@ _SITE_OPCODES = {
     "iretq": (b"\xcf",),
     "sysret": (b"\x0f\x07",),
 }
+# Sites found in chunks by their bytes alone (anywhere, instruction start or not).
+_PATTERN = re.compile(rb"(?=(\x0f[\x30\x32\xa2\x07]|[\x48-\x4f]\xcf))", re.DOTALL)
+_PATTERN_KINDS = {0x30: "wrmsr", 0x32: "rdmsr", 0xA2: "cpuid", 0x07: "sysret", 0xCF: "iretq"}
+_LONG_ONLY = frozenset({"sysret", "iretq"})
 _PRIVILEGED = frozenset({"io", "hlt", "rdmsr", "wrmsr"})
 UD_IDS = frozenset({capstone.x86.X86_INS_UD0, capstone.x86.X86_INS_UD1, capstone.x86.X86_INS_UD2})
 _STRING_IO = frozenset({0x6C, 0x6D, 0x6E, 0x6F})
@@ -95,6 +124,11 @@ _BLOCK_ENDS = frozenset(
 # The most bytes one translated block can span from its first instruction: QEMU's x86
 # translator ends a block once it is PAGE - 32 bytes long (plus the instruction that crossed).
 _BLOCK_BYTES = PAGE - 32 + 15
+CHUNK = 16 * PAGE  # shared code is scanned and cut this much at a time (aligned)
+FULL_PAGES = 256  # up to this many code pages, all are compared at every entry
+PAGE_BUDGET = 64  # else this many (in whole runs), in rotation, plus the page at RIP
+HOST_PAUSE_NS = 2_000_000  # out of emulation this long: the host may have written code
+_PTE_NX = 1 << 63
 
 
 def _load_memcmp() -> Callable[[int, bytes, int], int] | None:
@@ -120,6 +154,17 @@ def disassembler(bits: int) -> Any:
     return md
 
 
+def pattern_sites(data: bytes, base: int, long_mode: bool) -> list[tuple[int, str]]:
+    """The pattern sites in ``data`` (at guest-linear ``base``): (address, kind)."""
+    found = []
+    for match in _PATTERN.finditer(data):
+        offset = match.start()
+        kind = _PATTERN_KINDS[data[offset + 1]]
+        if long_mode or kind not in _LONG_ONLY:
+            found.append((base + offset, kind))
+    return found
+
+
 @dataclass
 class CodePage:
     """A guest-physical page holding scanned code, watched for writes by the host."""
@@ -128,11 +173,13 @@ class CodePage:
     saved: bytes  # its bytes when last checked
     blocks: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)  # key -> span
     sites: dict[int, tuple[int, int]] = field(default_factory=dict)  # linear address -> span
+    linear: int | None = None  # where it was scanned as part of a chunk (guest-linear)
+    long_mode: bool = False  # the chunk was scanned in 64-bit mode (IRETQ/SYSRETQ patterns)
 
 
 @dataclass
 class CodeRun:
-    """Watched pages contiguous in guest and host memory, compared in one go at each entry."""
+    """Watched pages contiguous in guest and host memory, compared in one go."""
 
     address: int  # host address (0: no longer mapped)
     view: memoryview | None
@@ -151,10 +198,11 @@ class BlockHooks:
     """UC_HOOK_BLOCK hooks over the guest-linear addresses whose code is not scanned yet.
 
     unicorn decides when it translates a block whether the block calls a block hook (one whose
-    range holds the block's first address). Code is scanned the first time it runs; its span
-    is then cut out of these ranges and its translation dropped, so scanned code runs without
-    a call into Python per block. The ranges are the gaps between scanned spans: disjoint,
-    kept by first address."""
+    range holds the block's first address). Shared code is scanned a chunk at a time; its span
+    is then cut out of these ranges, so scanned code runs without a call into Python per
+    block. Deleting a hook makes unicorn drop every block translated while the hook covered it
+    (its "hooked regions"), so the blocks of a cut span are translated again without the hook.
+    The ranges are the gaps between scanned spans: disjoint, kept by first address."""
 
     def __init__(self, uc: Any, callback: Callable[..., None]) -> None:
         self.uc = uc
@@ -179,15 +227,9 @@ class BlockHooks:
         for first in overlapping:
             last, hook = self.gaps.pop(first)
             self.firsts.remove(first)
-            self.uc.hook_del(hook)
+            self.uc.hook_del(hook)  # drops the blocks translated with it
             self._add(first, lo - 1)
             self._add(hi, last)
-        # translated with the hook: translate again (page by page: unicorn translates the
-        # first address of a range and takes the rest as physically contiguous)
-        while overlapping and lo < hi:
-            piece = min(hi, (lo | (PAGE - 1)) + 1)
-            self.uc.ctl_remove_cache(lo, piece)
-            lo = piece
 
     def uncover(self, lo: int, hi: int, still_scanned: list[tuple[int, int]]) -> None:
         """Hook ``[lo, hi)`` again (its code was forgotten), but for what other spans still
@@ -222,6 +264,17 @@ def changed_spans(old: bytes, new: bytes) -> list[tuple[int, int]]:
                 else:
                     spans.append((i, i + 1))
     return spans
+
+
+def merge_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, with touching and overlapping spans joined."""
+    merged: list[tuple[int, int]] = []
+    for lo, hi in sorted(spans):
+        if merged and lo <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(hi, merged[-1][1]))
+        else:
+            merged.append((lo, hi))
+    return merged
 
 
 class CodeScan(CpuState):
@@ -268,15 +321,32 @@ class CodeScan(CpuState):
         vcpu.code_runs = None
         vcpu.uc_dirty_memory = False
 
-    # --- guest-physical and linear memory --------------------------------------------------------
+    # --- scanning --------------------------------------------------------------------------------
 
     def _scan_block(self, vcpu: Vcpu, address: int, size: int) -> None:
-        key = (address, size)
-        if key in vcpu.scanned:
+        """A block hook fired: decode the block; shared code is then scanned by chunk and cut
+        out of the block hooks at the next entry."""
+        shared = self._shared_code(vcpu, address)
+        if shared is None:
+            key = (address, size)
+            if key in vcpu.scanned:
+                return
+            vcpu.scanned.add(key)
+            if self._decode_sites(vcpu, address, size, key):
+                vcpu.uc.emu_stop()  # sites change outside emulation
             return
-        vcpu.scanned.add(key)
-        insns, end, complete = self._decode_block(vcpu, address, size)
-        # The guest-physical pages under the code, watched for host writes.
+        if address & ~0xFFF in vcpu.spans:
+            return  # translated before its chunk was cut
+        self._decode_sites(vcpu, address, size, None)
+        self._scan_chunk(vcpu, address, shared)
+        vcpu.uc.emu_stop()  # sites and block hooks change outside emulation
+
+    def _decode_sites(
+        self, vcpu: Vcpu, address: int, size: int, key: tuple[int, int] | None
+    ) -> bool:
+        """Decode the block at ``address`` and record its sites (and, with ``key``, the block
+        on its code pages); whether new sites were found."""
+        insns, end, _complete = self._decode_block(vcpu, address, size)
         spans: list[tuple[CodePage, int, int, int]] = []  # (page, linear start, lo, hi)
         linear = address
         while linear < end:
@@ -286,7 +356,8 @@ class CodeScan(CpuState):
                 page = self._code_page(vcpu, gpa & ~0xFFF)
                 if page is not None:
                     lo = linear & 0xFFF
-                    page.blocks[key] = (lo, lo + stop - linear)
+                    if key is not None:
+                        page.blocks[key] = (lo, lo + stop - linear)
                     spans.append((page, linear, lo, lo + stop - linear))
             linear = stop
         found = False
@@ -301,14 +372,79 @@ class CodeScan(CpuState):
             if insn.address not in vcpu.sites:
                 vcpu.new_sites[insn.address] = kind
                 found = True
-        shared = self._shared_code(vcpu, address) if complete else None
-        if shared is not None:
-            vcpu.spans[key] = (address, end)
-            vcpu.uncut.append((address, end))
+        return found
+
+    def _scan_chunk(self, vcpu: Vcpu, address: int, shared: str) -> None:
+        """Scan the present, executable, not yet scanned pages of the chunk around ``address``
+        for pattern sites and mark them to be cut out of the block hooks."""
+        long_mode = self._cpu_bits(vcpu) == 64
+        first = address & ~(CHUNK - 1)
+        for linear, gpa in self._code_pages(vcpu, first, CHUNK // PAGE):
+            if linear in vcpu.spans:
+                continue
+            page = self._code_page(vcpu, gpa)
+            if page is None or page.view is None:
+                continue
+            if page.linear is None:
+                page.linear, page.long_mode = linear, long_mode
+            data = bytes(page.view) + self._read_linear(vcpu, linear + PAGE, 1)
+            for site, kind in pattern_sites(data, linear, long_mode):
+                self._pattern_site(vcpu, page, linear, site, kind)
+            vcpu.spans[linear] = (linear, linear + PAGE)
+            vcpu.uncut.append((linear, linear + PAGE))
             if shared == "unpaged":
-                vcpu.unpaged_spans.add(key)
-        if found or shared is not None:
-            vcpu.uc.emu_stop()  # sites and block hooks change outside emulation
+                vcpu.unpaged_spans.add(linear)
+
+    @staticmethod
+    def _pattern_site(vcpu: Vcpu, page: CodePage, base: int, address: int, kind: str) -> None:
+        offset = address - base
+        page.sites[address] = (offset, offset + 2)
+        if address not in vcpu.sites:
+            vcpu.new_sites[address] = kind
+
+    def _code_pages(self, vcpu: Vcpu, first: int, count: int) -> list[tuple[int, int]]:
+        """(linear, gpa) of the pages from ``first`` on that are present and executable."""
+        uc = vcpu.uc
+        cr0 = uc.reg_read(X.UC_X86_REG_CR0)
+        if not cr0 & (1 << 31):
+            return [
+                (linear, linear & 0xFFFFFFFF)
+                for linear in range(first, first + count * PAGE, PAGE)
+                if common.region_at(vcpu.space.regions, linear & 0xFFFFFFFF) is not None
+            ]
+        efer = self._efer(vcpu)
+        if not efer & C.EFER_LMA:  # 32-bit paging: the common walk, no NX tracked here
+            pages = []
+            for linear in range(first, first + count * PAGE, PAGE):
+                gpa = self._translate(vcpu, linear & 0xFFFFFFFF)
+                if gpa is not None:
+                    pages.append((linear, gpa & ~0xFFF))
+            return pages
+        nxe = bool(efer & C.EFER_NXE)
+        root = uc.reg_read(X.UC_X86_REG_CR3) & 0x000FFFFFFFFFF000
+        pages = []
+        for linear in range(first, first + count * PAGE, PAGE):
+            gpa = self._walk64(vcpu, root, linear & M64, nxe)
+            if gpa is not None:
+                pages.append((linear & M64, gpa))
+        return pages
+
+    def _walk64(self, vcpu: Vcpu, table: int, linear: int, nxe: bool) -> int | None:
+        """The gpa of the 4-level-paged page at ``linear`` if present and executable."""
+        for level, shift in enumerate((39, 30, 21, 12)):
+            address = table + ((linear >> shift) & 0x1FF) * 8
+            region = common.region_at(vcpu.space.regions, address)
+            if region is None:
+                return None
+            raw = ctypes.string_at(region.uva + (address - region.gpa), 8)
+            entry = int(struct.unpack("<Q", raw)[0])
+            if not entry & 1 or (nxe and entry & _PTE_NX):
+                return None
+            if level in (1, 2) and entry & 0x80:
+                mask = (1 << shift) - 1
+                return int(entry & 0x000FFFFFFFFFF000 & ~mask) | (linear & mask & ~0xFFF)
+            table = entry & 0x000FFFFFFFFFF000
+        return table
 
     def _shared_code(self, vcpu: Vcpu, address: int) -> str | None:
         """Whether code at guest-linear ``address`` is the code there in every address space,
@@ -319,7 +455,7 @@ class CodeScan(CpuState):
         address gets scanned too."""
         if not vcpu.uc.reg_read(X.UC_X86_REG_CR0) & 1 << 31:
             return "unpaged"
-        if self._cpu_bits(vcpu) == 64 and address >= 1 << 63:
+        if address >= 1 << 63 and self._cpu_bits(vcpu) == 64:
             return "kernel"
         return None
 
@@ -327,9 +463,7 @@ class CodeScan(CpuState):
         """The instructions of the block unicorn translated at ``address`` (``size`` bytes),
         and on to where any block starting in it ends: the first control transfer or the end
         of readable code. ``(instructions, end, complete)``; not complete when the code runs
-        on past the longest block or stops decoding (capstone and QEMU may disagree there):
-        then the span stays under the block hooks and each of its blocks is scanned as it
-        is translated, as everywhere before scanning.
+        on past the longest block or stops decoding (capstone and QEMU may disagree there).
 
         Decoded a piece at a time (capstone decodes all it is given at once): the block
         unicorn reported, which normally ends in a control transfer, then 64 bytes at a time."""
@@ -368,6 +502,8 @@ class CodeScan(CpuState):
         array = (ctypes.c_char * PAGE).from_address(region.uva + (gpa - region.gpa))
         return memoryview(array).cast("B")
 
+    # --- code the host writes --------------------------------------------------------------------
+
     def _code_runs(self, vcpu: Vcpu) -> list[CodeRun]:
         """The watched pages as runs contiguous in guest and host memory."""
         groups: list[tuple[int, list[int]]] = []
@@ -392,53 +528,96 @@ class CodeScan(CpuState):
 
     def _check_code(self, vcpu: Vcpu) -> None:
         """See what the host wrote into scanned code since the last entry (the VMM and the
-        debugger write guest RAM through their own buffers, behind unicorn's back): forget the
-        scans and instruction sites of the changed bytes and drop the translated blocks.
-
-        Per entry: one compare per run of contiguous watched pages (about 1 us, plus 0.2 us a
-        page); a changed page is diffed, so that data written next to code costs no
-        retranslation."""
+        debugger write guest RAM through their own buffers, behind unicorn's back): drop the
+        sites and translations of the changed bytes, search chunk pages again there, forget
+        blocks scanned one by one (see the module docstring for which pages are compared)."""
         if vcpu.code_runs is None:
             vcpu.code_runs = self._code_runs(vcpu)
-        suspects = [gpa for run in vcpu.code_runs if run.changed() for gpa in run.pages]
-        if not suspects:
+        runs = vcpu.code_runs
+        if not runs:
             return
-        vcpu.code_runs = None
+        if len(vcpu.code) <= FULL_PAGES or time.monotonic_ns() - vcpu.left_ns > HOST_PAUSE_NS:
+            changed = [run for run in runs if run.changed()]
+        else:
+            changed = []
+            budget, index = PAGE_BUDGET, vcpu.check_cursor % len(runs)
+            for _ in range(len(runs)):
+                run = runs[index]
+                index = (index + 1) % len(runs)
+                if run.changed():
+                    changed.append(run)
+                budget -= len(run.pages)
+                if budget <= 0:
+                    break
+            vcpu.check_cursor = index
+            here = self._translate(vcpu, self._linear_rip(vcpu))
+            page = None if here is None else vcpu.code.get(here & ~0xFFF)
+            if page is not None and page.view is not None and bytes(page.view) != page.saved:
+                self._code_changed(vcpu, [here & ~0xFFF])  # type: ignore[operator]
+        if changed:
+            self._code_changed(vcpu, [gpa for run in changed for gpa in run.pages])
+            for run in changed:
+                if run.view is None or any(gpa not in vcpu.code for gpa in run.pages):
+                    vcpu.code_runs = None
+                else:
+                    run.saved = bytes(run.view)
+
+    def _code_changed(self, vcpu: Vcpu, suspects: list[int]) -> None:
         stale = False
+        removals: list[tuple[int, int]] = []
         for gpa in suspects:
-            page = vcpu.code[gpa]
-            if page.view is None:
-                current = b""
-            else:
-                current = bytes(page.view)
-                if current == page.saved:
-                    continue
+            page = vcpu.code.get(gpa)
+            if page is None:
+                continue
+            current = b"" if page.view is None else bytes(page.view)
+            if current == page.saved:
+                continue
             changed = changed_spans(page.saved, current)
             page.saved = current
             for key, (lo, hi) in list(page.blocks.items()):
                 if any(a < hi and lo < b for a, b in changed):
                     del page.blocks[key]
                     vcpu.scanned.discard(key)
-                    span = vcpu.spans.pop(key, None)
-                    if span is not None:
-                        vcpu.forgotten.append(span)
                     stale = True
             for address, (lo, hi) in list(page.sites.items()):
                 if any(a < hi and lo < b for a, b in changed):
                     del page.sites[address]
                     vcpu.sites.pop(address, None)
+                    vcpu.new_sites.pop(address, None)
                     hook = vcpu.site_hooks.pop(address, None)
                     if hook is not None:
                         self._quiet(vcpu, vcpu.uc.hook_del, hook)
-                    stale = True
-            if page.view is None or not page.blocks:
+            if page.linear is not None:
+                if page.view is None:  # unmapped: scanned again once mapped and run
+                    span = vcpu.spans.pop(page.linear, None)
+                    if span is not None:
+                        vcpu.forgotten.append(span)
+                        stale = True
+                else:
+                    for lo, hi in changed:
+                        a, b = max(0, lo - 1), min(PAGE, hi + 1)
+                        for site, kind in pattern_sites(
+                            current[a:b], page.linear + a, page.long_mode
+                        ):
+                            self._pattern_site(vcpu, page, page.linear, site, kind)
+                        removals.append((page.linear + lo, page.linear + hi))
+            if page.view is None or (not page.blocks and page.linear is None):
                 del vcpu.code[gpa]
+                vcpu.code_runs = None
         if stale:
             vcpu.uc.ctl_flush_tb()
+        else:
+            for lo, hi in merge_spans(removals):
+                self._quiet(vcpu, vcpu.uc.ctl_remove_cache, lo, hi)
+
+    # --- instruction sites -----------------------------------------------------------------------
 
     def _add_sites(self, vcpu: Vcpu) -> None:
         uc = vcpu.uc
         for address, kind in vcpu.new_sites.items():
+            if address in vcpu.site_hooks:
+                vcpu.sites[address] = kind
+                continue
             vcpu.sites[address] = kind
 
             def on_site(uc_: Any, addr: int, size: int, _data: Any, kind: str = kind) -> None:
@@ -451,7 +630,7 @@ class CodeScan(CpuState):
         vcpu.new_sites.clear()
 
     def _on_site(self, vcpu: Vcpu, address: int, kind: str) -> None:
-        if vcpu.exit_recorded:
+        if vcpu.exit_recorded or vcpu.recovery is not None:
             return
         uc = vcpu.uc
         if kind in _SITE_OPCODES and not self._site_intact(vcpu, address, kind):
@@ -540,23 +719,24 @@ class CodeScan(CpuState):
             span = vcpu.spans.pop(key, None)
             if span is not None:
                 vcpu.forgotten.append(span)
-            vcpu.scanned.discard(key)
+        for page in vcpu.code.values():
+            if page.linear in vcpu.unpaged_spans:
+                page.linear = None
         vcpu.unpaged_spans.clear()
         vcpu.uc.ctl_flush_tb()
 
     @staticmethod
     def _cut_scanned(vcpu: Vcpu) -> None:
-        """Update the block hooks: hook forgotten code again, cut out newly scanned spans (the
-        translations were flushed when code was forgotten)."""
+        """Update the block hooks: hook forgotten code again, cut out newly scanned spans
+        (adjacent pages in one go; the translations of forgotten code were flushed)."""
         hooks = vcpu.block_hooks
         assert hooks is not None
         if vcpu.forgotten:
-            for lo, hi in vcpu.forgotten:
+            for lo, hi in merge_spans(vcpu.forgotten):
                 still = [(a, b) for a, b in vcpu.spans.values() if a < hi and lo < b]
                 hooks.uncover(lo, hi, still)
             vcpu.forgotten.clear()
-        live = set(vcpu.spans.values())
-        for span in vcpu.uncut:
-            if span in live:
-                hooks.cut(*span)
+        live = [span for span in vcpu.uncut if vcpu.spans.get(span[0]) == span]
+        for lo, hi in merge_spans(live):
+            hooks.cut(lo, hi)
         vcpu.uncut.clear()

@@ -14,11 +14,11 @@ from __future__ import annotations
 from typing import Any
 
 from . import constants as C
-from .emu_code import CodeScan
+from .emu_nets import SafetyNets
 from .emu_state import Vcpu, X, unicorn
 
 
-class DebugRegs(CodeScan):
+class DebugRegs(SafetyNets):
     """DR0-DR3/DR7 (see the module docstring)."""
 
     def _apply_debug(self, vcpu: Vcpu) -> None:
@@ -67,7 +67,7 @@ class DebugRegs(CodeScan):
             self._remap(vcpu)
 
     def _on_exec_breakpoint(self, vcpu: Vcpu, address: int) -> None:
-        if vcpu.exit_recorded or vcpu.pending_event is not None:
+        if vcpu.exit_recorded or vcpu.pending_event is not None or vcpu.recovery is not None:
             return
         if vcpu.skip_rip == address:
             vcpu.skip_rip = None

@@ -76,6 +76,9 @@ class Events(DebugRegs):
     def _on_interrupt(self, vcpu: Vcpu, intno: int) -> None:
         """A fault, trap or INT n raised by unicorn: remember it; the run loop decides."""
         vcpu.stale_fault = True  # QEMU counted it as an exception in flight
+        if vcpu.recovery is not None:  # the rest of a block being undone (emu_nets)
+            vcpu.uc.emu_stop()
+            return
         linear = self._linear_rip(vcpu)
         before = self._read_linear(vcpu, (linear - 2) & M64, 2)
         kind = C.IRQ_INFO_HARD_EXC

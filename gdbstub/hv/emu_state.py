@@ -70,6 +70,7 @@ ENV_EFER = 592
 
 # QEMU hflags bits and descriptor flag bits.
 HF_CPL = 3
+HF_INHIBIT_IRQ = 1 << 3  # the STI / MOV SS interrupt shadow
 HF_CS32 = 1 << 4
 HF_SS32 = 1 << 5
 HF_ADDSEG = 1 << 6
@@ -144,16 +145,25 @@ class Vcpu:
         self.sites: dict[int, str] = {}
         self.site_hooks: dict[int, int] = {}
         self.new_sites: dict[int, str] = {}
+        # blocks scanned one by one (code that is not the same in every address space)
         self.scanned: set[tuple[int, int]] = set()
-        # scanned code by block key: the guest-linear span it covers, and the spans not yet
-        # cut out of the block hooks (cut outside emulation, at the next entry)
-        self.spans: dict[tuple[int, int], tuple[int, int]] = {}
+        # pages scanned as part of a chunk, by guest-linear page address: the span each one
+        # covers, and the spans not yet cut out of the block hooks (cut outside emulation, at
+        # the next entry)
+        self.spans: dict[int, tuple[int, int]] = {}
         self.uncut: list[tuple[int, int]] = []
         self.forgotten: list[tuple[int, int]] = []  # cut spans whose code was forgotten
-        self.unpaged_spans: set[tuple[int, int]] = set()  # spans scanned with paging off
+        self.unpaged_spans: set[int] = set()  # pages scanned with paging off
         self.block_hooks: BlockHooks | None = None
         self.code: dict[int, CodePage] = {}  # gpa page -> scanned code on it
         self.code_runs: list[CodeRun] | None = None
+        self.check_cursor = 0  # next run of code pages to compare (emu_code._check_code)
+        self.left_ns = 0  # when the last hv_vcpu_run returned
+        # the safety nets (emu_nets): an instruction site that ran without its code hook
+        self.recovery: Any = None
+        self.write_hook: Any = None
+        self.timer_fired: str | None = None  # "deadline" or "slice": the watchdog stopped it
+        self.entry_token = 0  # the watchdog's token of the running entry
         self.dr_exec_hooks: dict[int, int] = {}
         self.dr_exec: dict[int, int] = {}  # linear address -> DR index bits
         self.watch: list[tuple[int, int, int, bool]] = []  # (bit, lo, hi, reads too)

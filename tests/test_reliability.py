@@ -465,13 +465,14 @@ def test_signals_end_the_vm_cleanly(
         process.stop()
 
 
+@pytest.mark.parametrize("mode", [1, 4], ids=["spinning", "halted-with-interrupts-off"])
 def test_ctrl_c_while_running_without_a_debugger(
-    pvh: Path, syms: dict[str, int], backend: str, tmp_path: Path
+    mode: int, pvh: Path, syms: dict[str, int], backend: str, tmp_path: Path
 ) -> None:
     with stub(tmp_path, str(pvh), "--wait", "--listen", "127.0.0.1:0", "--backend", backend,
               "--serial", "none") as process:  # fmt: skip
         client = Client(process.port)
-        to_main64(client, syms, mode=1)
+        to_main64(client, syms, mode=mode)
         assert client.ask(b"D") == b"OK"
         time.sleep(0.3)
         process.proc.send_signal(signal.SIGINT)

@@ -132,6 +132,12 @@ def run(args: argparse.Namespace, shutdown: _Shutdown) -> int:
         raise UsageError(str(exc)) from exc
     except OSError as exc:
         raise UsageError(f"cannot read {exc.filename or args.kernel}: {exc.strerror}") from exc
+    if args.log_packets is not None:
+        try:
+            open(args.log_packets, "a").close()
+        except OSError as exc:
+            message = f"--log-packets: cannot open {args.log_packets}: {exc.strerror}"
+            raise UsageError(message) from exc
     backend = _load_backend(args.backend)
     where = args.listen_at
     try:

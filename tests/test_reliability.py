@@ -408,7 +408,16 @@ def _limit_address_space() -> None:
 
 @pytest.mark.parametrize(
     "case",
-    ["memory", "busy-port", "no-unicorn", "unreadable", "serial-file", "listen-name", "smp"],
+    [
+        "memory",
+        "busy-port",
+        "no-unicorn",
+        "unreadable",
+        "serial-file",
+        "listen-name",
+        "smp",
+        "log-packets",
+    ],
 )
 def test_resource_and_argument_failures_are_one_line(case: str, pvh: Path, tmp_path: Path) -> None:
     common = ["--serial", "none"]
@@ -433,6 +442,9 @@ def test_resource_and_argument_failures_are_one_line(case: str, pvh: Path, tmp_p
         common = []
     elif case == "listen-name":
         args, status, words = [str(pvh), "--listen", "no-such-host.invalid:1234"], 2, "--listen"
+    elif case == "log-packets":
+        args = [str(pvh), "--log-packets", f"{tmp_path}/no/such/dir/log"]
+        status, words = 2, "--log-packets"
     else:
         args, status, words = [str(pvh), "-smp", "4"], 2, "one vCPU"
     result = run_stub("run", *args, *common, **kwargs)

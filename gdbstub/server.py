@@ -464,6 +464,9 @@ class GdbServer:
             return " without detaching; the guest stays stopped"
         # running for the client: stop it (debug registers are written on the vCPU threads)
         stops = self._interrupt_and_wait()
+        if not stops:  # still running: its breakpoints cannot be reached safely now
+            self._guest_running = True
+            return " without detaching; the guest did not stop, its breakpoints stay"
         if remove is not None:
             remove()
         if any(stop.exit_status is not None for stop in stops):

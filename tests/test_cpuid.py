@@ -20,7 +20,7 @@ def text(*regs: int) -> bytes:
 
 def test_vendor_and_max_leaf() -> None:
     eax, ebx, ecx, edx = ask(0)
-    assert eax == 0xD
+    assert eax == 0x16
     assert text(ebx, edx, ecx) == b"GenuineIntel"
 
 
@@ -71,8 +71,19 @@ def test_extended_leaves() -> None:
 
 
 def test_out_of_range_is_zero() -> None:
-    for leaf in (0xE, 0x40000001, 0x80000009, 0x12345678, 2, 4, 7):
+    for leaf in (0xE, 0x17, 0x40000001, 0x80000009, 0x12345678, 2, 4, 0x15, 0x16):
         assert ask(leaf) == (0, 0, 0, 0)
+
+
+def test_arch_capabilities_and_the_tsc_rate() -> None:
+    """Leaf 7 offers IA32_ARCH_CAPABILITIES only; 0x15/0x16 give a measured TSC rate the way
+    Linux's native_calibrate_tsc reads it: crystal Hz * EBX / EAX, the crystal being the APIC
+    timer's 1 GHz input."""
+    assert ask(7) == (0, 0, 0, 1 << model.ARCH_CAPABILITIES)
+    assert ask(7, 1) == (0, 0, 0, 0)
+    eax, ebx, ecx, edx = cpuid(0x15, 0, xcr0=3, cr4_osxsave=False, tsc_hz=2_596_123_456)
+    assert ecx == 1_000_000_000 and ecx * ebx // eax == 2_596_000_000
+    assert cpuid(0x16, 0, xcr0=3, cr4_osxsave=False, tsc_hz=2_596_123_456)[0] == 2596
 
 
 def test_table_is_the_model_row_by_row() -> None:

@@ -3,13 +3,16 @@
 Theory of operation
 ===================
 
-The guest sees one fixed virtual CPU: vendor "GenuineIntel" (the framework runs on Intel Macs),
+The guest sees one virtual CPU: vendor "GenuineIntel" (the framework runs on Intel Macs),
 family 6 model 0x3a stepping 9, 40 physical / 48 linear address bits, brand string
 "gdbstub virtual CPU", the hypervisor bit, and hypervisor leaf 0x40000000 with the signature
 "gdbstubVCPU\\0".  Only features that a VMX guest can use without help from the VMM are
 advertised, plus the local APIC (bit 9 of leaf 1 EDX) when the machine emulates one
 (``apic=True``); no x2APIC or TSC-deadline timer yet, no MTRRs, no RDTSCP and no
-XSAVEOPT/XSAVEC/XSAVES.
+XSAVEOPT/XSAVEC/XSAVES. Leaf 7 offers IA32_ARCH_CAPABILITIES only (the machine answers it:
+not vulnerable to the speculation bugs Linux would otherwise mitigate by patching itself);
+leaves 0x15/0x16 give the TSC rate the machine measured, with a 1 GHz crystal that is also the
+local APIC timer's input, so Linux neither calibrates the TSC nor the APIC timer.
 
 Two answers depend on guest state, which the caller passes in:
 
@@ -26,7 +29,7 @@ from __future__ import annotations
 VENDOR = b"GenuineIntel"
 HYPERVISOR_SIGNATURE = b"gdbstubVCPU\0"
 BRAND = b"gdbstub virtual CPU"
-MAX_BASIC_LEAF = 0xD
+MAX_BASIC_LEAF = 0x16
 MAX_HYPERVISOR_LEAF = 0x40000000
 MAX_EXTENDED_LEAF = 0x80000008
 PHYS_ADDR_BITS = 40
@@ -63,6 +66,10 @@ def _regs(text: bytes) -> tuple[int, ...]:
     return tuple(int.from_bytes(text[i : i + 4], "little") for i in range(0, len(text), 4))
 
 
+# leaf 7 EDX
+ARCH_CAPABILITIES = 29
+APIC_BUS_HZ = 1_000_000_000  # the local APIC timer's input, as QEMU's (leaf 0x15's crystal)
+
 LEAF1_EDX = _bits(FPU, PSE, TSC, MSR, PAE, CX8, SEP, PGE, CMOV, PAT, PSE36, CLFSH, MMX, FXSR,
                   SSE, SSE2)  # fmt: skip
 LEAF1_ECX = _bits(SSE3, SSSE3, CX16, SSE41, SSE42, POPCNT, XSAVE, HYPERVISOR)
@@ -89,12 +96,15 @@ def cpuid(
     apic_id: int = 0,
     avx: bool = True,
     apic: bool = False,
+    tsc_hz: int = 0,
 ) -> tuple[int, int, int, int]:
     """(eax, ebx, ecx, edx) of CPUID ``leaf``/``subleaf`` for a vCPU in the given state.
 
     ``xcr0`` is the guest's XCR0 and ``cr4_osxsave`` its CR4.OSXSAVE bit.  ``apic_id`` goes into
     leaf 1 EBX[31:24]; ``avx=False`` hides AVX (for backends whose CPU lacks it); ``apic``
-    offers the local APIC (the machine emulates it).
+    offers the local APIC (the machine emulates it). ``tsc_hz`` is the guest TSC's rate: leaf
+    0x15 gives it as the 1 GHz crystal (the APIC timer's input) times a ratio, and leaf 0x16 in
+    MHz, so kernels need not calibrate the TSC against the PIT (0: both leaves read zero).
     """
     leaf &= 0xFFFFFFFF
     subleaf &= 0xFFFFFFFF
@@ -105,8 +115,17 @@ def cpuid(
         ebx = (8 << 8) | (1 << 16) | ((apic_id & 0xFF) << 24)  # clflush 64 B, 1 logical CPU
         ecx = LEAF1_ECX | (1 << AVX if avx else 0) | (1 << OSXSAVE if cr4_osxsave else 0)
         return SIGNATURE_EAX, ebx, ecx, LEAF1_EDX | (1 << APIC if apic else 0)
+    if leaf == 7:
+        # no structured extended features, but IA32_ARCH_CAPABILITIES, which says what this
+        # virtual CPU is not vulnerable to (guestmsr.py)
+        return (0, 0, 0, 1 << ARCH_CAPABILITIES) if subleaf == 0 else (0, 0, 0, 0)
     if leaf == 0xD:
         return _leaf_xsave(subleaf, xcr0, avx)
+    if leaf == 0x15 and tsc_hz:
+        return 1000, round(tsc_hz / 1_000_000), APIC_BUS_HZ, 0
+    if leaf == 0x16 and tsc_hz:
+        mhz = round(tsc_hz / 1_000_000)
+        return mhz, mhz, APIC_BUS_HZ // 1_000_000, 0
     if leaf == 0x40000000:
         b, c, d = _regs(HYPERVISOR_SIGNATURE)
         return MAX_HYPERVISOR_LEAF, b, c, d
@@ -133,7 +152,9 @@ def _leaf_xsave(subleaf: int, xcr0: int, avx: bool) -> tuple[int, int, int, int]
     return 0, 0, 0, 0  # subleaf 1: no XSAVEOPT/XSAVEC/XSAVES; other components unsupported
 
 
-def table(*, avx: bool = True, apic: bool = True) -> list[tuple[int, int, int, int, int, int]]:
+def table(
+    *, avx: bool = True, apic: bool = True, tsc_hz: int = 0
+) -> list[tuple[int, int, int, int, int, int]]:
     """The whole model as ``(leaf, subleaf, eax, ebx, ecx, edx)`` rows, for a backend that
     answers CPUID itself instead of exiting (KVM's ``KVM_SET_CPUID2``).
 
@@ -147,6 +168,8 @@ def table(*, avx: bool = True, apic: bool = True) -> list[tuple[int, int, int, i
     leaves += [(leaf, 0) for leaf in range(0x80000000, MAX_EXTENDED_LEAF + 1)]
     rows = []
     for leaf, sub in leaves:
-        values = cpuid(leaf, sub, xcr0=xcr0, cr4_osxsave=False, avx=avx, apic=apic)
+        values = cpuid(
+            leaf, sub, xcr0=xcr0, cr4_osxsave=False, avx=avx, apic=apic, tsc_hz=tsc_hz
+        )
         rows.append((leaf, sub, *values))
     return rows

@@ -123,6 +123,7 @@ def _cpuid(machine: Machine, vcpu: int) -> Stop | None:
         apic_id=machine.cpu(vcpu).index,
         avx=machine.cpu_avx,
         apic=True,
+        tsc_hz=machine.tsc_hz,
     )
     for reg, value in zip(
         (hv.HV_X86_RAX, hv.HV_X86_RBX, hv.HV_X86_RCX, hv.HV_X86_RDX), values, strict=True

@@ -18,6 +18,12 @@ if TYPE_CHECKING:
     from .machine import Machine, VcpuState
 
 LAPIC_MSRS = (0x1B, 0x6E0)
+
+# IA32_ARCH_CAPABILITIES of the virtual CPU: not affected by Meltdown (RDCL_NO), speculative
+# store bypass, MDS, the page-size-change machine check, TAA, the MMIO stale-data bugs
+# (SBDR_SSDP_NO, FBSDP_NO, PSDP_NO), BHI, PBRSB, GDS, RFDS and ITS: a kernel then neither
+# clears CPU buffers nor patches its returns for them
+ARCH_CAPABILITIES = sum(1 << bit for bit in (0, 4, 5, 6, 8, 13, 14, 15, 20, 24, 26, 27, 62))
 X2APIC_FIRST, X2APIC_LAST = 0x800, 0x8FF
 
 # MSR: (reset value, writable)
@@ -26,6 +32,7 @@ MACHINE_MSRS: dict[int, tuple[int, bool]] = {
     0x3A: (1, False),  # IA32_FEATURE_CONTROL: locked, VMX off
     0x8B: (0, True),  # IA32_BIOS_SIGN_ID (microcode revision)
     0xFE: (0, False),  # IA32_MTRRCAP: no variable or fixed MTRRs
+    0x10A: (ARCH_CAPABILITIES, False),  # IA32_ARCH_CAPABILITIES (CPUID 7 EDX bit 29)
     0x179: (0, False),  # IA32_MCG_CAP: no machine-check banks
     0x17A: (0, True),  # IA32_MCG_STATUS
     0x1A0: (1, True),  # IA32_MISC_ENABLE: fast strings

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,6 +137,33 @@ def set_vmm_controls(vcpu: int) -> None:
             log.debug("MSR %#x cannot be native on this backend", msr)
 
 
+def measure_tsc_hz(vcpu: int, seconds: float = 0.05) -> int:
+    """The rate of ``vcpu``'s TSC from IA32_TSC reads ``seconds`` apart (0 if the backend
+    cannot read it). Each read is bracketed by the host clock, and the tightest of three
+    brackets is taken at either end, so a slow read does not skew the rate."""
+
+    def sample() -> tuple[int, int]:
+        best: tuple[int, int, int] | None = None
+        for _ in range(3):
+            before = time.monotonic_ns()
+            tsc = hv.hv_vcpu_read_msr(vcpu, hv.MSR_TSC)
+            after = time.monotonic_ns()
+            if best is None or after - before < best[0]:
+                best = (after - before, (before + after) // 2, tsc)
+        assert best is not None
+        return best[1], best[2]
+
+    try:
+        t0, c0 = sample()
+        time.sleep(seconds)
+        t1, c1 = sample()
+    except hv.HvError:
+        return 0
+    if t1 <= t0 or c1 <= c0:
+        return 0
+    return (c1 - c0) * 1_000_000_000 // (t1 - t0)
+
+
 @dataclass
 class VcpuState:
     """What the machine keeps per vCPU."""
@@ -192,6 +220,8 @@ class Machine:
         """Whether CPUID offers AVX (the debug target's probe turns it off where the vCPU
         cannot execute AVX instructions)."""
         self.step_irqs = False
+        self.tsc_hz = 0
+        """The guest TSC's rate (measured on the first vCPU; CPUID leaves 0x15/0x16)."""
         self.tsc_settable = True
         """Whether the guest TSC is put back after a debugger stop (false where the backend
         cannot write it: this host's kvm_pvm)."""
@@ -237,6 +267,8 @@ class Machine:
 
     def setup_vcpu(self, vcpu: int) -> None:
         """Initial state and controls of a new vCPU, and its local APIC (owner thread)."""
+        if not self.tsc_hz:
+            self.tsc_hz = measure_tsc_hz(vcpu)
         set_vmm_controls(vcpu)
         write_cpu_state(vcpu, self.plan.cpu)
         index = len(self._cpus)
@@ -316,7 +348,9 @@ class Machine:
         try:
             hv.hv_vcpu_write_msr(vcpu, hv.MSR_TSC, tsc)
         except hv.HvError:
-            self.tsc_settable = True  # the backend cannot offset the TSC (docs/linux.md)
+            self.tsc_hz = 0
+        """The guest TSC's rate (measured on the first vCPU; CPUID leaves 0x15/0x16)."""
+        self.tsc_settable = True  # the backend cannot offset the TSC (docs/linux.md)
 
     def is_halted(self, vcpu: int) -> bool:
         """Whether ``vcpu`` waits in HLT."""

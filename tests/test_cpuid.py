@@ -81,7 +81,7 @@ def test_arch_capabilities_and_the_tsc_rate() -> None:
     timer's 1 GHz input."""
     assert ask(7) == (0, 0, 0, 1 << model.ARCH_CAPABILITIES)
     assert ask(7, 1) == (0, 0, 0, 0)
-    eax, ebx, ecx, edx = cpuid(0x15, 0, xcr0=3, cr4_osxsave=False, tsc_hz=2_596_123_456)
+    eax, ebx, ecx, _edx = cpuid(0x15, 0, xcr0=3, cr4_osxsave=False, tsc_hz=2_596_123_456)
     assert ecx == 1_000_000_000 and ecx * ebx // eax == 2_596_000_000
     assert cpuid(0x16, 0, xcr0=3, cr4_osxsave=False, tsc_hz=2_596_123_456)[0] == 2596
 

@@ -279,11 +279,16 @@ def test_client_dies_without_detach(kernel: Path, backend: str, tmp_path: Path) 
         gdb = Gdb(kernel, stub.port)
         to_main(gdb, mode=1)
         gdb.cmd("break spin_loop")
+        pc = gdb.value("$pc")
         gdb.child.kill(9)
         time.sleep(0.5)
+        # as with QEMU: the guest stays where gdb left it, without gdb's breakpoints
         gdb2 = Gdb(kernel, stub.port)
-        assert gdb2.value("*(long*)&counter") > 1
+        assert gdb2.value("$pc") == pc
+        assert gdb2.value("*(long*)&counter") == 0
         assert "no breakpoints" in gdb2.cmd("monitor info breakpoints")
+        gdb2.cmd("break spin_loop")
+        assert "spin_loop" in gdb2.cmd("continue", timeout=60)
         gdb2.close()
     finally:
         stub.stop()

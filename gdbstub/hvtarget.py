@@ -246,6 +246,8 @@ class HvTarget:
         )
         self._exited: int | None = None
         self._step_flags = 0x7  # QEMU's default sstep flags: steps skip interrupt handlers
+        self.quit_requested = False
+        """Set by ``monitor quit``: the session ends the VM after the reply."""
         bind = getattr(vmm, "bind_vcpu", None)
         for index in range(vcpu_count):
             worker = VcpuWorker(index, self._on_worker_stop, setup=vmm.setup_vcpu)

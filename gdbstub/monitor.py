@@ -365,6 +365,26 @@ def _where(target: HvTarget, tid: int) -> str:
     return f"rip {rip:#x}{symbolize(rip) if symbolize is not None else ''}"
 
 
+def _system_reset(target: HvTarget, args: list[str]) -> str:
+    reset = getattr(target.vmm, "reset", None)
+    if reset is None:
+        raise MonitorError("this VMM cannot reset its machine")
+    if target.is_running():
+        raise MonitorError("stop the guest first (Ctrl-C)")
+    tid = _tid(target)
+    target.on_vcpu(tid, reset)
+    target.invalidate_registers()
+    return (
+        "the machine was reset: the guest starts again at its entry point on continue\n"
+        "(gdb keeps its register cache: maintenance flush register-cache)\n"
+    )
+
+
+def _quit(target: HvTarget, args: list[str]) -> str:
+    target.quit_requested = True
+    return "gdbstub: quitting (the VM ends)\n"
+
+
 def _status(target: HvTarget, args: list[str]) -> str:
     """Per vCPU: running, or stopped for the debugger (and why), or halted in HLT; then
     what the machine says when it is more than "running" (a fault, an exit)."""
@@ -428,6 +448,13 @@ COMMANDS: tuple[Command, ...] = (
         "step-irqs on|off",
         "whether single steps may enter interrupt handlers (default off)",
     ),
+    Command(
+        ("system_reset",),
+        _system_reset,
+        "system_reset",
+        "reset the PC (as QEMU's): images reloaded, gdb's breakpoints planted again",
+    ),
+    Command(("quit",), _quit, "quit", "end the VM and the stub (as QEMU's quit)"),
     Command(("status",), _status, "status", "backend, each vCPU's state, what happened"),
 )
 

@@ -544,6 +544,10 @@ class GdbSession:
         output = self.target.monitor(cmd.command).encode("utf-8")
         for start in range(0, len(output), _CONSOLE_CHUNK):
             self._console.append(hex_encode(output[start : start + _CONSOLE_CHUNK]))
+        if getattr(self.target, "quit_requested", False):  # ``monitor quit``, as QEMU's
+            self.target.kill()
+            self._state = SessionState.KILLED
+            self._after.append(Shutdown())
         return OK
 
     def _h_set_physical_mode(self, cmd: Command) -> _Reply:

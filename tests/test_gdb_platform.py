@@ -97,3 +97,24 @@ def test_a_long_stop_does_not_show_in_the_guest_tsc(
     if backend == "kvm" and across > half:
         pytest.skip("this host's KVM (kvm_pvm) ignores guest TSC writes (docs/linux.md)")
     assert across < half // 4, (half, across)
+
+
+def test_monitor_system_reset_and_quit(kernel: Path, backend: str, tmp_path: Path) -> None:
+    """QEMU's ``system_reset``: the PC starts again (RAM reloaded, gdb's breakpoints planted
+    again); ``quit`` ends the stub."""
+    with session(kernel, backend, tmp_path, "--append", "idle") as (stub, gdb):
+        _to_idle(gdb, kernel)
+        gdb.cmd("break irq0_handler")
+        assert "irq0_handler" in gdb.cmd("continue", timeout=60)
+        assert "irq0_handler" in gdb.cmd("continue", timeout=60)
+        assert gdb.value("*(int *)&ticks") == 1
+        assert "was reset" in gdb.cmd("monitor system_reset")
+        gdb.cmd("maintenance flush register-cache")  # gdb's cache, as after QEMU's system_reset
+        assert gdb.value("$pc") == gdb.value("&pvh_entry")
+        assert gdb.value("*(int *)&ticks") == 0  # RAM holds the image again
+        out = gdb.cmd("continue", timeout=60)
+        assert "irq0_handler" in out, out  # planted again after the reset
+        assert gdb.value("*(int *)&ticks") == 0
+        assert stub.serial_text().count("pc_kernel\n") == 2
+        gdb.child.sendline("monitor quit")
+        assert stub.wait_exit(30) == 0

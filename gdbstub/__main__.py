@@ -110,6 +110,7 @@ class _Shutdown:
 def run(args: argparse.Namespace, shutdown: _Shutdown) -> int:
     """``gdbstub run``: boot, serve, and return the exit status (see the module docstring)."""
     from .machine.loader import BootError, load_kernel
+    from .progress import Progress
     from .server import Listener
 
     kernel = Path(args.kernel)
@@ -120,14 +121,16 @@ def run(args: argparse.Namespace, shutdown: _Shutdown) -> int:
         raise UsageError(f"cannot read initrd {args.initrd}")
     from .machine.firmware.layout import ACPI_ADDR as RSDP_ADDR
 
+    size_mb = kernel.stat().st_size / 1e6
     try:
-        plan = load_kernel(
-            kernel,
-            mem_size=args.memory_bytes,
-            cmdline=args.cmdline,
-            initrd=initrd,
-            rsdp_addr=RSDP_ADDR,
-        )
+        with Progress(f"loading {kernel.name} ({size_mb:.0f} MB)"):
+            plan = load_kernel(
+                kernel,
+                mem_size=args.memory_bytes,
+                cmdline=args.cmdline,
+                initrd=initrd,
+                rsdp_addr=RSDP_ADDR,
+            )
     except BootError as exc:
         raise UsageError(str(exc)) from exc
     except OSError as exc:
@@ -165,6 +168,7 @@ def _serve(
     from .hvtarget import HvTarget
     from .machine.loader import BootError, symbols
     from .machine.machine import Machine
+    from .progress import Progress
     from .server import GdbServer, is_loopback
     from .target import ResumeAction
 
@@ -195,7 +199,8 @@ def _serve(
         for data in early:
             machine.uart.feed_input(data)
     try:
-        kernel_symbols = symbols(kernel)
+        with Progress(f"reading the symbols of {kernel.name}"):
+            kernel_symbols = symbols(kernel)
     except BootError:  # a raw image (Multiboot a.out kludge) has no symbol table
         kernel_symbols = {}
     machine.symbols = kernel_symbols

@@ -6,9 +6,9 @@ the VM starts, never by the host's name) and keeps the books:
 
 * ``int3``: the byte at the breakpoint is replaced by 0xCC and #BP is intercepted;
 * ``dr``: one of the four debug-register slots (execution or data breakpoint), #DB intercepted;
-* ``page``: the guest-physical page is write-protected (or made inaccessible for read/access
-  watchpoints) with ``hv_vm_protect``; the faulting access is completed by the target and
-  reported when it touches the watched range.
+* ``page``: the guest-physical page is write-protected (or made execute-only for read/access
+  watchpoints: code on the page still runs) with ``hv_vm_protect``; the faulting access is
+  completed by the target and reported, after it, when it touches the watched range.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class Breakpoint:
             + (" (software breakpoint: int3 not possible here)" if self.kind == 0 else ""),
             "page": "write-protected guest page (hv_vm_protect)"
             if self.kind == 2
-            else "inaccessible guest page (hv_vm_protect)",
+            else "execute-only guest page (hv_vm_protect)",
         }[self.mechanism]
         return f"{KIND_NAMES[self.kind]:<15} {where:<26} {how}; hits {self.hits}"
 

@@ -563,26 +563,39 @@ class HvTarget:
         ):
             raise TargetError.bad_address()  # (never protect pages that are not guest RAM)
         bp = Breakpoint(kind, address, length, "page", physical=chunks)
-        flags = hv.HV_MEMORY_READ | hv.HV_MEMORY_EXEC if kind == 2 else 0
+        self._breakpoints[(kind, address, length)] = bp  # (for _page_flags)
         for gpa, size in chunks:
             for page in range(gpa & ~(PAGE - 1), gpa + size, PAGE):
                 self._protected[page] = self._protected.get(page, 0) + 1
-                hv.hv_vm_protect(page, PAGE, flags)
+                hv.hv_vm_protect(page, PAGE, self._page_flags(page))
         return bp
+
+    def _page_flags(self, page: int) -> int:
+        """How a watched page is mapped: read and execute for write watchpoints only;
+        execute-only when a read or access watchpoint is on it (code on the page still runs:
+        the backend executes it where the hardware cannot, and reports its data accesses)."""
+        flags = hv.HV_MEMORY_READ | hv.HV_MEMORY_WRITE | hv.HV_MEMORY_EXEC
+        for bp in self._breakpoints.values():
+            if bp.mechanism != "page":
+                continue
+            if any(gpa < page + PAGE and page < gpa + size for gpa, size in bp.physical):
+                flags &= (
+                    hv.HV_MEMORY_READ | hv.HV_MEMORY_EXEC if bp.kind == 2 else hv.HV_MEMORY_EXEC
+                )
+        return flags
 
     def _is_ram(self, gpa: int, size: int) -> bool:
         """Whether ``[gpa, gpa + size)`` lies within one RAM range."""
         return any(s <= gpa and gpa + size <= s + n for s, n in self.memory.ranges())
 
     def _unprotect(self, bp: Breakpoint) -> None:
+        """Give the pages of a removed page watchpoint back what the others still need."""
         for gpa, size in bp.physical:
             for page in range(gpa & ~(PAGE - 1), gpa + size, PAGE):
                 self._protected[page] -= 1
                 if not self._protected[page]:
                     del self._protected[page]
-                    hv.hv_vm_protect(
-                        page, PAGE, hv.HV_MEMORY_READ | hv.HV_MEMORY_WRITE | hv.HV_MEMORY_EXEC
-                    )
+                hv.hv_vm_protect(page, PAGE, self._page_flags(page))
 
     def breakpoint_report(self) -> str:
         """``monitor info breakpoints``: those inserted now, else those of the last run (gdb
@@ -688,13 +701,7 @@ class HvTarget:
         """Consume the exits that belong to the debugger; Stop("continue") = consumed, go on."""
         reason = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_RO_EXIT_REASON)
         if reason == hv.VMX_REASON_MTF and (thread.watch_hit or thread.reprotect):
-            hit, thread.watch_hit = thread.watch_hit, None  # the instruction is complete now
-            for page, flags in thread.reprotect or ():
-                hv.hv_vm_protect(page, PAGE, flags)
-            thread.reprotect = None
-            if not step:
-                self._set_step(vcpu, False)
-            return hit or Stop("continue")
+            return self._watched_instruction_done(thread, vcpu, step)
         if reason == hv.VMX_REASON_MTF:
             return Stop("debug", SIGTRAP) if step else Stop("continue")
         if reason == hv.VMX_REASON_EXC_NMI:
@@ -708,7 +715,7 @@ class HvTarget:
         if reason == hv.VMX_REASON_EPT_VIOLATION:
             gpa = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_GUEST_PHYSICAL_ADDRESS)
             if gpa & ~(PAGE - 1) in self._protected:
-                return self._on_watched_page(thread, vcpu, gpa)
+                return self._on_watched_page(thread, vcpu, gpa, step)
         return None
 
     def _on_int3(self, vcpu: int, info: int) -> Stop:
@@ -745,7 +752,7 @@ class HvTarget:
         )
         return Stop("continue")
 
-    def _on_watched_page(self, thread: _Thread, vcpu: int, gpa: int) -> Stop:
+    def _on_watched_page(self, thread: _Thread, vcpu: int, gpa: int, step: bool) -> Stop:
         qual = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_RO_EXIT_QUALIFIC)
         if not hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.GDBSTUB_VMCS_MMIO_DECODED):
             return self._step_through_watched_page(thread, vcpu, gpa, qual)
@@ -758,16 +765,32 @@ class HvTarget:
             value = int.from_bytes(self.memory.read(gpa, size), "little")
             hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.GDBSTUB_VMCS_MMIO_DATA, value)
         hit = self._page_watch_hit(gpa, size, is_write)
+        if is_write:
+            # KVM retires a decoded write (the instruction, or one iteration of a REP string
+            # instruction) before it exits: the access is done (stored above), and so is a
+            # read of the same instruction that hit or opened a page: report now, trap-after
+            # (a monitor-trap step would run one instruction more)
+            thread.watch_hit = thread.watch_hit or hit
+            if thread.watch_hit is not None or thread.reprotect:
+                return self._watched_instruction_done(thread, vcpu, step)
+            return Stop("continue")
         if hit is not None and thread.watch_hit is None:
-            if is_write:
-                # KVM retires a decoded write before it exits: the access is done (we stored
-                # it above), so this is already trap-after
-                return hit
             # x86 watchpoints trap after the access: a decoded read completes on the next
             # entry; finish the instruction with one monitor-trap step (see _debug_exit)
             thread.watch_hit = hit
             self._set_step(vcpu, True)
         return Stop("continue")
+
+    def _watched_instruction_done(self, thread: _Thread, vcpu: int, step: bool) -> Stop:
+        """The instruction that touched a watched page is complete: close the pages opened for
+        it, end the monitor-trap step gdb did not ask for, and report its hit if any."""
+        hit, thread.watch_hit = thread.watch_hit, None
+        for page, flags in thread.reprotect or ():
+            hv.hv_vm_protect(page, PAGE, flags)
+        thread.reprotect = None
+        if not step:
+            self._set_step(vcpu, False)
+        return hit or Stop("continue")
 
     def _page_watch_hit(self, gpa: int, size: int, is_write: bool) -> Stop | None:
         """The stop for the first page watchpoint an access of ``size`` bytes at ``gpa``
@@ -786,13 +809,21 @@ class HvTarget:
         the MTF exit and report the hit then (trap-after, as x86 watchpoints are)."""
         page = gpa & ~(PAGE - 1)
         is_write = bool(qual & hv.EPT_VIOLATION_DATA_WRITE)
-        # the access size is unknown without decoding: count any access of up to 8 bytes
-        hit = self._page_watch_hit(gpa, 8, is_write)
-        flags = hv.HV_MEMORY_READ | hv.HV_MEMORY_EXEC if is_write else 0
-        if any(b.mechanism == "page" and b.kind != 2 for b in self._breakpoints.values()):
-            flags = 0
-        hv.hv_vm_protect(page, PAGE, hv.HV_MEMORY_READ | hv.HV_MEMORY_WRITE | hv.HV_MEMORY_EXEC)
-        thread.reprotect = [*(thread.reprotect or []), (page, flags)]
+        hit = None
+        if not qual & hv.EPT_VIOLATION_INST_FETCH:  # (a fetch is not a data access)
+            # the access size, where the backend knows it (KVM's software CPU), else any
+            # access of up to 8 bytes counts
+            size = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.GDBSTUB_VMCS_MMIO_SIZE) or 8
+            hit = self._page_watch_hit(gpa, size, is_write)
+        # a read opens the page for reading only: a write of the same instruction (movsb)
+        # still exits and is seen
+        opened = hv.HV_MEMORY_READ | hv.HV_MEMORY_EXEC
+        if is_write or qual & hv.EPT_VIOLATION_INST_FETCH:
+            opened |= hv.HV_MEMORY_WRITE
+        flags = self._page_flags(page)
+        hv.hv_vm_protect(page, PAGE, opened)
+        if all(p != page for p, _ in thread.reprotect or ()):
+            thread.reprotect = [*(thread.reprotect or []), (page, flags)]
         thread.watch_hit = thread.watch_hit or hit
         self._set_step(vcpu, True)
         return Stop("continue")

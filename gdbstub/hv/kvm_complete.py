@@ -77,6 +77,11 @@ def complete(backend: KvmBackend, vcpu: _Vcpu, linear: int, code: bytes, bits: i
         return _after_instruction(backend, vcpu)
     if insn.mnemonic in kvm_xsave.MNEMONICS:
         return _xsave_family(backend, vcpu, insn.mnemonic, code, bits)
+    if (insn.vmm or not kvm_softcpu.available()) and _execute_only(backend, vcpu, linear):
+        # a debugger's read watchpoint made the page execute-only (no KVM slot): the
+        # fetch is the VMM's to step through with the page opened, as on VMX
+        fetch = kvm_softcpu.Outcome("access", address=linear, fetch=True)
+        return _access_exit(backend, vcpu, fetch)
     if insn.vmm:
         raise HvError(
             C.HV_UNSUPPORTED,
@@ -215,8 +220,21 @@ def _access_exit(backend: KvmBackend, vcpu: _Vcpu, outcome: kvm_softcpu.Outcome)
         qual = C.EPT_VIOLATION_DATA_READ
     qual |= C.EPT_VIOLATION_GLA_VALID
     qual |= common.ept_permission_bits(region.flags if region is not None else 0)
-    backend._set_exit(vcpu, C.VMX_REASON_EPT_VIOLATION, qual=qual, gpa=gpa, gla=linear)
+    # the size is a hint for the debugger's watched pages (GDBSTUB_VMCS_MMIO_DECODED stays 0)
+    size = 0 if outcome.fetch else outcome.size
+    backend._set_exit(
+        vcpu, C.VMX_REASON_EPT_VIOLATION, qual=qual, gpa=gpa, gla=linear, mmio_size=size
+    )
     return True
+
+
+def _execute_only(backend: KvmBackend, vcpu: _Vcpu, linear: int) -> bool:
+    """Whether the instruction at guest-linear ``linear`` is on an execute-only page."""
+    sregs = backend._get(vcpu, "sregs")
+    gpa = linear & 0xFFFFFFFF if not sregs.cr0 & 1 << 31 else backend._translate(vcpu, linear)
+    region = None if gpa is None else common.region_at(vcpu.space.regions, gpa)
+    rwx = C.HV_MEMORY_READ | C.HV_MEMORY_WRITE | C.HV_MEMORY_EXEC
+    return region is not None and region.flags & rwx == C.HV_MEMORY_EXEC
 
 
 def _rdtscp(backend: KvmBackend, vcpu: _Vcpu, length: int) -> bool:

@@ -11,7 +11,9 @@ CR0, EFER and the segment caches) owned by the vCPU's thread, which
 
 * maps every region of the vCPU's address space that KVM has a memory slot for, from the same
   host buffers (``mem_map_ptr``; read-only slots are read-only here), so the instruction's own
-  accesses, its page walks and the accessed/dirty bits it sets hit guest RAM itself;
+  accesses, its page walks and the accessed/dirty bits it sets hit guest RAM itself; an
+  execute-only region (no KVM slot: every access exits) is mapped for fetches only, so its code
+  runs here and its data accesses are reported one by one;
 * loads the vCPU's state into a saved unicorn context (GPRs, RIP, RFLAGS, the segment caches
   with their hidden parts, GDTR/IDTR, CR0/CR3/CR4, EFER, QEMU's ``hflags`` recomputed from them
   as in ``emu_state``), plus the x87/SSE state (from the XSAVE image) and XCR0 when the
@@ -285,6 +287,10 @@ def fpu_layout() -> FpuLayout | None:
     return layout if ok else None
 
 
+def _no_op(*_args: Any) -> None:
+    """A memory hook that only keeps unicorn on its permission-checking path."""
+
+
 class SoftCpu:
     """A unicorn CPU that executes single instructions on a KVM vCPU's state (one per vCPU,
     used by the vCPU's owner thread only)."""
@@ -322,6 +328,7 @@ class SoftCpu:
         self._hflags_base &= ~managed
         self._hidden: tuple[bytes, bytes, int] = (b"", b"", 0)  # (sregs, span, hflags)
         self._mapped: tuple[tuple[int, int, int, int], ...] = ()
+        self._guard_hooks: list[Any] = []  # on the watched pages (see _map)
         self._xcr0 = 1
         # set by the hooks during a run
         self._event: tuple[int, ...] | None = None
@@ -357,22 +364,40 @@ class SoftCpu:
     # --- memory ---------------------------------------------------------------------------------
 
     def _map(self, regions: list[common.Region]) -> None:
-        """Map what KVM has slots for (readable regions), from the same host memory."""
+        """Map what KVM has slots for (readable regions), from the same host memory, and the
+        execute-only regions (a debugger's read watchpoint: KVM has no slot for them, so their
+        code comes here) for instruction fetches only: a data access to them is reported."""
         unicorn = self._unicorn
         wanted = tuple(
-            (r.gpa, r.size, r.uva, r.flags) for r in regions if r.flags & C.HV_MEMORY_READ
+            (r.gpa, r.size, r.uva, r.flags)
+            for r in regions
+            if r.flags & (C.HV_MEMORY_READ | C.HV_MEMORY_EXEC)
         )
         if wanted == self._mapped:
             return
         self._load_synthetic_real_mode(0)  # unmapping looks addresses up: no paging then
         for gpa, size, _uva, _flags in self._mapped:
             self._uc.mem_unmap(gpa, size)
-        self._mapped = ()
+        for hook in self._guard_hooks:
+            self._uc.hook_del(hook)
+        self._mapped, self._guard_hooks = (), []
         for gpa, size, uva, flags in wanted:
             perms = unicorn.UC_PROT_READ | unicorn.UC_PROT_EXEC
-            if flags & C.HV_MEMORY_WRITE:
+            if not flags & C.HV_MEMORY_READ:
+                perms = unicorn.UC_PROT_EXEC
+            elif flags & C.HV_MEMORY_WRITE:
                 perms |= unicorn.UC_PROT_WRITE
             self._uc.mem_map_ptr(gpa, size, perms, uva)
+            # unicorn checks a region's permissions only off its TLB's fast path, which the
+            # instruction's own fetch opens for its page: a hook on the range keeps every data
+            # access to a watched (read-only or execute-only) page on the checked path
+            for kind, missing in (
+                (unicorn.UC_HOOK_MEM_WRITE, C.HV_MEMORY_WRITE),
+                (unicorn.UC_HOOK_MEM_READ, C.HV_MEMORY_READ),
+            ):
+                if not flags & missing:
+                    hook = self._uc.hook_add(kind, _no_op, None, gpa, gpa + size - 1)
+                    self._guard_hooks.append(hook)
         self._mapped = wanted
 
     def _set_xcr0(self, xcr0: int) -> bool:

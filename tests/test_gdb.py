@@ -259,6 +259,11 @@ def test_mode_switch_32_to_64(backend: str, tmp_path: Path) -> None:
 
 
 def test_detach_then_reconnect_then_kill(kernel: Path, backend: str, tmp_path: Path) -> None:
+    if backend == "emu":
+        pytest.xfail(  # notes on issue 14: since c024446 the guest runs into the removed int3
+            "emu: after detach the guest executes the removed int3 (a stale translation) and "
+            "stays at spin_loop+1"
+        )
     with session(kernel, backend, tmp_path) as (stub, gdb):
         to_main(gdb, mode=1)
         gdb.cmd("break spin_loop")

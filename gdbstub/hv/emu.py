@@ -112,7 +112,7 @@ from .emu_state import (
     probe_layout,
     unicorn,
 )
-from .emu_timer import Watchdog
+from .emu_timer import StopSwitch, Watchdog
 from .errors import HvError
 
 _FOREVER = C.HV_DEADLINE_FOREVER
@@ -299,6 +299,7 @@ class EmuBackend(Registers):
 
         # no end address: unicorn would look it up in the guest's page tables after each run
         uc.ctl_exits_enabled(True)
+        vcpu.stopper = StopSwitch(uc)  # stops from other threads (kicks, the watchdog)
         vcpu.block_hooks = BlockHooks(uc, on_block)
         uc.hook_add(unicorn.UC_HOOK_INTR, on_intr)
         uc.hook_add(unicorn.UC_HOOK_INSN, on_syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
@@ -311,12 +312,13 @@ class EmuBackend(Registers):
 
     def hv_vcpu_interrupt(self, vids: list[int]) -> None:
         for vcpu in self._kick_targets(vids):
-            # emu_stop is lost if emu_start has not begun yet: repeat until the owner noticed.
+            # never unicorn's emu_stop from this thread (see emu_timer.StopSwitch); the stop
+            # switch stays armed until the owner's emu_start returns: repeat while it runs
             for _ in range(2000):
                 with vcpu.lock:
                     if not vcpu.running or not vcpu.kick.is_set() or vcpu.uc is None:
                         break
-                    vcpu.uc.emu_stop()
+                    vcpu.stopper.arm()
                 time.sleep(0.0005)
 
     def hv_vcpu_run(self, vid: int) -> None:
@@ -377,7 +379,7 @@ class EmuBackend(Registers):
         with vcpu.lock:
             if vcpu.running and vcpu.entry_token == token and vcpu.uc is not None:
                 vcpu.timer_fired = kind
-                vcpu.uc.emu_stop()
+                vcpu.stopper.arm()
 
     def _enter(self, vcpu: Vcpu, deadline: int | None, any_exit: bool) -> bool:
         """One emu_start; True when an exit for the caller has been recorded."""
@@ -442,6 +444,7 @@ class EmuBackend(Registers):
             vcpu.exec_ns += time.thread_time_ns() - start
             with vcpu.lock:
                 vcpu.running = False
+                vcpu.stopper.disarm()
             if token:
                 self._watchdog.disarm(token)
         vcpu.skip_rip = None

@@ -164,6 +164,7 @@ class Vcpu:
         self.write_hook: Any = None
         self.timer_fired: str | None = None  # "deadline" or "slice": the watchdog stopped it
         self.entry_token = 0  # the watchdog's token of the running entry
+        self.stopper: Any = None  # emu_timer.StopSwitch: stops from other threads
         self.dr_exec_hooks: dict[int, int] = {}
         self.dr_exec: dict[int, int] = {}  # linear address -> DR index bits
         self.watch: list[tuple[int, int, int, bool]] = []  # (bit, lo, hi, reads too)

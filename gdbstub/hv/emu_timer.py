@@ -16,10 +16,16 @@ kicks. Arming costs a lock and, when the new deadline is the earliest, a notify.
 
 from __future__ import annotations
 
+import ctypes
 import heapq
+import importlib
+import struct
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
+
+from .emu_state import unicorn
 
 RETRY_NS = 200_000
 
@@ -79,3 +85,69 @@ class Watchdog:
                     stop(token)
                 finally:
                     self._cond.acquire()
+
+
+class StopSwitch:
+    """Stops a running ``Uc`` from any thread at the start of its next translated block.
+
+    unicorn's own ``emu_stop`` is not safe from another thread: it raises QEMU's exit request,
+    and unicorn checks that request after *every* memory access, leaving with RIP restored to
+    the instruction whose access it was. After the store of a read-modify-write instruction
+    (``add [mem], 1``, ``xchg``, ``inc``) that instruction then runs a second time when
+    emulation resumes; the Linux boot decompressor's "XZ-compressed data is corrupt" was its
+    input position counter incremented twice. Two native UC_HOOK_BLOCK hooks avoid it: one,
+    over every address, whose callback is a C function doing nothing (``abs``), so that every
+    translated block calls unicorn's hook helper at its start, with RIP synchronised; and one
+    whose callback is ``uc_emu_stop`` itself and whose address range is normally empty.
+    :meth:`arm` widens that range (two words of unicorn's hook record, read on every call of
+    the helper), so the next block start stops emulation before any of its instructions, from
+    the emulation thread; :meth:`disarm` empties it again. Where the record cannot be found
+    (another unicorn build) it falls back to ``emu_stop``."""
+
+    _EMPTY = (1 << 64) - 1
+
+    def __init__(self, uc: Any) -> None:
+        self.uc = uc
+        self._bounds = 0  # address of the stop hook's (begin, end) words; 0: fallback
+        self._handles: list[int] = []
+        try:
+            binding: Any = importlib.import_module("unicorn.unicorn_py3.unicorn")
+            lib = binding.uclib
+            noop = ctypes.cast(ctypes.CDLL(None).abs, ctypes.c_void_p)
+            stop = ctypes.cast(lib.uc_emu_stop, ctypes.c_void_p)
+        except (ImportError, AttributeError, OSError):  # pragma: no cover - other bindings
+            return
+        for callback, begin in ((noop, 0), (stop, self._EMPTY)):
+            handle = binding.uc_hook_h()
+            status = lib.uc_hook_add(
+                uc._uch,
+                ctypes.byref(handle),
+                unicorn.UC_HOOK_BLOCK,
+                callback,
+                None,
+                ctypes.c_uint64(begin),
+                ctypes.c_uint64(self._EMPTY),
+            )
+            if status:  # pragma: no cover - unicorn refused the hook
+                return
+            self._handles.append(int(handle.value))
+        record = self._handles[1]
+        begin, end, callback = struct.unpack("<QQQ", ctypes.string_at(record + 24, 24))
+        if (begin, end, callback) == (self._EMPTY, self._EMPTY, stop.value):
+            self._bounds = record + 24
+
+    def arm(self) -> None:
+        """Stop at the next block start (from any thread)."""
+        if self._bounds:
+            ctypes.memmove(self._bounds, _ALL, 16)
+        else:  # pragma: no cover - see the class docstring
+            self.uc.emu_stop()
+
+    def disarm(self) -> None:
+        """The emulation thread, after ``emu_start`` returned."""
+        if self._bounds:
+            ctypes.memmove(self._bounds, _NONE, 16)
+
+
+_ALL = struct.pack("<QQ", 0, (1 << 64) - 1)
+_NONE = struct.pack("<QQ", (1 << 64) - 1, (1 << 64) - 1)

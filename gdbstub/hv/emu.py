@@ -16,31 +16,42 @@ semantics are the KVM backend's (see ``kvm.py``); what unicorn lacks, this modul
   exception state are exactly what the guest's code left (``emu_start`` gets no end address:
   unicorn looked that up in the guest's page tables after every run, leaving
   CR2 = 0xffff_ffff_ffff_fffe and a #PF "in flight" that made the next real one a #DF).
-* **Threads, kicks, deadlines.** A vCPU belongs to its creating thread. ``hv_vcpu_interrupt``
-  sets a stop flag and calls ``emu_stop`` (repeatedly, until the owner has noticed, so a kick
-  that races with the start of ``emu_start`` is not lost); a kick before entry makes the next
-  run return exit 1 at once. Deadlines are ``emu_start`` timeouts (exit 52).
-* **Instruction exits** (``emu_code``). Code is scanned (capstone) the first time it runs for
-  IN/OUT/INS/OUTS, HLT, RDMSR/WRMSR and CPUID (and IRETQ/SYSRETQ, below), and a code hook goes
-  on exactly those addresses; above CPL0 (I/O: above IOPL) they fault in unicorn instead. Block
-  hooks (``BlockHooks``) cover the guest-linear addresses not scanned yet: a block starting
-  there calls into Python, which scans it and on to where any block starting inside it ends
-  (the first control transfer), then cuts that span out of the hooked ranges and has it
-  retranslated. Scanned code thus runs at unicorn's own speed, without a Python call per
-  block. A code hook stops emulation *before* the instruction, so RIP is
+* **Threads, kicks, deadlines** (``emu_timer``). A vCPU belongs to its creating thread.
+  Nothing calls unicorn's ``emu_stop`` from another thread: unicorn takes that request after
+  any memory access, with RIP back at the instruction, so a read-modify-write whose store was
+  done ran a second time on resume (the Linux decompressor's "XZ-compressed data is corrupt",
+  random kernel crashes). ``hv_vcpu_interrupt`` sets a stop flag and arms the vCPU's
+  ``StopSwitch``, a native block hook that stops emulation at the next block start; a kick
+  before entry makes the next run return exit 1 at once. Deadlines (exit 52) are armed in one
+  watchdog thread (``Watchdog``), not as ``emu_start`` timeouts, which start and join a thread
+  on every call (about 180 us).
+* **Instruction exits** (``emu_code``, ``emu_nets``). IN/OUT/INS/OUTS, HLT, RDMSR/WRMSR and
+  CPUID (and IRETQ/SYSRETQ, below) get a code hook on their exact address ("site"); above CPL0
+  (I/O: above IOPL) they fault instead. Block hooks (``BlockHooks``) cover the guest-linear
+  addresses not scanned yet: a block starting there calls into Python, which decodes it
+  (capstone). Code that is the same in every address space (paging off, the upper half in long
+  mode: a kernel) is then scanned a 64 KiB chunk at a time by byte patterns (RDMSR, WRMSR,
+  CPUID, SYSRET, IRETQ: every match gets a hook) and cut out of the block hooks in one go, so
+  it runs at unicorn's own speed and the hook lists stay short (unicorn walks them on every
+  translated block and instruction: 10,000 block hooks made translation 30 times slower).
+  IN/OUT/CPUID and HLT without a hook are caught by safety nets the first time they run
+  (``emu_nets``: the rest of their block is undone, registers and memory) and get one. A code
+  hook stops emulation *before* the instruction, so RIP is
   at the instruction and nothing of it has executed (the framework's contract): the VMM
   completes it and advances RIP by VMCS_RO_VMEXIT_INSTR_LEN. CPUID always exits (reason 10),
   as on the framework. RDMSR/WRMSR exit (31/32) unless the MSR is native or granted; then they
   execute in unicorn. INT3 is not scanned for: it reaches the interrupt hook (below) whenever
   it executes, so an int3 written a moment ago is seen like any other.
 * **Code written by the host** (``emu_code``). The VMM and the debugger write guest RAM through
-  their own buffers, which unicorn never sees. Every guest-physical page holding a scanned block
-  is remembered with a copy of its bytes; each entry (``hv_vcpu_run``/``run_until``) compares them
-  (runs of contiguous pages at once: about 1 us plus 0.2 us a page). In a changed page the
-  differing bytes are found; the blocks and instruction sites overlapping them are forgotten
-  (rescanned when executed) and the translated blocks are flushed, so the guest runs what the host
-  wrote, as on the framework. Data written next to code costs only the compare. A code hook also
-  checks that its instruction is still there (guest-modified code).
+  their own buffers, which unicorn never sees. Every guest-physical page holding scanned code
+  is remembered with a copy of its bytes and compared at entries (``hv_vcpu_run``/``run_until``):
+  all of them while they are at most 256 or after the vCPU was out of emulation for 50 ms (a
+  debugger stop), else 64 in rotation, so a kernel's thousands of code pages do not cost
+  megabytes of compares at each of thousands of entries a second. In a changed
+  page the differing bytes are found: the sites there are dropped, chunk pages are searched
+  again there and their translations of those bytes removed, blocks decoded one by one are
+  forgotten and every translation flushed, so the guest runs what the host wrote, as on the
+  framework. A code hook also checks that its instruction is still there.
 * **Exceptions** (``emu_events``). Faults and traps reach a UC_HOOK_INTR hook. Vectors set in
   the exception bitmap exit (reason 0 with interruption info and the error code QEMU computed;
   #BP from INT3 as the framework reports it: software exception, RIP back at the int3,
@@ -64,9 +75,10 @@ semantics are the KVM backend's (see ``kvm.py``); what unicorn lacks, this modul
   guest-physical page, single-step the access with the page opened, and raise a trap-like #DB (RIP
   after the instruction) when the access overlaps the DR range. With #DB in the exception bitmap
   they exit (reason 0, vector 1, DR6 bits B0-B3/BS in the qualification), else #DB is delivered to
-  the guest. MTF is ``emu_start(count=1)`` (exit 37). Interrupt-window exiting (exit 7) steps one
-  instruction at a time while RFLAGS.IF is clear or an STI shadow is pending (MOV SS shadows are
-  not tracked).
+  the guest. MTF is ``emu_start(count=1)`` (exit 37). Interrupt-window exiting (exit 7) runs the
+  guest in 0.5 ms slices and looks at RFLAGS.IF and QEMU's STI/MOV SS shadow between them (the
+  exit comes up to a slice late; single-stepping a kernel's long IF=0 stretches cost 0.7 ms an
+  instruction).
 * **Memory exits.** Unmapped or protected accesses stop with RIP at the instruction and exit 48
   with GPA and access bits; the MMIO extension fields read 0 (not decoded): the VMM decodes.
 * **MSR permissions and address spaces** are kept as in ``kvm.py``. An address space is a
@@ -79,14 +91,14 @@ instructions (unicorn 2 is QEMU 5.0's TCG: #UD), though the YMM state round-trip
 XSAVE image; hv_vcpu_read_msr/write_msr know only the MSRs unicorn keeps (_KNOWN_MSRS); XCR0 is
 kept here; string I/O (INS/OUTS) exits like other I/O but the VMM has to emulate the memory
 side; SYSCALL outside 64-bit mode behaves as on AMD (CSTAR, STAR[31:0]) where Intel raises #UD.
-Code the guest itself rewrites is rescanned at the next entry, not at once: an IN/OUT/HLT/MSR/
-CPUID the guest writes into an already scanned block and runs within the same entry executes
-in unicorn without an exit. Code is scanned by guest-linear address. Spans leave the block
-hooks only where the code is the same in every address space (paging off, or the upper half
-in long mode); elsewhere every block still calls the hook, and a block at an address scanned
-before with the same length (another process's code there) is not scanned again.
+Code the guest itself rewrites is searched again when a compare sees it, not at once: an
+RDMSR/WRMSR written into scanned code and run before that executes in unicorn (IN/OUT/CPUID/HLT
+are caught by the nets). Code is scanned by guest-linear address. Spans leave the block hooks
+only where the code is the same in every address space (paging off, or the upper half in long
+mode); elsewhere every block still calls the hook (a process's code, the bzImage decompressor:
+about 1.5 us a block). Every block calls unicorn's hook helper at its start (the stop switch).
 An `inc; jmp` loop runs at about 1.5e8 iterations per second (0.6e6 when every block called the
-block hook).
+block hook). Debian 12's kernel (PVH, busybox initramfs) reaches its shell in about a minute.
 """
 
 from __future__ import annotations

@@ -29,9 +29,10 @@ address ("site"). Finding them:
 The VMM and the debugger write guest RAM through their own buffers, which unicorn never sees.
 Every guest-physical page holding scanned code is remembered with a copy of its bytes, and
 compared at entries: all of them while they are few (``FULL_PAGES``) or when the vCPU stayed
-out of emulation for a while (``HOST_PAUSE_NS``: a debugger stop), else the page at RIP and a
-rotating share of the others (``PAGE_BUDGET`` pages an entry), so that a kernel's thousands of
-code pages do not cost a compare of megabytes at each of thousands of entries a second. In a
+out of emulation for a while (``HOST_PAUSE_NS``: a debugger stop), else a rotating share
+(``PAGE_BUDGET`` pages an entry), so that a kernel's thousands of code pages do not cost a
+compare of megabytes at each of thousands of entries a second (a host write into one of many
+code pages while the guest runs is seen within a rotation, a few hundred entries). In a
 changed page the differing bytes are found: the sites there are dropped, a chunk-scanned page
 is searched again there (new pattern sites) and its translations of those bytes are removed;
 blocks scanned one by one there are forgotten and every translation is flushed (their
@@ -126,8 +127,8 @@ _BLOCK_ENDS = frozenset(
 _BLOCK_BYTES = PAGE - 32 + 15
 CHUNK = 16 * PAGE  # shared code is scanned and cut this much at a time (aligned)
 FULL_PAGES = 256  # up to this many code pages, all are compared at every entry
-PAGE_BUDGET = 64  # else this many (in whole runs), in rotation, plus the page at RIP
-HOST_PAUSE_NS = 2_000_000  # out of emulation this long: the host may have written code
+PAGE_BUDGET = 64  # else this many (in whole runs), in rotation
+HOST_PAUSE_NS = 50_000_000  # out of emulation this long: the host may have written code
 _PTE_NX = 1 << 63
 
 
@@ -142,7 +143,6 @@ def _load_memcmp() -> Callable[[int, bytes, int], int] | None:
 
 
 _memcmp = _load_memcmp()
-_SMALL_RUN = 8 * PAGE
 
 
 def disassembler(bits: int) -> Any:
@@ -189,8 +189,8 @@ class CodeRun:
     def changed(self) -> bool:
         if self.view is None:
             return True
-        if len(self.saved) <= _SMALL_RUN or _memcmp is None:
-            return bytes(self.view) != self.saved  # cheaper than a ctypes call when small
+        if _memcmp is None:  # pragma: no cover - no C library
+            return bytes(self.view) != self.saved
         return _memcmp(self.address, self.saved, len(self.saved)) != 0
 
 
@@ -550,10 +550,6 @@ class CodeScan(CpuState):
                 if budget <= 0:
                     break
             vcpu.check_cursor = index
-            here = self._translate(vcpu, self._linear_rip(vcpu))
-            page = None if here is None else vcpu.code.get(here & ~0xFFF)
-            if page is not None and page.view is not None and bytes(page.view) != page.saved:
-                self._code_changed(vcpu, [here & ~0xFFF])  # type: ignore[operator]
         if changed:
             self._code_changed(vcpu, [gpa for run in changed for gpa in run.pages])
             for run in changed:

@@ -150,7 +150,7 @@ l:      add qword [0x3000], 1
 def test_kicks_never_run_an_instruction_twice(vm: dict[str, object]) -> None:
     """unicorn's emu_stop from another thread ends emulation after any memory access, RIP
     back at that instruction, which then runs again: a read-modify-write counted twice."""
-    count = 400_000
+    count = 1_000_000
     vcpu = kernel_vcpu(vm, READ_MODIFY_WRITE.format(count=count))
     done = threading.Event()
     kicks = [0]

@@ -211,6 +211,7 @@ class EmuBackend(Registers):
         vcpu.uncut.clear()
         vcpu.forgotten.clear()
         vcpu.unpaged_spans.clear()
+        vcpu.low_spans.clear()
         vcpu.code.clear()
         vcpu.code_runs = None
         vcpu.check_cursor = 0
@@ -362,7 +363,9 @@ class EmuBackend(Registers):
         if vcpu.code:
             self._check_code(vcpu)
         if vcpu.unpaged_spans and vcpu.uc.reg_read(X.UC_X86_REG_CR0) & 1 << 31:
-            self._forget_unpaged(vcpu)
+            self._forget_unpaged(vcpu, vcpu.unpaged_spans)
+        if vcpu.low_spans and vcpu.uc.reg_read(X.UC_X86_REG_CR3) != vcpu.low_cr3:
+            self._forget_unpaged(vcpu, vcpu.low_spans)
         try:
             self._inject_entry_event(vcpu)
             while True:

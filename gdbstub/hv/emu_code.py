@@ -17,7 +17,8 @@ address ("site"). Finding them:
   few: unicorn walks its hook lists (all block hooks per translated block, all code hooks per
   translated instruction), so a thousand hooks make translation 30 times slower. A chunk is
   scanned without decoding, by byte patterns that do not depend on where instructions start:
-  RDMSR, WRMSR, CPUID, SYSRET (0F xx) and IRETQ (REX.W CF) get a code hook at every match;
+  RDMSR, WRMSR, CPUID (0F xx), SYSRETQ (REX.W 0F 07) and IRETQ (REX.W CF) get a code hook at
+  every match;
   one at a byte that is not an instruction start never fires, and a hook checks its bytes
   when it does. The one-byte opcodes (IN/OUT/INS/OUTS, HLT) would need instruction
   boundaries, which a linear sweep only guesses; the safety nets of ``emu_nets`` find them
@@ -85,8 +86,8 @@ _SITE_OPCODES = {
     "sysret": (b"\x0f\x07",),
 }
 # Sites found in chunks by their bytes alone (anywhere, instruction start or not).
-_PATTERN = re.compile(rb"(?=(\x0f[\x30\x32\xa2\x07]|[\x48-\x4f]\xcf))", re.DOTALL)
-_PATTERN_KINDS = {0x30: "wrmsr", 0x32: "rdmsr", 0xA2: "cpuid", 0x07: "sysret", 0xCF: "iretq"}
+_PATTERN = re.compile(rb"(?=(\x0f[\x30\x32\xa2]|[\x48-\x4f](?:\xcf|\x0f\x07)))", re.DOTALL)
+_PATTERN_KINDS = {0x30: "wrmsr", 0x32: "rdmsr", 0xA2: "cpuid", 0x0F: "sysret", 0xCF: "iretq"}
 _LONG_ONLY = frozenset({"sysret", "iretq"})
 _PRIVILEGED = frozenset({"io", "hlt", "rdmsr", "wrmsr"})
 UD_IDS = frozenset({capstone.x86.X86_INS_UD0, capstone.x86.X86_INS_UD1, capstone.x86.X86_INS_UD2})
@@ -159,7 +160,7 @@ def pattern_sites(data: bytes, base: int, long_mode: bool) -> list[tuple[int, st
     found = []
     for match in _PATTERN.finditer(data):
         offset = match.start()
-        kind = _PATTERN_KINDS[data[offset + 1]]
+        kind = _PATTERN_KINDS[data[offset + 1]]  # (SYSRETQ and IRETQ from their REX.W)
         if long_mode or kind not in _LONG_ONLY:
             found.append((base + offset, kind))
     return found
@@ -394,6 +395,8 @@ class CodeScan(CpuState):
             vcpu.uncut.append((linear, linear + PAGE))
             if shared == "unpaged":
                 vcpu.unpaged_spans.add(linear)
+            elif shared == "low":
+                vcpu.low_spans.add(linear)
 
     @staticmethod
     def _pattern_site(vcpu: Vcpu, page: CodePage, base: int, address: int, kind: str) -> None:
@@ -447,17 +450,27 @@ class CodeScan(CpuState):
         return table
 
     def _shared_code(self, vcpu: Vcpu, address: int) -> str | None:
-        """Whether code at guest-linear ``address`` is the code there in every address space,
-        so that its span may leave the block hooks: "unpaged" (paging is off; such spans are
-        forgotten when paging comes on) or "kernel" (the upper half of a long-mode address
-        space, shared by every process). None for anything else: a process's code is
-        scanned block by block as it is translated, so that another process at the same
-        address gets scanned too."""
-        if not vcpu.uc.reg_read(X.UC_X86_REG_CR0) & 1 << 31:
+        """Whether code at guest-linear ``address`` may leave the block hooks: "unpaged"
+        (paging is off; such spans are forgotten when paging comes on), "kernel" (the upper
+        half of a long-mode address space, shared by every process) or "low" (64-bit code at
+        CPL0 in the lower half, such as the bzImage decompressor or a kernel's early
+        identity-mapped code; forgotten at the first entry with another CR3). None for
+        anything else: a process's code is scanned block by block as it is translated, so that
+        another process at the same address gets scanned too."""
+        uc = vcpu.uc
+        if not uc.reg_read(X.UC_X86_REG_CR0) & 1 << 31:
             return "unpaged"
-        if address >= 1 << 63 and self._cpu_bits(vcpu) == 64:
+        if self._cpu_bits(vcpu) != 64:
+            return None
+        if address >= 1 << 63:
             return "kernel"
-        return None
+        if uc.reg_read(X.UC_X86_REG_CS) & 3:
+            return None
+        cr3 = int(uc.reg_read(X.UC_X86_REG_CR3))
+        if vcpu.low_spans and vcpu.low_cr3 != cr3:
+            return None  # forgotten at the next entry
+        vcpu.low_cr3 = cr3
+        return "low"
 
     def _decode_block(self, vcpu: Vcpu, address: int, size: int) -> tuple[list[Any], int, bool]:
         """The instructions of the block unicorn translated at ``address`` (``size`` bytes),
@@ -708,17 +721,17 @@ class CodeScan(CpuState):
         vcpu.exit[C.VMCS_RO_IO_RIP] = int(uc.reg_read(X.UC_X86_REG_RIP))
 
     @staticmethod
-    def _forget_unpaged(vcpu: Vcpu) -> None:
-        """Paging is on: code scanned with paging off is scanned again where it runs now
-        (linear addresses mean other memory from here on)."""
-        for key in vcpu.unpaged_spans:
+    def _forget_unpaged(vcpu: Vcpu, keys: set[int]) -> None:
+        """Paging is on (``unpaged_spans``), or CR3 changed (``low_spans``): that code is
+        scanned again where it runs now (its linear addresses may mean other memory)."""
+        for key in keys:
             span = vcpu.spans.pop(key, None)
             if span is not None:
                 vcpu.forgotten.append(span)
         for page in vcpu.code.values():
-            if page.linear in vcpu.unpaged_spans:
+            if page.linear in keys:
                 page.linear = None
-        vcpu.unpaged_spans.clear()
+        keys.clear()
         vcpu.uc.ctl_flush_tb()
 
     @staticmethod

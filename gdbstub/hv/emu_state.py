@@ -154,6 +154,8 @@ class Vcpu:
         self.uncut: list[tuple[int, int]] = []
         self.forgotten: list[tuple[int, int]] = []  # cut spans whose code was forgotten
         self.unpaged_spans: set[int] = set()  # pages scanned with paging off
+        self.low_spans: set[int] = set()  # 64-bit CPL0 pages of the lower half
+        self.low_cr3 = 0  # the CR3 they were scanned with
         self.block_hooks: BlockHooks | None = None
         self.code: dict[int, CodePage] = {}  # gpa page -> scanned code on it
         self.code_runs: list[CodeRun] | None = None

@@ -30,7 +30,7 @@ semantics are the KVM backend's (see ``kvm.py``); what unicorn lacks, this modul
   (I/O: above IOPL) they fault instead. Block hooks (``BlockHooks``) cover the guest-linear
   addresses not scanned yet: a block starting there calls into Python, which decodes it
   (capstone). Code that is the same in every address space (paging off, the upper half in long
-  mode: a kernel) is then scanned a 64 KiB chunk at a time by byte patterns (RDMSR, WRMSR,
+  mode: a kernel) is then scanned a 256 KiB chunk at a time by byte patterns (RDMSR, WRMSR,
   CPUID, SYSRET, IRETQ: every match gets a hook) and cut out of the block hooks in one go, so
   it runs at unicorn's own speed and the hook lists stay short (unicorn walks them on every
   translated block and instruction: 10,000 block hooks made translation 30 times slower).

@@ -126,7 +126,7 @@ _BLOCK_ENDS = frozenset(
 # The most bytes one translated block can span from its first instruction: QEMU's x86
 # translator ends a block once it is PAGE - 32 bytes long (plus the instruction that crossed).
 _BLOCK_BYTES = PAGE - 32 + 15
-CHUNK = 16 * PAGE  # shared code is scanned and cut this much at a time (aligned)
+CHUNK = 64 * PAGE  # shared code is scanned and cut this much at a time (aligned)
 FULL_PAGES = 256  # up to this many code pages, all are compared at every entry
 PAGE_BUDGET = 64  # else this many (in whole runs), in rotation
 HOST_PAUSE_NS = 50_000_000  # out of emulation this long: the host may have written code
@@ -529,7 +529,8 @@ class CodeScan(CpuState):
             uva = region.uva + (gpa - region.gpa)
             if groups:
                 start, pages = groups[-1]
-                if pages[-1] + PAGE == gpa and start + PAGE * len(pages) == uva:
+                contiguous = pages[-1] + PAGE == gpa and start + PAGE * len(pages) == uva
+                if contiguous and len(pages) < PAGE_BUDGET:  # runs fit the budget
                     pages.append(gpa)
                     continue
             groups.append((uva, [gpa]))

@@ -46,7 +46,7 @@ semantics are the KVM backend's (see ``kvm.py``); what unicorn lacks, this modul
   their own buffers, which unicorn never sees. Every guest-physical page holding scanned code
   is remembered with a copy of its bytes and compared at entries (``hv_vcpu_run``/``run_until``):
   all of them while they are at most 256 or after the vCPU was out of emulation for 50 ms (a
-  debugger stop), else 64 in rotation, so a kernel's thousands of code pages do not cost
+  debugger stop), else 16 in rotation, so a kernel's thousands of code pages do not cost
   megabytes of compares at each of thousands of entries a second. In a changed
   page the differing bytes are found: the sites there are dropped, chunk pages are searched
   again there and their translations of those bytes removed, blocks decoded one by one are

@@ -128,7 +128,7 @@ _BLOCK_ENDS = frozenset(
 _BLOCK_BYTES = PAGE - 32 + 15
 CHUNK = 64 * PAGE  # shared code is scanned and cut this much at a time (aligned)
 FULL_PAGES = 256  # up to this many code pages, all are compared at every entry
-PAGE_BUDGET = 64  # else this many (in whole runs), in rotation
+PAGE_BUDGET = 16  # else this many (in whole runs), in rotation
 HOST_PAUSE_NS = 50_000_000  # out of emulation this long: the host may have written code
 _PTE_NX = 1 << 63
 

@@ -174,8 +174,10 @@ class CodePage:
     saved: bytes  # its bytes when last checked
     blocks: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)  # key -> span
     sites: dict[int, tuple[int, int]] = field(default_factory=dict)  # linear address -> span
-    linear: int | None = None  # where it was scanned as part of a chunk (guest-linear)
-    long_mode: bool = False  # the chunk was scanned in 64-bit mode (IRETQ/SYSRETQ patterns)
+    # where it was scanned as part of a chunk: guest-linear page -> scanned in 64-bit mode
+    # (IRETQ/SYSRETQ patterns); one physical page can be code at several addresses (paging
+    # off, then the upper half)
+    aliases: dict[int, bool] = field(default_factory=dict)
 
 
 @dataclass
@@ -386,8 +388,7 @@ class CodeScan(CpuState):
             page = self._code_page(vcpu, gpa)
             if page is None or page.view is None:
                 continue
-            if page.linear is None:
-                page.linear, page.long_mode = linear, long_mode
+            page.aliases[linear] = long_mode
             data = bytes(page.view) + self._read_linear(vcpu, linear + PAGE, 1)
             for site, kind in pattern_sites(data, linear, long_mode):
                 self._pattern_site(vcpu, page, linear, site, kind)
@@ -597,21 +598,19 @@ class CodeScan(CpuState):
                     hook = vcpu.site_hooks.pop(address, None)
                     if hook is not None:
                         self._quiet(vcpu, vcpu.uc.hook_del, hook)
-            if page.linear is not None:
+            for linear, long_mode in page.aliases.items():
                 if page.view is None:  # unmapped: scanned again once mapped and run
-                    span = vcpu.spans.pop(page.linear, None)
+                    span = vcpu.spans.pop(linear, None)
                     if span is not None:
                         vcpu.forgotten.append(span)
                         stale = True
-                else:
-                    for lo, hi in changed:
-                        a, b = max(0, lo - 1), min(PAGE, hi + 1)
-                        for site, kind in pattern_sites(
-                            current[a:b], page.linear + a, page.long_mode
-                        ):
-                            self._pattern_site(vcpu, page, page.linear, site, kind)
-                        removals.append((page.linear + lo, page.linear + hi))
-            if page.view is None or (not page.blocks and page.linear is None):
+                    continue
+                for lo, hi in changed:
+                    a, b = max(0, lo - 1), min(PAGE, hi + 1)
+                    for site, kind in pattern_sites(current[a:b], linear + a, long_mode):
+                        self._pattern_site(vcpu, page, linear, site, kind)
+                    removals.append((linear + lo, linear + hi))
+            if page.view is None or (not page.blocks and not page.aliases):
                 del vcpu.code[gpa]
                 vcpu.code_runs = None
         if stale:
@@ -730,8 +729,8 @@ class CodeScan(CpuState):
             if span is not None:
                 vcpu.forgotten.append(span)
         for page in vcpu.code.values():
-            if page.linear in keys:
-                page.linear = None
+            for key in keys & page.aliases.keys():
+                del page.aliases[key]
         keys.clear()
         vcpu.uc.ctl_flush_tb()
 

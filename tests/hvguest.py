@@ -311,6 +311,26 @@ def skip_instruction(vcpu: int) -> None:
     set_reg(vcpu, hv.HV_X86_RIP, reg(vcpu, hv.HV_X86_RIP) + length)
 
 
+def run_to_port(vcpu: int) -> int:
+    """Run, completing RDMSR/WRMSR exits as a VMM does, to the next OUT; its port."""
+    while True:
+        reason = run_to_exit(vcpu)
+        if reason == hv.VMX_REASON_RDMSR:
+            value = hv.hv_vcpu_read_msr(vcpu, reg(vcpu, hv.HV_X86_RCX) & 0xFFFFFFFF)
+            set_reg(vcpu, hv.HV_X86_RAX, value & 0xFFFFFFFF)
+            set_reg(vcpu, hv.HV_X86_RDX, value >> 32)
+        elif reason == hv.VMX_REASON_WRMSR:
+            value = (reg(vcpu, hv.HV_X86_RDX) & 0xFFFFFFFF) << 32
+            value |= reg(vcpu, hv.HV_X86_RAX) & 0xFFFFFFFF
+            hv.hv_vcpu_write_msr(vcpu, reg(vcpu, hv.HV_X86_RCX) & 0xFFFFFFFF, value)
+        else:
+            assert reason == hv.VMX_REASON_IO, f"exit {reason} at {reg(vcpu, hv.HV_X86_RIP):#x}"
+            port = vmcs(vcpu, hv.VMCS_RO_EXIT_QUALIFIC) >> 16
+            skip_instruction(vcpu)
+            return port
+        skip_instruction(vcpu)
+
+
 def backend_params() -> list[str]:
     """The backends this machine offers, as test parameters (``hvf-shim`` needs KVM and gcc)."""
     found = [name for name in ("kvm", "emu") if name in hv.available_backends()]

@@ -12,7 +12,16 @@ from collections.abc import Iterator
 
 import pytest
 from guestbuild import GUESTS_DIR, assemble_flat
-from hvguest import CODE, Vm, new_vm, reg, run_to_exit, set_vmcs, skip_instruction, tear_down, vmcs
+from hvguest import (
+    CODE,
+    Vm,
+    new_vm,
+    reg,
+    run_to_port,
+    set_vmcs,
+    tear_down,
+    vmcs,
+)
 
 from gdbstub import hv
 
@@ -38,26 +47,6 @@ def vm(request: pytest.FixtureRequest) -> Iterator[Vm]:
     finally:
         tear_down(machine, hv._reset_for_tests)
         hv._reset_for_tests()
-
-
-def run_to_port(vcpu: int) -> int:
-    """Run, completing RDMSR/WRMSR exits as a VMM does, to the next OUT; its port."""
-    while True:
-        reason = run_to_exit(vcpu)
-        if reason == hv.VMX_REASON_RDMSR:
-            value = hv.hv_vcpu_read_msr(vcpu, reg(vcpu, hv.HV_X86_RCX) & 0xFFFFFFFF)
-            hv.hv_vcpu_write_register(vcpu, hv.HV_X86_RAX, value & 0xFFFFFFFF)
-            hv.hv_vcpu_write_register(vcpu, hv.HV_X86_RDX, value >> 32)
-        elif reason == hv.VMX_REASON_WRMSR:
-            value = (reg(vcpu, hv.HV_X86_RDX) & 0xFFFFFFFF) << 32
-            value |= reg(vcpu, hv.HV_X86_RAX) & 0xFFFFFFFF
-            hv.hv_vcpu_write_msr(vcpu, reg(vcpu, hv.HV_X86_RCX) & 0xFFFFFFFF, value)
-        else:
-            assert reason == hv.VMX_REASON_IO, f"exit {reason} at {reg(vcpu, hv.HV_X86_RIP):#x}"
-            port = vmcs(vcpu, hv.VMCS_RO_EXIT_QUALIFIC) >> 16
-            skip_instruction(vcpu)
-            return port
-        skip_instruction(vcpu)
 
 
 def u64(vm: Vm, address: int) -> int:

@@ -3,6 +3,7 @@
 On the real framework the kernel validates map ranges, keeps the guest-physical map and the
 MSR permissions; the backends that build the framework themselves keep them here, once:
 
+* ``entry_checks_enabled``: whether the VMX entry checks are on;
 * ``bad`` / ``field_error``: the HvError for bad arguments and unknown or unsupported fields;
 * ``new_region``, ``add_region``, ``split_regions``, ``region_at``: one address space's list
   of mapped regions (page-aligned, not overlapping, sorted); a failed call leaves it untouched;
@@ -17,6 +18,7 @@ MSR permissions; the backends that build the framework themselves keep them here
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,6 +31,14 @@ from .errors import HvError
 PAGE = 4096
 MSR_LIMIT = 0xFFFFFFFF
 _MEMORY_FLAGS = C.HV_MEMORY_READ | C.HV_MEMORY_WRITE | C.HV_MEMORY_EXEC | C.HV_MEMORY_UEXEC
+
+
+def entry_checks_enabled() -> bool:
+    """Whether kvm and emu check each VM entry as VMX does (``vmx_rules.EntryGate``).
+
+    On while ``GDBSTUB_VMX_CHECKS`` is unset or not ``0``; ``GDBSTUB_VMX_CHECKS=0`` turns the
+    checks off (a VMM being ported that wants to see how far it gets without them)."""
+    return os.environ.get("GDBSTUB_VMX_CHECKS", "0") != "0"
 
 
 def bad(call: str, detail: str) -> HvError:

@@ -36,8 +36,8 @@ _MEMORY_FLAGS = C.HV_MEMORY_READ | C.HV_MEMORY_WRITE | C.HV_MEMORY_EXEC | C.HV_M
 def entry_checks_enabled() -> bool:
     """Whether kvm and emu check each VM entry as VMX does (``vmx_rules.EntryGate``).
 
-    On while ``GDBSTUB_VMX_CHECKS`` is unset or not ``0``; ``GDBSTUB_VMX_CHECKS=0`` turns the
-    checks off (a VMM being ported that wants to see how far it gets without them)."""
+    ``GDBSTUB_VMX_CHECKS=1`` turns them on, ``0`` off. The default is off while the machine,
+    the probes and the test guests move to the framework's vCPU set-up (issue 12)."""
     return os.environ.get("GDBSTUB_VMX_CHECKS", "0") != "0"
 
 

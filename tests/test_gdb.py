@@ -258,17 +258,7 @@ def test_mode_switch_32_to_64(backend: str, tmp_path: Path) -> None:
         assert "exited with code 041" in out
 
 
-def test_detach_then_reconnect_then_kill(
-    kernel: Path, backend: str, tmp_path: Path, request: pytest.FixtureRequest
-) -> None:
-    if backend == "emu":  # noted on the issue: since c024446 the removed int3 still executes
-        request.applymarker(
-            pytest.mark.xfail(
-                reason="emu: after detach the guest executes the removed int3 (a stale "
-                "translation) and stays at spin_loop+1",
-                strict=False,
-            )
-        )
+def test_detach_then_reconnect_then_kill(kernel: Path, backend: str, tmp_path: Path) -> None:
     with session(kernel, backend, tmp_path) as (stub, gdb):
         to_main(gdb, mode=1)
         gdb.cmd("break spin_loop")

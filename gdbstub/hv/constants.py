@@ -482,6 +482,27 @@ MSR_GSBASE = 0xC0000101
 MSR_KGSBASE = 0xC0000102
 MSR_TSC_AUX = 0xC0000103
 
+# --- Control-register bits (Intel SDM vol. 3, "Control Registers") ---------------------------
+CR0_PE = 1 << 0
+CR0_MP = 1 << 1
+CR0_EM = 1 << 2
+CR0_TS = 1 << 3
+CR0_ET = 1 << 4
+CR0_NE = 1 << 5
+CR0_WP = 1 << 16
+CR0_AM = 1 << 18
+CR0_NW = 1 << 29
+CR0_CD = 1 << 30
+CR0_PG = 1 << 31
+CR4_PSE = 1 << 4
+CR4_PAE = 1 << 5
+CR4_OSFXSR = 1 << 9
+CR4_OSXMMEXCPT = 1 << 10
+CR4_VMXE = 1 << 13
+CR4_SMXE = 1 << 14
+CR4_PCIDE = 1 << 17
+CR4_OSXSAVE = 1 << 18
+
 EFER_SCE = 1 << 0
 EFER_LME = 1 << 8
 EFER_LMA = 1 << 10

@@ -321,6 +321,8 @@ class _Vcpu:
         # False when something may need doing before the next entry (see _plain_entry)
         self.plain_entry = False
         self.soft: Any = None  # kvm_softcpu.SoftCpu, made at the first emulation failure
+        # CR4 bits the VMM wrote that KVM refuses (VMXE): kept here, never handed to KVM
+        self.cr4_kept = 0
 
 
 class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
@@ -1006,6 +1008,8 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
 
     def _guest_field(self, vcpu: _Vcpu, field_: int, value: int | None) -> int | None:
         """Read (value None) or write a guest-state field kept in KVM state; None if not one."""
+        if field_ == _GUEST_CR4:
+            return self._guest_cr4(vcpu, value)
         where = _GUEST_FIELDS.get(field_)
         if where is None:
             return None
@@ -1032,6 +1036,25 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         if kind == "dregs":
             vcpu.guest_debug_dirty = True
             vcpu.plain_entry = False
+        _forget_translations(vcpu)
+        return value
+
+    def _guest_cr4(self, vcpu: _Vcpu, value: int | None) -> int:
+        """VMCS_GUEST_CR4 (and HV_X86_CR4): KVM's CR4 plus the bits kept from it.
+
+        VMX requires CR4.VMXE in the guest's CR4 (HV_VMX_CAP_CR4_FIXED0), and a framework VMM
+        ORs it in and hides it behind the CR4 guest/host mask with read shadow 0. KVM without
+        nested VMX refuses CR4.VMXE (KVM_SET_SREGS fails), so the bit is kept here for
+        read-back and stripped from what KVM gets. Guest code that reads CR4 on kvm sees
+        KVM's CR4, i.e. without VMXE: exactly what the guest reads on the framework when the
+        VMM masks VMXE with shadow 0 (cr_guest_view); a VMM that leaves VMXE unmasked would
+        let its guest read VMXE=1 on a Mac (docs/library.md). CR0.NE needs no such care: KVM
+        accepts it and runs the guest with it, as VMX does."""
+        if value is None:
+            return int(self._get(vcpu, "sregs").cr4) | vcpu.cr4_kept
+        sregs = self._dirty(vcpu, "sregs")
+        vcpu.cr4_kept = value & _CR4_KEPT
+        sregs.cr4 = value & ~_CR4_KEPT
         _forget_translations(vcpu)
         return value
 
@@ -1785,6 +1808,9 @@ def _guest_field_table() -> dict[int, tuple[str, str | int, str]]:
 
 
 _GUEST_FIELDS = _guest_field_table()
+_GUEST_CR4 = C.VMCS_GUEST_CR4
+_CR4_KEPT = C.CR4_VMXE
+"""CR4 bits KVM refuses without nested VMX that VMX requires: kept out of KVM's CR4."""
 
 _GET_REQUESTS = {
     "regs": K.KVM_GET_REGS,

@@ -47,7 +47,7 @@ READ_CR = asm(
 
 def test_cr4_vmxe_is_kept_for_read_back_and_hidden_from_the_guest(vm: Vm) -> None:
     vcpu = vm.vcpu("protected", READ_CR)
-    cr4 = vmcs(vcpu, hv.VMCS_GUEST_CR4)
+    cr4 = vmcs(vcpu, hv.VMCS_GUEST_CR4) & ~hv.CR4_VMXE  # hvguest may OR it in already
     set_vmcs(vcpu, hv.VMCS_GUEST_CR4, cr4 | hv.CR4_VMXE)
     set_vmcs(vcpu, hv.VMCS_CTRL_CR4_MASK, hv.CR4_VMXE)
     set_vmcs(vcpu, hv.VMCS_CTRL_CR4_SHADOW, 0)

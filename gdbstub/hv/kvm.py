@@ -88,10 +88,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from ..buffers import Buffer, buffer_address
-from . import common, kvm_complete, kvm_probes
+from . import common, kvm_complete, kvm_gate, kvm_probes, vmx_rules
 from . import constants as C
 from . import kvm_abi as K
 from .errors import HvError
@@ -323,6 +324,13 @@ class _Vcpu:
         self.soft: Any = None  # kvm_softcpu.SoftCpu, made at the first emulation failure
         # CR4 bits the VMM wrote that KVM refuses (VMXE): kept here, never handed to KVM
         self.cr4_kept = 0
+        # the VMX entry checks (kvm_gate), None while common.entry_checks_enabled() is off
+        self.gate: vmx_rules.EntryGate | None = None
+        # the VMM wrote the VM-entry controls since the last entry: they read back as
+        # written; otherwise as the processor leaves them at an exit (IA-32e = EFER.LMA)
+        self.entry_written = False
+        for pdpte in _PDPTE_FIELDS:
+            self.controls[pdpte] = 0
 
 
 class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
@@ -512,6 +520,8 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         self._setup_kvm_vcpu(vcpu)
         self._restore_state(vcpu, state)
         _forget_translations(vcpu)
+        if vcpu.gate is not None:
+            vcpu.gate.touch_all()
         with self._lock:
             self._update_msr_filter(old)
             self._update_msr_filter(target)
@@ -605,6 +615,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
                 raise HvError(C.HV_NO_RESOURCES, "hv_vcpu_create", exc.strerror or "") from exc
             self._next_vcpu += 1
             vcpu = _Vcpu(vid, space, fd, run)
+            vcpu.gate = kvm_gate.new_gate(self._capabilities)
             self._adopt(vid, vcpu)
         self._setup_kvm_vcpu(vcpu)
         with self._lock:
@@ -739,6 +750,9 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
             vcpu = self._vcpu(vid, "hv_vcpu_write_register")  # raises
         if not 0 <= value <= _MASK64:
             raise common.bad("hv_vcpu_write_register", f"value {value:#x} does not fit 64 bits")
+        gate = vcpu.gate
+        if gate is not None:
+            gate.touch_register(reg)
         index = _GPR_INDEX.get(reg)
         if index is None:
             self._write_other_register(vcpu, reg, value)
@@ -870,6 +884,8 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         vcpu = self._vcpu(vid, "hv_vcpu_write_msr")
         if not 0 <= msr <= common.MSR_LIMIT or not 0 <= value < 1 << 64:
             raise common.bad("hv_vcpu_write_msr", f"MSR {msr:#x} / value out of range")
+        if vcpu.gate is not None:
+            vcpu.gate.touch_msr(msr)
         if msr in _SREGS_MSRS:
             sregs = self._dirty(vcpu, "sregs")
             if msr == C.MSR_EFER:
@@ -971,16 +987,20 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
                     register: int = getattr(self._get(vcpu, "regs"), name)
                     return register
             return 0
+        return self._state_field(vcpu, field_)
+
+    def _state_field(self, vcpu: _Vcpu, field_: int) -> int:
+        """A VMCS field that is no exit-information field (guest state or controls)."""
         guest = self._guest_field(vcpu, field_, None)
         if guest is not None:
             return guest
-        if field_ in vcpu.controls:
-            value = vcpu.controls[field_]
-            if field_ == C.VMCS_CTRL_VMENTRY_CONTROLS:
-                lma = self._get(vcpu, "sregs").efer & C.EFER_LMA
-                value = value | C.VMENTRY_GUEST_IA32E if lma else value & ~C.VMENTRY_GUEST_IA32E
-            return value
-        raise common.field_error("hv_vmx_vcpu_read_vmcs", field_, "kvm")
+        value = vcpu.controls.get(field_)
+        if value is None:
+            raise common.field_error("hv_vmx_vcpu_read_vmcs", field_, "kvm")
+        if field_ == C.VMCS_CTRL_VMENTRY_CONTROLS and not vcpu.entry_written:
+            # the processor stores EFER.LMA into the IA-32e mode guest control at an exit
+            value = vmx_rules.entry_controls_after_exit(value, self._get(vcpu, "sregs").efer)
+        return value
 
     def hv_vmx_vcpu_write_vmcs(self, vid: int, field_: int, value: int) -> None:
         vcpu = self._live.get(vid)
@@ -989,6 +1009,8 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         vcpu.plain_entry = False
         if not 0 <= value < 1 << 64:
             raise common.bad("hv_vmx_vcpu_write_vmcs", "value out of range")
+        if vcpu.gate is not None:
+            kvm_gate.refuse_control_write(vcpu.gate, field_, value)  # touches the field
         if field_ == C.GDBSTUB_VMCS_MMIO_DATA:
             vcpu.exit = {**vcpu.exit, field_: value}  # exit dicts may be shared: copy
             return
@@ -996,6 +1018,8 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
             return
         if field_ in vcpu.controls and field_ not in (C.VMCS_GUEST_ACTIVITY_STATE,):
             old, vcpu.controls[field_] = vcpu.controls[field_], value
+            if field_ == C.VMCS_CTRL_VMENTRY_CONTROLS:
+                vcpu.entry_written = True
             if field_ in (C.VMCS_CTRL_EXC_BITMAP, C.VMCS_CTRL_CPU_BASED) and value != old:
                 vcpu.guest_debug_dirty = True  # KVM_SET_GUEST_DEBUG before the next entry
             return
@@ -1089,12 +1113,18 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         vcpu = self._live.get(vid)
         if vcpu is None or vcpu.owner != _get_ident():
             vcpu = self._vcpu(vid, "hv_vcpu_run")  # raises
+        gate = vcpu.gate
+        if gate is not None and gate.dirty and self._entry_fails(vcpu, "hv_vcpu_run"):
+            return
         self._run(vcpu, None, True)
 
     def hv_vcpu_run_until(self, vid: int, deadline: int) -> None:
         vcpu = self._live.get(vid)
         if vcpu is None or vcpu.owner != _get_ident():
             vcpu = self._vcpu(vid, "hv_vcpu_run_until")  # raises
+        gate = vcpu.gate
+        if gate is not None and gate.dirty and self._entry_fails(vcpu, "hv_vcpu_run_until"):
+            return
         if deadline == _FOREVER:
             self._run(vcpu, None, False)
             return
@@ -1104,6 +1134,21 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
 
     def _set_exit(self, vcpu: _Vcpu, reason: int, **fields: int) -> None:
         vcpu.exit = common.exit_fields(reason, **fields)
+
+    def _entry_fails(self, vcpu: _Vcpu, call: str) -> bool:
+        """The VMX entry checks the VMM's writes call for (kvm_gate): True when the entry
+        failed on the guest state (the exit is recorded); raises for invalid controls."""
+        gate = vcpu.gate
+        assert gate is not None
+        # the virtual TPR only for the checks on the controls (the TPR threshold)
+        vtpr = int(self._get(vcpu, "sregs").cr8) << 4 if gate.dirty & 1 else None
+        failure = kvm_gate.check_entry(gate, partial(self._state_field, vcpu), vtpr)
+        if failure is None:
+            return False
+        vcpu.exit, error = kvm_gate.outcome(failure, vcpu.exit, call)
+        if error is not None:
+            raise error
+        return True
 
     def _prepare_entry(self, vcpu: _Vcpu) -> None:
         """Turn cached state, controls and owed completions into KVM state before KVM_RUN."""
@@ -1225,6 +1270,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         The common entry (nothing owed to KVM, nothing to inject, regs/sregs in kvm_run) and
         the I/O exit at a known site are inlined here: an I/O loop costs one KVM_RUN and a
         few dictionary lookups per exit."""
+        vcpu.entry_written = False
         if vcpu.kicked:
             vcpu.kicked = False
             if vcpu.kick.is_set():
@@ -1810,6 +1856,8 @@ def _guest_field_table() -> dict[int, tuple[str, str | int, str]]:
 _GUEST_FIELDS = _guest_field_table()
 _GUEST_CR4 = C.VMCS_GUEST_CR4
 _CR4_KEPT = C.CR4_VMXE
+_PDPTE_FIELDS = (C.VMCS_GUEST_PDPTE0, C.VMCS_GUEST_PDPTE1, C.VMCS_GUEST_PDPTE2, C.VMCS_GUEST_PDPTE3)
+"""PAE page-directory-pointer entries: kept for read-back; KVM loads its own from CR3."""
 """CR4 bits KVM refuses without nested VMX that VMX requires: kept out of KVM's CR4."""
 
 _GET_REQUESTS = {

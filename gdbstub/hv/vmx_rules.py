@@ -203,6 +203,14 @@ class VmcsView(Mapping[int, int]):
             raise KeyError(field)
         return value
 
+    def get(self, field: int, default: int | None = None) -> int | None:  # type: ignore[override]
+        """``Mapping.get`` without its generic layers (the checks call it for every field)."""
+        try:
+            value = self._cache[field]
+        except KeyError:
+            value = self._load(field)
+        return default if value is None else value
+
     def _load(self, field: int) -> int | None:
         value: int | None
         if field == FIELD_VTPR:

@@ -1,0 +1,78 @@
+"""The VMX entry checks on the KVM backend: ``vmx_rules.EntryGate`` wired to a KVM vCPU.
+
+Theory of operation
+-------------------
+KVM accepts guest states VMX refuses (CR4 without VMXE, CR0 without NE, segment limits that
+disagree with their granularity, an IA-32e entry control that disagrees with EFER.LMA...), so
+a VMM that runs here could fail its first entry on a Mac. When ``common.entry_checks_enabled()``
+holds at ``hv_vcpu_create``, each vCPU gets an :class:`~gdbstub.hv.vmx_rules.EntryGate`:
+
+* every write path of the VMM (``hv_vcpu_write_register``, ``hv_vmx_vcpu_write_vmcs``,
+  ``hv_vcpu_write_msr``, ``hv_vcpu_set_space``) touches it, and a control-word write outside
+  the capability's allowed-0/allowed-1 settings is refused with HV_BAD_ARGUMENT, where the
+  framework refuses it (:func:`refuse_control_write`);
+* :func:`entry_fails` runs before each entry (``hv_vcpu_run``, ``hv_vcpu_run_until``). Only the
+  groups of checks that read a touched field run (none when the VMM wrote nothing since the
+  last successful check), over a ``VmcsView`` of the backend's own ``hv_vmx_vcpu_read_vmcs``.
+  A failed guest-state check is what VMX reports: the run returns HV_SUCCESS and
+  VMCS_RO_EXIT_REASON reads 0x80000021 with the SDM's qualification. A failed control check
+  raises ``HvError(EntryFailure.status)`` (HV_ERROR) with VMCS_RO_INSTR_ERROR 7, and no exit.
+
+Without the switch the gate is ``None`` and the write paths and entries pay one ``is None``.
+The state the backend changes itself (an exit, a completed instruction) is left valid by the
+guest as hardware leaves it at an exit, so it touches nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cache
+
+from . import common, vmx_rules
+from . import constants as C
+from .errors import HvError
+
+
+@cache
+def capabilities(table: tuple[tuple[int, int], ...]) -> vmx_rules.Capabilities:
+    """The checks' view of a backend's ``hv_vmx_read_capability`` table (items)."""
+    return vmx_rules.Capabilities.read(dict(table).__getitem__)
+
+
+def new_gate(table: dict[int, int]) -> vmx_rules.EntryGate | None:
+    """A gate for a new vCPU, or None while the entry checks are off."""
+    if not common.entry_checks_enabled():
+        return None
+    return vmx_rules.EntryGate(capabilities(tuple(sorted(table.items()))))
+
+
+def refuse_control_write(gate: vmx_rules.EntryGate, field_: int, value: int) -> None:
+    """HV_BAD_ARGUMENT where the framework refuses ``hv_vmx_vcpu_write_vmcs(field_, value)``
+    (a control word outside its allowed-0/allowed-1 settings); the field is touched otherwise."""
+    problem = vmx_rules.control_write_error(field_, value, gate.caps)
+    if problem is not None:
+        name = C.VMCS_FIELD_NAMES.get(field_, f"0x{field_:x}")
+        raise common.bad("hv_vmx_vcpu_write_vmcs", f"{name}: {problem}")
+    gate.touch(field_)
+
+
+def check_entry(
+    gate: vmx_rules.EntryGate, read_vmcs: Callable[[int], int], vtpr: int | None
+) -> vmx_rules.EntryFailure | None:
+    """The checks the gate says the next entry needs, over ``read_vmcs`` (the backend's
+    ``hv_vmx_vcpu_read_vmcs`` for the vCPU) and the virtual TPR byte ``vtpr`` (None: the
+    TPR-threshold check is skipped; only the checks on the controls read it)."""
+    extra = None if vtpr is None else {vmx_rules.FIELD_VTPR: vtpr}
+    return gate.check(vmx_rules.VmcsView(read_vmcs, extra))
+
+
+def outcome(
+    failure: vmx_rules.EntryFailure, last_exit: dict[int, int], call: str
+) -> tuple[dict[int, int], HvError | None]:
+    """What a failed entry leaves: ``(exit fields, error to raise or None)``. A guest-state
+    failure is an exit (0x80000021, the SDM's qualification) and the run succeeds; a control
+    failure is no exit (the last exit's fields stay, VMCS_RO_INSTR_ERROR reads 7) and the run
+    returns ``failure.status``."""
+    if failure.kind == "controls":
+        return {**last_exit, **failure.exit_fields()}, HvError(failure.status, call, str(failure))
+    return failure.exit_fields(), None

@@ -9,8 +9,8 @@
   hvf-shim), for tests that look inside KVM; skips on emu, which has no KVM underneath.
 * :class:`Vm` holds guest RAM (``Vm.mem``, a :class:`GuestMemory` mapped at GPA 0) and creates
   vCPUs already set up for real mode, 32-bit protected mode (optionally with paging) or long mode,
-  everything through ``hv_vcpu_write_register`` / ``hv_vmx_vcpu_write_vmcs`` as a VMM on the
-  framework would do it.
+  as a VMM on the framework must: controls, CR0/CR4 (fixed bits behind masks and read shadows)
+  and EFER through ``gdbstub.vmxsetup``, segments through ``hv_vmx_vcpu_write_vmcs``.
 * :func:`asm` assembles inline NASM source (``tests/guestbuild.assemble_flat``).
 
 Guests run at CPL0, which this host's kvm_pvm emulates at ~1-2 M instructions/s: keep them tiny.
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, cast
 import pytest
 from guestbuild import assemble_flat
 
-from gdbstub import hv
+from gdbstub import hv, vmxsetup
 
 if TYPE_CHECKING:
     from gdbstub.hv.kvm import KvmBackend
@@ -51,15 +51,9 @@ AR_CODE64 = 0xA09B
 AR_LDTR = 0x10082
 AR_TR = 0x8B
 
-CR0_PE = 1 << 0
-CR0_ET = 1 << 4
-CR0_NE = 1 << 5
-CR0_PG = 1 << 31
-CR4_PSE = 1 << 4
-CR4_PAE = 1 << 5
-CR4_OSFXSR = 1 << 9
-CR4_OSXMMEXCPT = 1 << 10
-CR4_OSXSAVE = 1 << 18
+CR0_PE, CR0_ET, CR0_NE, CR0_PG = hv.CR0_PE, hv.CR0_ET, hv.CR0_NE, hv.CR0_PG
+CR4_PSE, CR4_PAE, CR4_OSXSAVE = hv.CR4_PSE, hv.CR4_PAE, hv.CR4_OSXSAVE
+CR4_OSFXSR, CR4_OSXMMEXCPT = hv.CR4_OSFXSR, hv.CR4_OSXMMEXCPT
 
 
 def asm(source: str, bits: int = 16, org: int = CODE) -> bytes:
@@ -131,23 +125,21 @@ def set_segment(vcpu: int, index: int, selector: int, base: int, limit: int, ar:
 
 
 def setup_controls(vcpu: int, hlt_exit: bool = True) -> None:
-    """Controls through cap2ctrl, as hvdos and QEMU do (HLT exiting on by default)."""
-    for cap, fld, want in (
-        (hv.HV_VMX_CAP_PINBASED, hv.VMCS_CTRL_PIN_BASED, 0),
-        (hv.HV_VMX_CAP_PROCBASED, hv.VMCS_CTRL_CPU_BASED, hv.CPU_BASED_HLT if hlt_exit else 0),
-        (hv.HV_VMX_CAP_PROCBASED2, hv.VMCS_CTRL_CPU_BASED2, 0),
-        (hv.HV_VMX_CAP_ENTRY, hv.VMCS_CTRL_VMENTRY_CONTROLS, 0),
-        (hv.HV_VMX_CAP_EXIT, hv.VMCS_CTRL_VMEXIT_CONTROLS, 0),
-    ):
-        set_vmcs(vcpu, fld, hv.cap2ctrl(hv.hv_vmx_read_capability(cap), want))
+    """The control words a framework VMM writes (``vmxsetup.control_words``: cap2ctrl of HLT
+    exiting (on by default), TPR shadow, secondary controls, load EFER...)."""
+    for field_, value in vmxsetup.control_words(hlt_exiting=hlt_exit).items():
+        set_vmcs(vcpu, field_, value)
 
 
-def _start_at(vcpu: int, rip: int, rflags: int = 2) -> None:
-    """RIP, RFLAGS and RSP of a fresh vCPU, and the controls every test vCPU has."""
+def _start_at(
+    vcpu: int, rip: int, *, cr0: int, cr4: int, efer: int = 0, cr3: int = 0, rflags: int = 2
+) -> None:
+    """The controls every test vCPU has, its CR0/CR4/EFER/CR3 as the guest has them (fixed
+    bits, masks and shadows: ``vmxsetup.setup_vcpu``), RIP, RFLAGS and RSP."""
+    vmxsetup.setup_vcpu(vcpu, cr0=cr0, cr4=cr4, efer=efer, cr3=cr3)
     set_reg(vcpu, hv.HV_X86_RIP, rip)
     set_reg(vcpu, hv.HV_X86_RFLAGS, rflags)
     set_reg(vcpu, hv.HV_X86_RSP, STACK)
-    setup_controls(vcpu)
 
 
 def setup_real_mode(vcpu: int, rip: int = CODE) -> None:
@@ -160,10 +152,7 @@ def setup_real_mode(vcpu: int, rip: int = CODE) -> None:
     set_vmcs(vcpu, hv.VMCS_GUEST_GDTR_LIMIT, 0xFFFF)
     set_vmcs(vcpu, hv.VMCS_GUEST_IDTR_BASE, 0)
     set_vmcs(vcpu, hv.VMCS_GUEST_IDTR_LIMIT, 0x3FF)
-    set_vmcs(vcpu, hv.VMCS_GUEST_CR0, CR0_ET)
-    set_vmcs(vcpu, hv.VMCS_GUEST_CR4, 0)
-    set_vmcs(vcpu, hv.VMCS_GUEST_IA32_EFER, 0)
-    _start_at(vcpu, rip)
+    _start_at(vcpu, rip, cr0=CR0_ET, cr4=0)
 
 
 def _flat_gdt(mem: GuestMemory) -> None:
@@ -200,12 +189,8 @@ def setup_protected_mode(
         mem.put32(PML4, (PML4 + 0x1000) | 0x3)
         for i in range(1024):
             mem.put32(PML4 + 0x1000 + 4 * i, (i << 12) | 0x3)
-        set_vmcs(vcpu, hv.VMCS_GUEST_CR3, PML4)
         cr0 |= CR0_PG
-    set_vmcs(vcpu, hv.VMCS_GUEST_CR4, CR4_OSFXSR | CR4_OSXMMEXCPT)
-    set_vmcs(vcpu, hv.VMCS_GUEST_CR0, cr0)
-    set_vmcs(vcpu, hv.VMCS_GUEST_IA32_EFER, 0)
-    _start_at(vcpu, rip)
+    _start_at(vcpu, rip, cr0=cr0, cr4=CR4_OSFXSR | CR4_OSXMMEXCPT, cr3=PML4 if paging else 0)
 
 
 def build_long_mode_tables(mem: GuestMemory) -> None:
@@ -245,15 +230,14 @@ def setup_long_mode(vcpu: int, mem: GuestMemory, rip: int = CODE, user: bool = F
     set_vmcs(vcpu, hv.VMCS_GUEST_GDTR_LIMIT, 0x37)
     set_vmcs(vcpu, hv.VMCS_GUEST_IDTR_BASE, IDT)
     set_vmcs(vcpu, hv.VMCS_GUEST_IDTR_LIMIT, 0xFFF)
-    set_vmcs(vcpu, hv.VMCS_GUEST_CR3, PML4)
-    set_vmcs(vcpu, hv.VMCS_GUEST_CR4, CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT | CR4_OSXSAVE)
-    set_vmcs(vcpu, hv.VMCS_GUEST_IA32_EFER, hv.EFER_LME | hv.EFER_LMA)
-    set_vmcs(vcpu, hv.VMCS_GUEST_CR0, CR0_PE | CR0_ET | CR0_NE | CR0_PG)
-    _start_at(vcpu, rip, 0x3002 if user else 2)
-    set_vmcs(
+    _start_at(
         vcpu,
-        hv.VMCS_CTRL_VMENTRY_CONTROLS,
-        vmcs(vcpu, hv.VMCS_CTRL_VMENTRY_CONTROLS) | hv.VMENTRY_GUEST_IA32E,
+        rip,
+        cr0=CR0_PE | CR0_ET | CR0_NE | CR0_PG,
+        cr4=CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT | CR4_OSXSAVE,
+        efer=hv.EFER_LME,  # LMA and the IA-32e mode guest control follow from LME & PG
+        cr3=PML4,
+        rflags=0x3002 if user else 2,
     )
 
 

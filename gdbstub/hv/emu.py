@@ -126,6 +126,7 @@ from .emu_state import (
 )
 from .emu_timer import StopSwitch, Watchdog
 from .errors import HvError
+from .vmx_rules import Capabilities
 
 _FOREVER = C.HV_DEADLINE_FOREVER
 _UNTIL = 0  # emu_start's end address: unused, exits are enabled with none listed
@@ -139,6 +140,7 @@ class EmuBackend(Registers):
 
     name = "emu"
     _capabilities = common.vmx_capabilities()
+    _caps = Capabilities.read(_capabilities.__getitem__)
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
@@ -234,7 +236,7 @@ class EmuBackend(Registers):
             vid = self._next_vcpu
             self._next_vcpu += 1
             uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
-            vcpu = Vcpu(vid, space, uc)
+            vcpu = Vcpu(vid, space, uc, self._caps)
             self._adopt(vid, vcpu)
         self._install_hooks(vcpu)
         self._reset_state(vcpu)
@@ -345,6 +347,8 @@ class EmuBackend(Registers):
 
     def _run(self, vcpu: Vcpu, deadline: int | None, *, any_exit: bool) -> None:
         vcpu.exit_recorded = False
+        if vcpu.gate.dirty and common.entry_checks_enabled() and self._entry_fails(vcpu):
+            return
         try:
             self._run_entries(vcpu, deadline, any_exit)
         finally:

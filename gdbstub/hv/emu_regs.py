@@ -12,16 +12,18 @@ asks). The VMCS is a dictionary of controls plus the guest-state fields mapped o
 
 from __future__ import annotations
 
+import functools
 import struct
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from ..buffers import Buffer
-from . import common
+from . import common, vmx_rules
 from . import constants as C
 from .emu_events import Events
 from .emu_state import M64, SELECTOR_REGS, Vcpu, X, flush_tlb, unicorn
+from .errors import HvError
 
 EXIT_FIELDS = C.VMCS_EXIT_INFORMATION_FIELDS | C.GDBSTUB_VMCS_MMIO_FIELDS
 
@@ -155,6 +157,7 @@ class Registers(Events):
         vcpu = self._vcpu(vid, "hv_vcpu_write_register")
         if not 0 <= value < 1 << 64:
             raise common.bad("hv_vcpu_write_register", f"value {value:#x} does not fit 64 bits")
+        vcpu.gate.touch_register(reg)
         self._write_register(vcpu, reg, value)
 
     def _write_register(self, vcpu: Vcpu, reg: int, value: int) -> None:
@@ -292,6 +295,7 @@ class Registers(Events):
             raise common.bad("hv_vcpu_write_msr", f"MSR {msr:#x} / value out of range")
         if msr not in _KNOWN_MSRS:
             raise common.bad("hv_vcpu_write_msr", f"MSR {msr:#x} is not implemented")
+        vcpu.gate.touch_msr(msr)
         self._set_msr(vcpu, msr, value)
 
     # --- TSC and time ----------------------------------------------------------------------------
@@ -310,24 +314,51 @@ class Registers(Events):
     # --- VMCS ------------------------------------------------------------------------------------
 
     def hv_vmx_vcpu_read_vmcs(self, vid: int, field_: int) -> int:
-        vcpu = self._vcpu(vid, "hv_vmx_vcpu_read_vmcs")
+        return self._read_vmcs(self._vcpu(vid, "hv_vmx_vcpu_read_vmcs"), field_)
+
+    def _read_vmcs(self, vcpu: Vcpu, field_: int) -> int:
         if field_ in EXIT_FIELDS:
             return vcpu.exit.get(field_, 0)
         guest = self._guest_field(vcpu, field_, None)
         if guest is not None:
             return guest
         if field_ in vcpu.controls:
-            value = vcpu.controls[field_]
-            if field_ == C.VMCS_CTRL_VMENTRY_CONTROLS:
-                lma = self._efer(vcpu) & C.EFER_LMA
-                value = value | C.VMENTRY_GUEST_IA32E if lma else value & ~C.VMENTRY_GUEST_IA32E
-            return value
+            # the entry controls as written; every exit stores EFER.LMA into IA-32e mode guest
+            return vcpu.controls[field_]
         raise common.field_error("hv_vmx_vcpu_read_vmcs", field_, "emu")
+
+    def _entry_fails(self, vcpu: Vcpu) -> bool:
+        """The VM-entry checks of what the VMM wrote since the last entry (``EntryGate``).
+        A guest-state failure is an exit (0x80000021, True); a control failure raises
+        HV_ERROR with VMCS_RO_INSTR_ERROR 7. Passing, the guest's IA32_EFER is the one VM entry
+        loads (LMA, and LME under CR0.PG, from the IA-32e mode guest control without "load
+        IA32_EFER")."""
+        tpr = self._read_register(vcpu, C.HV_X86_TPR)
+        view = vmx_rules.VmcsView(
+            functools.partial(self._read_vmcs, vcpu), {vmx_rules.FIELD_VTPR: tpr}
+        )
+        failure = vcpu.gate.check(view)
+        if failure is None:
+            efer = vmx_rules.entry_efer(view)
+            if efer != view.get(C.VMCS_GUEST_IA32_EFER, 0):
+                self._set_efer(vcpu, efer)
+            return False
+        if failure.kind == "controls":
+            vcpu.exit[C.VMCS_RO_INSTR_ERROR] = failure.instr_error
+            raise HvError(failure.status, "hv_vcpu_run", str(failure))
+        vcpu.exit = failure.exit_fields()
+        vcpu.exit_recorded = True
+        return True
 
     def hv_vmx_vcpu_write_vmcs(self, vid: int, field_: int, value: int) -> None:
         vcpu = self._vcpu(vid, "hv_vmx_vcpu_write_vmcs")
         if not 0 <= value < 1 << 64:
             raise common.bad("hv_vmx_vcpu_write_vmcs", "value out of range")
+        if field_ in vmx_rules.CONTROL_CAPS and common.entry_checks_enabled():
+            refused = vmx_rules.control_write_error(field_, value, vcpu.gate.caps)
+            if refused is not None:
+                raise common.bad("hv_vmx_vcpu_write_vmcs", refused)
+        vcpu.gate.touch(field_)
         if field_ == C.GDBSTUB_VMCS_MMIO_DATA:
             vcpu.exit[field_] = value
             return

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from . import common
 from . import constants as C
 from .errors import HvError
+from .vmx_rules import Capabilities, EntryGate, entry_controls_after_exit
 
 if TYPE_CHECKING:
     from .emu_code import BlockHooks, CodePage, CodeRun
@@ -120,7 +121,7 @@ class ExitRun(Exception):
 
 
 class Vcpu:
-    def __init__(self, vid: int, space: Space, uc: Any) -> None:
+    def __init__(self, vid: int, space: Space, uc: Any, caps: Capabilities) -> None:
         self.vid = vid
         self.space = space
         self.uc = uc
@@ -133,6 +134,8 @@ class Vcpu:
         self.controls = common.initial_controls()
         self.controls[C.VMCS_GUEST_INTERRUPTIBILITY] = 0  # kept here (kvm: KVM's events)
         self.exit: dict[int, int] = {C.VMCS_RO_EXIT_REASON: 0}
+        # the VM-entry checks: what the VMM wrote since the last entry that passed them
+        self.gate = EntryGate(caps)
         # access rights as the VMM wrote them, by segment index, with the QEMU cache entry
         # (selector, base, limit, flags) they became: QEMU has no "unusable" bit and drops the
         # other bits of an unusable segment; while the entry is unchanged they read back as
@@ -280,6 +283,10 @@ class CpuState(common.FrameworkBooks["Space", "Vcpu"]):
     def _set_exit(self, vcpu: Vcpu, reason: int, **fields: int) -> None:
         vcpu.exit = common.exit_fields(reason, **fields)
         vcpu.exit_recorded = True
+        # every VM exit stores IA32_EFER.LMA into the IA-32e mode guest entry control
+        entry = vcpu.controls[C.VMCS_CTRL_VMENTRY_CONTROLS]
+        efer = int(vcpu.uc.reg_read(X.UC_X86_REG_MSR, C.MSR_EFER))
+        vcpu.controls[C.VMCS_CTRL_VMENTRY_CONTROLS] = entry_controls_after_exit(entry, efer)
 
     def _stop(self, vcpu: Vcpu, reason: int, **fields: int) -> None:
         self._set_exit(vcpu, reason, **fields)

@@ -65,9 +65,9 @@ def _checks_on(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GDBSTUB_VMX_CHECKS", "1")
 
 
-def framework_vcpu(vm: Vm) -> int:
+def framework_vcpu(vm: Vm, code: bytes = GUEST) -> int:
     """A vCPU in flat 32-bit protected mode, set up as QEMU's hvf support does it."""
-    vm.mem.write(CODE, GUEST)
+    vm.mem.write(CODE, code)
     for offset, descriptor in (
         (0x00, 0),
         (0x08, 0x00CF9B000000FFFF),
@@ -115,6 +115,28 @@ def framework_vcpu(vm: Vm) -> int:
     set_reg(vcpu, hv.HV_X86_RFLAGS, 2)
     set_reg(vcpu, hv.HV_X86_RSP, STACK)
     return vcpu
+
+
+def test_capabilities_offer_what_framework_vmms_ask_for(hv_vm: Vm) -> None:
+    """As on an Intel Mac: TPR shadow and CR8-load/store exiting may be one (every framework VMM
+    sets one, hvdos found the rest of the word ignored otherwise), CR3-load/store exiting may
+    be zero (hyperkit needs that), HLT exiting and the secondary controls may be one."""
+    cap = hv.hv_vmx_read_capability(hv.HV_VMX_CAP_PROCBASED)
+    must, may = cap & 0xFFFFFFFF, cap >> 32
+    for bit in (
+        hv.CPU_BASED_TPR_SHADOW,
+        hv.CPU_BASED_CR8_LOAD,
+        hv.CPU_BASED_CR8_STORE,
+        hv.CPU_BASED_HLT,
+        hv.CPU_BASED_SECONDARY_CTLS,
+    ):
+        assert may & bit, hex(bit)
+    assert not must & (hv.CPU_BASED_CR3_LOAD | hv.CPU_BASED_CR3_STORE)
+    assert hv.hv_vmx_read_capability(hv.HV_VMX_CAP_CR4_FIXED0) & hv.CR4_VMXE
+    assert hv.hv_vmx_read_capability(hv.HV_VMX_CAP_CR0_FIXED0) & hv.CR0_NE
+    vcpu = framework_vcpu(hv_vm)
+    proc = vmcs(vcpu, hv.VMCS_CTRL_CPU_BASED)
+    assert proc & hv.CPU_BASED_TPR_SHADOW and proc & hv.CPU_BASED_HLT
 
 
 def run_for(vcpu: int, nanoseconds: int = 5_000_000_000) -> int:
@@ -254,3 +276,62 @@ def test_failed_control_check_at_entry(
     assert reg(vcpu, hv.HV_X86_RIP) == CODE
     set_vmcs(vcpu, hv.VMCS_CTRL_TPR_THRESHOLD, 0)
     assert run_for(vcpu) == hv.VMX_REASON_IO
+
+
+# --- MSRs ----------------------------------------------------------------------------------------
+
+FRAMEWORK_MSRS = {
+    hv.HV_MSR_IA32_SYSENTER_EIP: 0x8000_1000,
+    hv.HV_MSR_IA32_STAR: 0x0023_0010_0000_0000,
+    hv.HV_MSR_IA32_LSTAR: 0xFFFF_8000_0000_2000,
+    hv.HV_MSR_IA32_KERNEL_GS_BASE: 0x7FFF_0000_3000,
+    hv.HV_MSR_IA32_TSC_AUX: 3,
+}
+VMM_MSRS = {  # no HV_MSR_*: the VMM's to emulate
+    "apic-base": hv.MSR_IA32_APIC_BASE,
+    "pat": hv.MSR_IA32_PAT,
+    "mtrr-def-type": 0x2FF,
+    "misc-enable": hv.MSR_IA32_MISC_ENABLE,
+    "x2apic-id": 0x802,
+}
+
+
+def test_framework_msrs_read_and_write(hv_vm: Vm) -> None:
+    vcpu = framework_vcpu(hv_vm)
+    for msr, value in FRAMEWORK_MSRS.items():
+        hv.hv_vcpu_write_msr(vcpu, msr, value)
+    for msr, value in FRAMEWORK_MSRS.items():
+        assert hv.hv_vcpu_read_msr(vcpu, msr) == value, hex(msr)
+
+
+@pytest.mark.parametrize("name", list(VMM_MSRS))
+def test_msr_outside_the_framework_list_is_refused(
+    hv_vm: Vm, hv_backend: str, name: str, request: pytest.FixtureRequest
+) -> None:
+    if hv_backend == "emu":
+        request.applymarker(pytest.mark.xfail(strict=False, reason="emu side: issue 12"))
+    vcpu = framework_vcpu(hv_vm)
+    msr = VMM_MSRS[name]
+    with pytest.raises(hv.HvError) as caught:
+        hv.hv_vcpu_read_msr(vcpu, msr)
+    assert caught.value.code == hv.HV_BAD_ARGUMENT
+    with pytest.raises(hv.HvError) as caught:
+        hv.hv_vcpu_write_msr(vcpu, msr, 0)
+    assert caught.value.code == hv.HV_BAD_ARGUMENT
+
+
+@pytest.mark.parametrize("name", list(VMM_MSRS))
+def test_guest_rdmsr_wrmsr_outside_the_list_exit_to_the_vmm(hv_vm: Vm, name: str) -> None:
+    msr = VMM_MSRS[name]
+    code = asm(f"mov ecx, {msr}\nrdmsr\nwrmsr\nhlt\n", bits=32)
+    vcpu = framework_vcpu(hv_vm, code)
+    assert run_for(vcpu) == hv.VMX_REASON_RDMSR
+    assert reg(vcpu, hv.HV_X86_RIP) == CODE + 5 and vmcs(vcpu, hv.VMCS_RO_VMEXIT_INSTR_LEN) == 2
+    assert reg(vcpu, hv.HV_X86_RCX) == msr
+    set_reg(vcpu, hv.HV_X86_RAX, 0x1234)  # the VMM's answer
+    set_reg(vcpu, hv.HV_X86_RDX, 0)
+    skip_instruction(vcpu)
+    assert run_for(vcpu) == hv.VMX_REASON_WRMSR
+    assert reg(vcpu, hv.HV_X86_RIP) == CODE + 7 and reg(vcpu, hv.HV_X86_RAX) == 0x1234
+    skip_instruction(vcpu)
+    assert run_for(vcpu) == hv.VMX_REASON_HLT

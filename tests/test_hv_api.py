@@ -600,7 +600,7 @@ def test_read_write_msr(hv_vm: Vm) -> None:
         (hv.MSR_IA32_SYSENTER_ESP, 0xFFFF_8000_1234_0000),
         (hv.MSR_KGSBASE, 0x7FFF_0000_1000),
         (hv.MSR_FSBASE, 0x1234_5000),
-        (hv.MSR_IA32_PAT, 0x0007_0406_0007_0406),
+        (hv.MSR_LSTAR, 0xFFFF_8000_0000_1000),  # PAT is a VMCS field, no framework MSR
     ):
         hv.hv_vcpu_write_msr(vcpu, msr, value)
         assert hv.hv_vcpu_read_msr(vcpu, msr) == value

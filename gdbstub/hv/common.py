@@ -8,6 +8,7 @@ MSR permissions; the backends that build the framework themselves keep them here
 * ``new_region``, ``add_region``, ``split_regions``, ``region_at``: one address space's list
   of mapped regions (page-aligned, not overlapping, sorted); a failed call leaves it untouched;
 * ``MsrPermissions``: native, managed and per-access MSR permissions of one vCPU;
+  ``FRAMEWORK_MSRS`` / ``check_framework_msr``: the MSRs ``hv_vcpu_read/write_msr`` accept;
 * ``decode_io``: the length and form of an IN/OUT/INS/OUTS, for the I/O exit contract;
 * ``exit_fields``, ``ept_permission_bits``, ``check_fp_buffer``: exit records and argument
   checks both backends produce the same way;
@@ -196,6 +197,46 @@ class MsrPermissions:
 def _check_msr(call: str, msr: int) -> None:
     if not 0 <= msr <= MSR_LIMIT:
         raise bad(call, f"MSR {msr:#x} out of range")
+
+
+def _msr_ranges(*spans: tuple[int, int]) -> frozenset[int]:
+    return frozenset(msr for first, last in spans for msr in range(first, last + 1))
+
+
+FRAMEWORK_MSRS: frozenset[int] = _msr_ranges(
+    (C.HV_MSR_IA32_TSC, C.HV_MSR_IA32_TSC),
+    (C.HV_MSR_IA32_SPEC_CTRL, C.HV_MSR_IA32_PRED_CMD),
+    (C.HV_MSR_IA32_PMC0, C.HV_MSR_IA32_PMC7),
+    (C.HV_MSR_IA32_ARCH_CAPABILITIES, C.HV_MSR_IA32_FLUSH_CMD),
+    (C.HV_MSR_IA32_SYSENTER_CS, C.HV_MSR_IA32_SYSENTER_EIP),
+    (C.HV_MSR_IA32_PERFEVNTSEL0, C.HV_MSR_IA32_PERFEVNTSEL7),
+    (C.HV_MSR_LBR_SELECT, C.HV_MSR_LASTBRANCH_TOS),
+    (C.HV_MSR_IA32_DEBUGCTL, C.HV_MSR_IA32_DEBUGCTL),
+    (C.HV_MSR_LASTINT_FROM_IP, C.HV_MSR_LASTINT_TO_IP),
+    (C.HV_MSR_IA32_FIXED_CTR0, C.HV_MSR_IA32_FIXED_CTR3),
+    (C.HV_MSR_PERF_METRICS, C.HV_MSR_PERF_METRICS),
+    (C.HV_MSR_IA32_FIXED_CTR_CTRL, C.HV_MSR_IA32_PERF_GLOBAL_INUSE),
+    (C.HV_MSR_IA32_A_PMC0, C.HV_MSR_IA32_A_PMC7),
+    (C.HV_MSR_LASTBRANCH_0_FROM_IP, C.HV_MSR_LASTBRANCH_31_FROM_IP),
+    (C.HV_MSR_LASTBRANCH_0_TO_IP, C.HV_MSR_LASTBRANCH_31_TO_IP),
+    (C.HV_MSR_IA32_XSS, C.HV_MSR_IA32_XSS),
+    (C.HV_MSR_LASTBRANCH_INFO_0, C.HV_MSR_LASTBRANCH_INFO_31),
+    (C.HV_MSR_IA32_EFER, C.HV_MSR_IA32_FMASK),
+    (C.HV_MSR_IA32_FS_BASE, C.HV_MSR_IA32_TSC_AUX),
+)
+"""The MSRs the framework keeps per vCPU (the ``HV_MSR_*`` enum of hv_arch_vmx.h): what
+``hv_vcpu_read_msr`` / ``hv_vcpu_write_msr`` accept on every backend. Any other MSR
+(IA32_APIC_BASE, PAT - a VMCS field -, the MTRRs, MISC_ENABLE, x2APIC...) is the VMM's: the
+calls refuse it (:func:`check_framework_msr`) and a guest RDMSR/WRMSR of it exits (31/32)."""
+
+
+def check_framework_msr(call: str, msr: int) -> None:
+    """HV_BAD_ARGUMENT unless ``msr`` is one of :data:`FRAMEWORK_MSRS` (the framework's
+    answer for another MSR is not documented; HV_BAD_ARGUMENT is the one for a bad MSR
+    number, and what the Mac probe checks)."""
+    if msr not in FRAMEWORK_MSRS:
+        _check_msr(call, msr)
+        raise bad(call, f"MSR {msr:#x} is not one the framework keeps (HV_MSR_*)")
 
 
 # --- I/O instructions ----------------------------------------------------------------------------

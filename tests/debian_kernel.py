@@ -13,10 +13,8 @@ depends on); otherwise the helpers answer None and the tests skip.
   package.  It is read from ``dpkg-deb --fsys-tarfile`` as a stream (``/boot`` comes first in
   the archive, so this takes a fraction of a second instead of unpacking 400 MB of modules) and
   kept next to the package in ``debian/<package file name>/``.
-* :func:`extract_vmlinux` decompresses a bzImage's payload (``payload_offset`` and
-  ``payload_length`` in the setup header; the compression found by its magic: gzip, xz, LZMA,
-  bzip2 and, through the ``zstd`` / ``lz4`` commands or the ``zstandard`` module, zstd and lz4)
-  into the ELF ``vmlinux``, which carries the Xen PVH entry note.
+* :func:`extract_vmlinux` writes the ELF ``vmlinux`` inside a bzImage (which carries the Xen
+  PVH entry note), decompressed by ``gdbstub.machine.boot.payload``.
 * :func:`busybox_initramfs` writes a newc cpio archive with a static busybox as
   ``/bin/busybox``, symlinks for ``sh`` and common applets, ``/dev/console`` and an ``/init``
   script that mounts proc, sysfs and devtmpfs, prints :data:`INIT_MARKER`, and runs
@@ -28,16 +26,15 @@ file.
 
 from __future__ import annotations
 
-import bz2
-import lzma
 import os
 import shutil
-import struct
 import subprocess
 import tarfile
-import zlib
 from collections.abc import Callable
 from pathlib import Path
+
+from gdbstub.machine.boot.common import BootError
+from gdbstub.machine.boot.payload import vmlinux_of_bzimage
 
 INIT_MARKER = "gdbstub-initramfs: init is running"
 KERNEL_META_PACKAGE = "linux-image-amd64"
@@ -63,13 +60,6 @@ fi
 exec sh
 """
 
-# bzImage setup header fields used here (Documentation/arch/x86/boot.rst)
-_SETUP_SECTS = 0x1F1
-_HEADER = 0x202
-_VERSION = 0x206
-_PAYLOAD_OFFSET = 0x248
-_PAYLOAD_LENGTH = 0x24C
-
 
 def cache_dir() -> Path:
     """The Debian package cache: ``$GDBSTUB_CACHE/debian`` or ``~/.cache/gdbstub/debian``."""
@@ -81,7 +71,8 @@ def _tmp_name(out: Path) -> Path:
     return out.with_name(f".{out.name}.{os.getpid()}.tmp")
 
 
-def _write_atomically(out: Path, data: bytes, mode: int = 0o644) -> Path:
+def write_atomically(out: Path, data: bytes, mode: int = 0o644) -> Path:
+    """Write ``out`` through a temporary file, so a reader never sees half of it."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(out)
     tmp.write_bytes(data)
@@ -182,68 +173,16 @@ def cached_debian_kernel(download: bool = True) -> Path | None:
     if member is None:
         return None
     name, data = member
-    return _write_atomically(out_dir / Path(name).name, data)
-
-
-def _run_filter(cmd: list[str], data: bytes) -> bytes:
-    if shutil.which(cmd[0]) is None:
-        raise RuntimeError(f"{cmd[0]} is not installed: cannot decompress this kernel")
-    proc = subprocess.run(cmd, input=data, capture_output=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.decode(errors='replace')}")
-    return proc.stdout
-
-
-def _zstd(data: bytes) -> bytes:
-    try:
-        import zstandard  # type: ignore[import-not-found]
-    except ImportError:
-        return _run_filter(["zstd", "-dc"], data)
-    result: bytes = zstandard.ZstdDecompressor().decompressobj().decompress(data)
-    return result
-
-
-def decompress_payload(payload: bytes) -> bytes:
-    """The kernel payload decompressed by its magic (the result should be an ELF file).
-
-    The payload ends with the uncompressed size as a 32-bit little-endian number (gzip's own
-    ISIZE, or the size the kernel's build appends for every other method).
-    """
-    magic = payload[:6]
-    body = payload[:-4]  # without the appended size (gzip: ISIZE; harmless to leave off)
-    if magic[:2] in (b"\x1f\x8b", b"\x1f\x9e"):
-        return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(payload)
-    if magic == b"\xfd7zXZ\x00":
-        return lzma.LZMADecompressor(lzma.FORMAT_XZ).decompress(payload)
-    if magic[:2] == b"\x5d\x00":
-        return lzma.LZMADecompressor(lzma.FORMAT_ALONE).decompress(body)
-    if magic[:3] == b"BZh":
-        return bz2.BZ2Decompressor().decompress(payload)
-    if magic[:4] == b"\x28\xb5\x2f\xfd":
-        return _zstd(body)
-    if magic[:4] in (b"\x02\x21\x4c\x18", b"\x04\x22\x4d\x18"):
-        return _run_filter(["lz4", "-dc"], body)
-    if magic[:4] == b"\x7fELF":
-        return payload
-    raise RuntimeError(f"unknown kernel compression (magic {magic.hex()})")
+    return write_atomically(out_dir / Path(name).name, data)
 
 
 def extract_vmlinux(bzimage: Path, out: Path) -> Path:
     """Decompress the payload of ``bzimage`` into the ELF file ``out`` (the kernel's vmlinux)."""
-    data = bzimage.read_bytes()
-    if data[_HEADER : _HEADER + 4] != b"HdrS":
-        raise RuntimeError(f"{bzimage}: not a bzImage (no HdrS)")
-    (version,) = struct.unpack_from("<H", data, _VERSION)
-    if version < 0x0208:
-        raise RuntimeError(f"{bzimage}: protocol {version:#x} has no payload fields")
-    start = ((data[_SETUP_SECTS] or 4) + 1) * 512
-    offset, length = struct.unpack_from("<II", data, _PAYLOAD_OFFSET)
-    payload = data[start + offset : start + offset + length]
-    elf = decompress_payload(payload)
-    (size,) = struct.unpack("<I", payload[-4:])
-    if elf[:4] != b"\x7fELF" or len(elf) & 0xFFFFFFFF != size:
-        raise RuntimeError(f"{bzimage}: payload did not decompress to its {size}-byte ELF")
-    return _write_atomically(out, elf)
+    try:
+        elf = vmlinux_of_bzimage(bzimage.read_bytes())
+    except BootError as exc:
+        raise RuntimeError(f"{bzimage}: {exc}") from exc
+    return write_atomically(out, elf)
 
 
 def cached_busybox(download: bool = True) -> bytes | None:
@@ -302,4 +241,4 @@ def busybox_initramfs(out: Path, busybox: bytes | None = None) -> Path:
     entries.append(("bin/busybox", S_IFREG | 0o755, busybox, (0, 0)))
     entries += [(f"bin/{a}", S_IFLNK | 0o777, b"busybox", (0, 0)) for a in APPLETS]
     entries.append(("init", S_IFREG | 0o755, INIT_SCRIPT.encode(), (0, 0)))
-    return _write_atomically(out, newc_archive(entries))
+    return write_atomically(out, newc_archive(entries))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import kallsyms
 from .boot import elf64, linux, multiboot, pvh
 from .boot.common import (
     AR_CODE32,
@@ -79,8 +80,10 @@ from .boot.cpu import (
     build_page_tables,
 )
 from .boot.e820 import E820_RAM, E820_RESERVED, HIGH_RAM_START, LOW_RAM_END, memory_map
-from .boot.elfimage import EM_386, EM_X86_64, parse_elf, symbols
+from .boot.elfimage import EM_386, EM_X86_64, parse_elf
+from .boot.elfimage import symbols as elf_symbols
 from .boot.multiboot import MULTIBOOT_BOOTLOADER_MAGIC, MULTIBOOT_HEADER_MAGIC
+from .boot.payload import vmlinux_of_bzimage
 from .boot.pvh import HVM_START_MAGIC, XEN_ELFNOTE_PHYS32_ENTRY
 
 __all__ = [
@@ -99,6 +102,21 @@ __all__ = [
 ]  # fmt: skip
 
 MIN_MEM_SIZE = 2 * HIGH_RAM_START
+
+
+def symbols(path: str | Path) -> dict[str, int]:
+    """Symbol name -> address for the kernel at ``path``: its ELF ``.symtab``; for a stripped
+    ``vmlinux`` or a bzImage, the kernel's own kallsyms table (link-time addresses: right when
+    it boots with ``nokaslr``); ``{}`` when it has neither. A file that is neither an ELF file
+    nor a bzImage is a BootError."""
+    p = Path(path)
+    data = read_file(p)
+    if linux.is_bzimage(data):
+        try:
+            return kallsyms.symbol_map(vmlinux_of_bzimage(data))
+        except BootError:  # no payload we can decompress here: no symbols, the boot goes on
+            return {}
+    return elf_symbols(p) or kallsyms.symbol_map(data)
 
 
 def load_kernel(

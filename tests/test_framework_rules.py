@@ -24,9 +24,11 @@ from hvguest import (
     CODE,
     GDT,
     IDT,
+    PML4,
     STACK,
     Vm,
     asm,
+    build_long_mode_tables,
     exit_reason,
     hv_vm,
     reg,
@@ -171,6 +173,39 @@ def test_guest_reads_cr4_through_the_mask_and_shadow(
     vcpu = framework_vcpu(hv_vm)
     assert run_for(vcpu) == hv.VMX_REASON_IO
     assert reg(vcpu, hv.HV_X86_RAX) == hv.CR4_OSFXSR | hv.CR4_OSXMMEXCPT  # VMXE from the shadow
+
+
+LONG_GUEST = asm(
+    """
+    mov rax, 0x123456789
+    out 0x10, eax
+    hlt
+    """,
+    bits=64,
+)
+
+
+def test_ia32e_entry_control_makes_efer_lma(hv_vm: Vm) -> None:
+    """The VMM enters long mode as QEMU's hvf does: EFER.LME in VMCS_GUEST_IA32_EFER, the
+    IA-32e mode guest entry control, CR0.PG and CR4.PAE; without "load IA32_EFER" the entry
+    sets EFER.LMA from the control (SDM 26.3.2.1), and the exit leaves it in the field."""
+    vcpu = framework_vcpu(hv_vm, LONG_GUEST)
+    build_long_mode_tables(hv_vm.mem)
+    hv_vm.mem.put64(GDT + 0x18, 0x00AF9B000000FFFF)
+    set_segment(vcpu, 1, 0x18, 0, 0xFFFFFFFF, 0xA09B)
+    entry = vmcs(vcpu, hv.VMCS_CTRL_VMENTRY_CONTROLS) & ~hv.VMENTRY_LOAD_EFER
+    set_vmcs(vcpu, hv.VMCS_CTRL_VMENTRY_CONTROLS, entry | hv.VMENTRY_GUEST_IA32E)
+    set_vmcs(vcpu, hv.VMCS_GUEST_CR3, PML4)
+    set_vmcs(vcpu, hv.VMCS_GUEST_CR4, vmcs(vcpu, hv.VMCS_GUEST_CR4) | hv.CR4_PAE)
+    set_vmcs(vcpu, hv.VMCS_GUEST_IA32_EFER, hv.EFER_LME)
+    set_vmcs(vcpu, hv.VMCS_GUEST_CR0, vmcs(vcpu, hv.VMCS_GUEST_CR0) | hv.CR0_PG)
+    assert vmcs(vcpu, hv.VMCS_CTRL_VMENTRY_CONTROLS) & hv.VMENTRY_GUEST_IA32E  # as written
+    assert run_for(vcpu) == hv.VMX_REASON_IO
+    assert reg(vcpu, hv.HV_X86_RAX) == 0x123456789  # 64-bit code ran
+    assert vmcs(vcpu, hv.VMCS_GUEST_IA32_EFER) & (hv.EFER_LME | hv.EFER_LMA) == (
+        hv.EFER_LME | hv.EFER_LMA
+    )
+    assert vmcs(vcpu, hv.VMCS_CTRL_VMENTRY_CONTROLS) & hv.VMENTRY_GUEST_IA32E
 
 
 def _clear(field: int, bits: int) -> Callable[[int], None]:

@@ -1142,13 +1142,19 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
 
     def _entry_fails(self, vcpu: _Vcpu, call: str) -> bool:
         """The VMX entry checks the VMM's writes call for (kvm_gate): True when the entry
-        failed on the guest state (the exit is recorded); raises for invalid controls."""
+        failed on the guest state (the exit is recorded); raises for invalid controls. An
+        entry that passes loads IA32_EFER as VMX does (kvm_gate.entry_efer)."""
         gate = vcpu.gate
         assert gate is not None
+        dirty = gate.dirty
         # the virtual TPR only for the checks on the controls (the TPR threshold)
-        vtpr = int(self._get(vcpu, "sregs").cr8) << 4 if gate.dirty & 1 else None
-        failure = kvm_gate.check_entry(gate, partial(self._state_field, vcpu), vtpr)
+        vtpr = int(self._get(vcpu, "sregs").cr8) << 4 if dirty & 1 else None
+        view = kvm_gate.entry_view(partial(self._state_field, vcpu), vtpr)
+        failure = gate.check(view)
         if failure is None:
+            efer = kvm_gate.entry_efer(view, dirty)
+            if efer is not None:
+                self._dirty(vcpu, "sregs").efer = efer
             return False
         vcpu.exit, error = kvm_gate.outcome(failure, vcpu.exit, call)
         if error is not None:

@@ -11,12 +11,13 @@ holds at ``hv_vcpu_create``, each vCPU gets an :class:`~gdbstub.hv.vmx_rules.Ent
   ``hv_vcpu_write_msr``, ``hv_vcpu_set_space``) touches it, and a control-word write outside
   the capability's allowed-0/allowed-1 settings is refused with HV_BAD_ARGUMENT, where the
   framework refuses it (:func:`refuse_control_write`);
-* :func:`entry_fails` runs before each entry (``hv_vcpu_run``, ``hv_vcpu_run_until``). Only the
-  groups of checks that read a touched field run (none when the VMM wrote nothing since the
-  last successful check), over a ``VmcsView`` of the backend's own ``hv_vmx_vcpu_read_vmcs``.
+* before each entry (``hv_vcpu_run``, ``hv_vcpu_run_until``) the backend runs the groups of
+  checks that read a touched field (none when the VMM wrote nothing since the last successful
+  check) over :func:`entry_view`, a ``VmcsView`` of its own ``hv_vmx_vcpu_read_vmcs``.
   A failed guest-state check is what VMX reports: the run returns HV_SUCCESS and
   VMCS_RO_EXIT_REASON reads 0x80000021 with the SDM's qualification. A failed control check
-  raises ``HvError(EntryFailure.status)`` (HV_ERROR) with VMCS_RO_INSTR_ERROR 7, and no exit.
+  raises ``HvError(EntryFailure.status)`` (HV_ERROR) with VMCS_RO_INSTR_ERROR 7, and no exit
+  (:func:`outcome`). An entry that passes loads IA32_EFER as VMX does (:func:`entry_efer`).
 
 Without the switch the gate is ``None`` and the write paths and entries pay one ``is None``.
 The state the backend changes itself (an exit, a completed instruction) is left valid by the
@@ -31,6 +32,8 @@ from functools import cache
 from . import common, vmx_rules
 from . import constants as C
 from .errors import HvError
+
+_REGISTER_CHECKS = 1 << [name for name, _ in vmx_rules.GROUPS].index("registers")
 
 
 @cache
@@ -56,14 +59,22 @@ def refuse_control_write(gate: vmx_rules.EntryGate, field_: int, value: int) -> 
     gate.touch(field_)
 
 
-def check_entry(
-    gate: vmx_rules.EntryGate, read_vmcs: Callable[[int], int], vtpr: int | None
-) -> vmx_rules.EntryFailure | None:
-    """The checks the gate says the next entry needs, over ``read_vmcs`` (the backend's
-    ``hv_vmx_vcpu_read_vmcs`` for the vCPU) and the virtual TPR byte ``vtpr`` (None: the
+def entry_view(read_vmcs: Callable[[int], int], vtpr: int | None) -> vmx_rules.VmcsView:
+    """The fields of one entry check: ``read_vmcs`` (the backend's ``hv_vmx_vcpu_read_vmcs``
+    for the vCPU, without the owner check) and the virtual TPR byte ``vtpr`` (None: the
     TPR-threshold check is skipped; only the checks on the controls read it)."""
-    extra = None if vtpr is None else {vmx_rules.FIELD_VTPR: vtpr}
-    return gate.check(vmx_rules.VmcsView(read_vmcs, extra))
+    return vmx_rules.VmcsView(read_vmcs, None if vtpr is None else {vmx_rules.FIELD_VTPR: vtpr})
+
+
+def entry_efer(view: vmx_rules.VmcsView, dirty: int) -> int | None:
+    """The IA32_EFER a passed entry loads when it differs from the EFER field (without "load
+    IA32_EFER", LMA - and LME under CR0.PG - come from the IA-32e mode guest control), or
+    None. Only the checks on the registers (a ``dirty`` group) read the fields involved: when
+    they did not run, nothing the VMM wrote can have changed it."""
+    if not dirty & _REGISTER_CHECKS:
+        return None
+    efer = vmx_rules.entry_efer(view)
+    return None if efer == view.get(C.VMCS_GUEST_IA32_EFER, 0) else efer
 
 
 def outcome(

@@ -39,6 +39,7 @@ from typing import Any, Protocol
 
 from . import hv, memregion, paging, regs, xsave
 from .breakpoints import STOP_REASONS, Breakpoint, dr7_value, dr_length_ok
+from .hvprobe import HostDebugFeatures, probe_host
 from .memory import GuestMemory
 from .target import NotSupported, ResumeAction, StopEvent, TargetError
 from .vcpu import Entry, Stop, VcpuWorker
@@ -78,32 +79,6 @@ class PlatformVmm(Vmm, Protocol):
     def before_entry(self, vcpu: int, step: bool) -> Entry:
         """Decide the next entry of ``vcpu`` (owner thread)."""
         ...
-
-
-@dataclass
-class HostDebugFeatures:
-    """What the host's vCPUs can do for a debugger, as probed when the VM starts."""
-
-    int3: bool = True
-    dr_exec: bool = True
-    dr_data: bool = True
-    step: bool = True
-    avx: bool = True
-
-    def describe(self) -> str:
-        """One line per feature, for ``monitor info breakpoints`` and the log."""
-        software = "int3" if self.int3 else "debug registers (int3 cannot be intercepted)"
-        watch = (
-            "debug registers"
-            if self.dr_data
-            else ("write-protected pages (DR data breakpoints do not fire)")
-        )
-        return (
-            f"software breakpoints: {software}\n"
-            f"watchpoints: {watch}\n"
-            f"hardware breakpoints: {'debug registers' if self.dr_exec else 'unavailable'}\n"
-            f"single-step: {'monitor trap flag' if self.step else 'unavailable'}"
-        )
 
 
 @dataclass
@@ -992,111 +967,3 @@ class HvTarget:
         self.interrupt()
         for thread in self._threads.values():
             thread.worker.close()
-
-
-def probe_host(memory: GuestMemory) -> HostDebugFeatures:
-    """Find out on a scratch vCPU what the host can do for a debugger.
-
-    Runs tiny 32-bit programs in a page of guest RAM (restored afterwards): an ``int3`` with #BP
-    intercepted, a DR0 execution breakpoint, a DR0 data write breakpoint, and an MTF step. Each
-    feature is the observed exit, never the host's name.
-    """
-    scratch = 0x8000 if memory.contains(0x8000) else memory.ranges()[0][0] + 0x8000
-    saved = memory.read(scratch, 0x2000)
-    result: dict[str, bool] = {}
-
-    def flat32(vcpu: int, code: bytes) -> None:
-        memory.write(scratch, code)
-        for i in range(8):
-            ar = 0xC09B if i == 1 else 0x8B if i == 7 else 0x10000 if i == 6 else 0xC093
-            hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_GUEST_ES + 2 * i, 8 if i == 1 else 16)
-            hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_GUEST_ES_BASE + 2 * i, 0)
-            hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_GUEST_ES_LIMIT + 2 * i, 0xFFFFFFFF)
-            hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_GUEST_ES_AR + 2 * i, ar)
-        hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_GUEST_CR0, 0x11)
-        hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_GUEST_CR4, 0)
-        hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_GUEST_IA32_EFER, 0)
-        hv.hv_vcpu_write_register(vcpu, hv.HV_X86_RIP, scratch)
-        hv.hv_vcpu_write_register(vcpu, hv.HV_X86_RFLAGS, 2)
-        hv.hv_vcpu_write_register(vcpu, hv.HV_X86_RBX, scratch + 0x1000)
-        proc = hv.hv_vmx_read_capability(hv.HV_VMX_CAP_PROCBASED)
-        hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_CPU_BASED, hv.cap2ctrl(proc, hv.CPU_BASED_HLT))
-
-    def run(vcpu: int) -> tuple[int, int, int]:
-        hv.hv_vcpu_run_until(vcpu, hv.deadline_after_ns(500_000_000))
-        return (
-            hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_RO_EXIT_REASON),
-            hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_RO_VMEXIT_IRQ_INFO) & 0xFF,
-            hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_RO_EXIT_QUALIFIC),
-        )
-
-    def probes(vcpu: int) -> None:
-        flat32(vcpu, b"\x90\xcc\xf4")  # nop; int3; hlt
-        hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_EXC_BITMAP, 1 << hv.IDT_BP)
-        reason, vector, _ = run(vcpu)
-        result["int3"] = (
-            reason == hv.VMX_REASON_EXC_NMI
-            and vector == hv.IDT_BP
-            and hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RIP) == scratch + 1
-        )
-        flat32(vcpu, b"\x90\x90\xf4")  # nop; nop (DR0 here); hlt
-        hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_EXC_BITMAP, 1 << hv.IDT_DB)
-        hv.hv_vcpu_write_register(vcpu, hv.HV_X86_DR0, scratch + 1)
-        hv.hv_vcpu_write_register(vcpu, hv.HV_X86_DR7, 0x703)
-        reason, vector, qual = run(vcpu)
-        result["dr_exec"] = (
-            reason == hv.VMX_REASON_EXC_NMI and vector == hv.IDT_DB and bool(qual & 1)
-        )
-        flat32(vcpu, b"\x88\x03\xf4")  # mov [ebx], al; hlt
-        hv.hv_vcpu_write_register(vcpu, hv.HV_X86_DR0, scratch + 0x1000)
-        hv.hv_vcpu_write_register(vcpu, hv.HV_X86_DR7, 0x10703)  # write, 1 byte
-        reason, vector, qual = run(vcpu)
-        result["dr_data"] = (
-            reason == hv.VMX_REASON_EXC_NMI and vector == hv.IDT_DB and bool(qual & 1)
-        )
-        hv.hv_vcpu_write_register(vcpu, hv.HV_X86_DR7, 0x400)
-        hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_EXC_BITMAP, 0)
-        flat32(vcpu, b"\x90\x90\xf4")
-        proc = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_CTRL_CPU_BASED)
-        hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_CPU_BASED, proc | hv.CPU_BASED_MTF)
-        reason, _, _ = run(vcpu)
-        result["step"] = (
-            reason == hv.VMX_REASON_MTF
-            and hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RIP) == scratch + 1
-        )
-        hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_CPU_BASED, proc & ~hv.CPU_BASED_MTF)
-        try:  # AVX: XCR0 takes YMM and a VEX instruction really executes (emulators may lack it)
-            flat32(vcpu, b"\xc5\xfd\xef\xc0\xf4")  # vpxor ymm0, ymm0, ymm0; hlt
-            hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_GUEST_CR4, 0x40600)  # OSXSAVE|OSXMMEXCPT|OSFXSR
-            hv.hv_vcpu_write_register(vcpu, hv.HV_X86_XCR0, 7)
-            reason, _, _ = run(vcpu)
-            result["avx"] = (
-                reason == hv.VMX_REASON_HLT and hv.hv_vcpu_read_register(vcpu, hv.HV_X86_XCR0) == 7
-            )
-        except hv.HvError:
-            result["avx"] = False
-
-    errors: list[BaseException] = []
-
-    def probe_thread() -> None:
-        try:
-            vcpu = hv.hv_vcpu_create(hv.HV_VCPU_DEFAULT)
-        except hv.HvError as exc:
-            errors.append(exc)
-            return
-        try:
-            probes(vcpu)
-        except hv.HvError as exc:
-            errors.append(exc)
-        finally:
-            hv.hv_vcpu_destroy(vcpu)
-
-    thread = threading.Thread(target=probe_thread, name="debug-probe")
-    thread.start()
-    thread.join()
-    memory.write(scratch, saved)
-    if errors:
-        log.warning("debug feature probe failed: %s", errors[0])
-    return HostDebugFeatures(
-        **{k: result.get(k, False) for k in ("int3", "dr_exec", "dr_data", "step", "avx")}
-    )

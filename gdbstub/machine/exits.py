@@ -15,10 +15,22 @@ Hypervisor.framework must:
 * HLT (12): RIP advanced, the vCPU marked halted; ``Machine.before_entry`` keeps it out of the
   guest until an interrupt is pending (or for ever, with interrupts off, until Ctrl-C).
 * CPUID (10), RDMSR/WRMSR (31/32), XSETBV (55): answered from the CPU model, the local APIC,
-  the machine's own MSRs and the backend's; an MSR nobody has raises #GP in the guest.
+  the machine's own MSRs and the backend's; an MSR nobody has raises #GP in the guest. IA32_EFER
+  is the VMCS's (VMCS_GUEST_IA32_EFER, through ``vmxsetup.write_efer``: LMA and the IA-32e mode
+  guest control follow LME & PG).
+* MOV-CR (28): a guest write to a CR0/CR4 bit the VMM owns (the masks of ``vmxsetup``; CR0.PG
+  among them, so long mode is switched here), completed by ``vmxsetup.handle_cr_access``.
+* RDPMC (15: no counters, reads 0, as QEMU's hvf support does), INVD/WBINVD (13/54: nothing to
+  do), VMCALL (18: #UD, what the instruction does outside VMX operation; no hypercalls here).
 * Interrupt window (7): the guest can take an interrupt now; the next entry injects it.
-* Triple fault (2), failed entries, unexpected exceptions: the run stops with a fault the
-  debugger reports; ``machine.what`` remembers the reason for ``monitor`` commands.
+* Triple fault (2), task switch (9: hardware task switching is not emulated), failed entries,
+  unexpected exceptions: the run stops with a fault the debugger reports; ``machine.what``
+  remembers the reason for ``monitor`` commands.
+
+Before its handler runs, an exit that interrupted the delivery of an event (IDT-vectoring
+information valid: an MMIO page touched while an exception frame was pushed, say) queues that
+event again for the next entry (``vmxsetup.reinject_event``); an event a handler queues
+replaces it, and an interrupt waits until the slot is free (``Machine._inject``).
 """
 
 from __future__ import annotations
@@ -27,7 +39,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .. import hv
+from .. import hv, vmxsetup
 from ..vcpu import Stop
 from . import cpuid as cpuid_model
 from .bus import GuestExit, GuestPowerOff, GuestReset
@@ -49,6 +61,7 @@ def handle_exit(machine: Machine, vcpu: int) -> Stop | None:
         return machine.fault(
             f"VM entry failed (exit reason {reason:#x}, detail {qual:#x})", SIGABRT, vcpu
         )
+    vmxsetup.reinject_event(vcpu)
     handler = HANDLERS.get(reason & 0xFFFF)
     if handler is None:
         name = hv.VMX_REASON_NAMES.get(reason & 0xFFFF, str(reason))
@@ -63,21 +76,12 @@ def handle_exit(machine: Machine, vcpu: int) -> Stop | None:
         return machine.guest_reset(vcpu, reset.how)
 
 
-def advance(vcpu: int) -> None:
-    """Move RIP past the exiting instruction (ends STI/MOV-SS blocking, as on hardware)."""
-    rip = hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RIP)
-    length = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_RO_VMEXIT_INSTR_LEN)
-    hv.hv_vcpu_write_register(vcpu, hv.HV_X86_RIP, (rip + length) % (1 << 64))
-    value = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_GUEST_INTERRUPTIBILITY)
-    if value & 3:
-        hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_GUEST_INTERRUPTIBILITY, value & ~3)
+advance = vmxsetup.skip_instruction
 
 
 def inject_gp(vcpu: int) -> None:
     """Queue #GP(0) for the next entry."""
-    info = hv.IRQ_INFO_VALID | hv.IRQ_INFO_HARD_EXC | hv.IRQ_INFO_ERROR_VALID | hv.IDT_GP
-    hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_VMENTRY_EXC_ERROR, 0)
-    hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_VMENTRY_IRQ_INFO, info)
+    vmxsetup.inject_exception(vcpu, hv.IDT_GP, 0)
 
 
 def _io(machine: Machine, vcpu: int) -> Stop | None:
@@ -135,7 +139,10 @@ def _cpuid(machine: Machine, vcpu: int) -> Stop | None:
 
 def _rdmsr(machine: Machine, vcpu: int) -> Stop | None:
     msr = hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RCX) & 0xFFFFFFFF
-    value = machine.read_msr(vcpu, msr)
+    if msr == hv.MSR_EFER:
+        value: int | None = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_GUEST_IA32_EFER)
+    else:
+        value = machine.read_msr(vcpu, msr)
     if value is None:
         log.info("guest read of unknown MSR %#x: #GP", msr)
         inject_gp(vcpu)
@@ -150,12 +157,47 @@ def _wrmsr(machine: Machine, vcpu: int) -> Stop | None:
     msr = hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RCX) & 0xFFFFFFFF
     low = hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RAX) & 0xFFFFFFFF
     high = hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RDX) & 0xFFFFFFFF
-    if not machine.write_msr(vcpu, msr, high << 32 | low):
+    if msr == hv.MSR_EFER:
+        done = _write_efer(machine, vcpu, high << 32 | low)
+    else:
+        done = machine.write_msr(vcpu, msr, high << 32 | low)
+    if not done:
         log.info("guest write of MSR %#x refused: #GP", msr)
         inject_gp(vcpu)
         return None
     advance(vcpu)
     return None
+
+
+EFER_WRITABLE = hv.EFER_SCE | hv.EFER_LME | hv.EFER_LMA | hv.EFER_NXE
+
+
+def _write_efer(machine: Machine, vcpu: int, value: int) -> bool:
+    """WRMSR IA32_EFER: undefined bits or LME changed with paging on are #GP (False); LMA is
+    the processor's (LME & PG), whatever the guest writes there."""
+    old = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_GUEST_IA32_EFER)
+    paging = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_GUEST_CR0) & hv.CR0_PG
+    if value & ~EFER_WRITABLE or (paging and (old ^ value) & hv.EFER_LME):
+        return False
+    vmxsetup.write_efer(vcpu, value & ~hv.EFER_LMA, machine.memory)
+    return True
+
+
+def _mov_cr(machine: Machine, vcpu: int) -> Stop | None:
+    access = vmxsetup.handle_cr_access(vcpu, machine.memory)
+    if access.fault:
+        log.info("guest write of CR%d = %#x refused: #GP", access.cr, access.value)
+    return None
+
+
+def _task_switch(machine: Machine, vcpu: int) -> Stop | None:
+    qual = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_RO_EXIT_QUALIFIC)
+    return machine.fault(
+        f"task switch to TSS selector {qual & 0xFFFF:#x}: hardware task switching is not "
+        "emulated (exit 9)",
+        SIGILL,
+        vcpu,
+    )
 
 
 def _xsetbv(machine: Machine, vcpu: int) -> Stop | None:
@@ -175,7 +217,11 @@ def _xsetbv(machine: Machine, vcpu: int) -> Stop | None:
 def _ept(machine: Machine, vcpu: int) -> Stop | None:
     gpa = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_GUEST_PHYSICAL_ADDRESS)
     qual = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_RO_EXIT_QUALIFIC)
-    if hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.GDBSTUB_VMCS_MMIO_DECODED):
+    decoded = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.GDBSTUB_VMCS_MMIO_DECODED)
+    if not decoded and hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_RO_IDT_VECTOR_INFO) >> 31:
+        # the access was the processor's, delivering an event, not the instruction at RIP
+        return machine.fault(f"event delivery touched MMIO at {gpa:#x}", SIGSEGV, vcpu)
+    if decoded:
         size = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.GDBSTUB_VMCS_MMIO_SIZE)
         mask = (1 << (8 * size)) - 1
         device, offset = device_at(machine, vcpu, gpa)
@@ -215,8 +261,7 @@ def _irq_window(machine: Machine, vcpu: int) -> Stop | None:
 
 def _ud(machine: Machine, vcpu: int) -> Stop | None:
     """Instructions the framework hands to the VMM that this machine does not offer: #UD."""
-    info = hv.IRQ_INFO_VALID | hv.IRQ_INFO_HARD_EXC | hv.IDT_UD
-    hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_VMENTRY_IRQ_INFO, info)
+    vmxsetup.inject_exception(vcpu, hv.IDT_UD)
     return None
 
 
@@ -249,4 +294,6 @@ HANDLERS: dict[int, Callable[[Machine, int], Stop | None]] = {
     hv.VMX_REASON_INVD: _skip,
     hv.VMX_REASON_WBINVD: _skip,
     hv.VMX_REASON_RDPMC: _rdpmc,
+    hv.VMX_REASON_MOV_CR: _mov_cr,
+    hv.VMX_REASON_TASK: _task_switch,
 }

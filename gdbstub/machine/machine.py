@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import hv
+from .. import hv, vmxsetup
 from ..memory import GuestMemory
 from ..vcpu import Entry, Stop
 from . import exits, guestmsr
@@ -89,8 +89,11 @@ _SEGMENT_FIELDS = {
 }
 
 
-def write_cpu_state(vcpu: int, cpu: CpuState) -> None:
-    """Put ``vcpu`` in the loader's initial state (on the owner thread)."""
+def write_cpu_state(vcpu: int, cpu: CpuState, memory: vmxsetup.PhysicalMemory) -> None:
+    """Put ``vcpu`` in the loader's initial state (on the owner thread). The loader's CR0,
+    CR4 and EFER are architectural (CR0 = 0x11 for 32-bit entries); they go in as a framework
+    VMM must write them (``vmxsetup``: fixed bits behind masks and shadows, IA-32e mode from
+    LME & PG, PDPTEs from ``memory``)."""
     for name, value in cpu.gprs().items():
         hv.hv_vcpu_write_register(vcpu, getattr(hv, f"HV_X86_{name.upper()}"), value)
     hv.hv_vcpu_write_register(vcpu, hv.HV_X86_RIP, cpu.rip)
@@ -105,16 +108,8 @@ def write_cpu_state(vcpu: int, cpu: CpuState) -> None:
     hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_GUEST_GDTR_LIMIT, cpu.gdtr.limit)
     hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_GUEST_IDTR_BASE, cpu.idtr.base)
     hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_GUEST_IDTR_LIMIT, cpu.idtr.limit)
-    hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_GUEST_IA32_EFER, cpu.efer)
-    hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_GUEST_CR0, cpu.cr0)
-    hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_GUEST_CR3, cpu.cr3)
-    hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_GUEST_CR4, cpu.cr4)
-    hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_CR0_SHADOW, cpu.cr0)
-    hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_CR4_SHADOW, cpu.cr4)
-    entry = hv.hv_vmx_read_capability(hv.HV_VMX_CAP_ENTRY)
-    ia32e = hv.VMENTRY_GUEST_IA32E if cpu.efer & hv.EFER_LMA else 0
-    hv.hv_vmx_vcpu_write_vmcs(
-        vcpu, hv.VMCS_CTRL_VMENTRY_CONTROLS, hv.cap2ctrl(entry, ia32e | hv.VMENTRY_LOAD_EFER)
+    vmxsetup.set_control_registers(
+        vcpu, cr0=cpu.cr0, cr4=cpu.cr4, efer=cpu.efer, cr3=cpu.cr3, memory=memory
     )
     hv.hv_vcpu_write_register(vcpu, hv.HV_X86_XCR0, cpu.xcr0)
     hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_VMENTRY_IRQ_INFO, 0)
@@ -124,11 +119,12 @@ def write_cpu_state(vcpu: int, cpu: CpuState) -> None:
 
 
 def set_vmm_controls(vcpu: int) -> None:
-    """The controls every VMM of ours runs with: HLT exiting, native MSRs as QEMU has them."""
-    proc = hv.hv_vmx_read_capability(hv.HV_VMX_CAP_PROCBASED)
-    hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_CPU_BASED, hv.cap2ctrl(proc, hv.CPU_BASED_HLT))
-    pin = hv.hv_vmx_read_capability(hv.HV_VMX_CAP_PINBASED)
-    hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_PIN_BASED, hv.cap2ctrl(pin, 0))
+    """The controls every VMM of ours runs with (``vmxsetup.control_words``: HLT exiting, TPR
+    shadow, secondary controls with unrestricted guest, load EFER; no RDTSCP, which the CPUID
+    model does not offer), no exception intercepted, native MSRs as QEMU has them."""
+    for field_, value in vmxsetup.control_words().items():
+        hv.hv_vmx_vcpu_write_vmcs(vcpu, field_, value)
+    hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_TPR_THRESHOLD, 0)
     hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_EXC_BITMAP, 0)
     for msr in NATIVE_MSRS:
         try:
@@ -270,7 +266,7 @@ class Machine:
         if not self.tsc_hz:
             self.tsc_hz = measure_tsc_hz(vcpu)
         set_vmm_controls(vcpu)
-        write_cpu_state(vcpu, self.plan.cpu)
+        write_cpu_state(vcpu, self.plan.cpu, self.memory)
         index = len(self._cpus)
         state = VcpuState(vcpu, index, threading.get_ident(), self._new_lapic(vcpu, index))
         self._cpus[vcpu] = state
@@ -418,10 +414,11 @@ class Machine:
 
     def _inject(self, vcpu: int, state: VcpuState, pending: int) -> None:
         """Inject ``pending`` now if the guest can take it, else ask for an interrupt window."""
-        if hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_CTRL_VMENTRY_IRQ_INFO) & hv.IRQ_INFO_VALID:
-            return  # an event is already queued for this entry
+        queued = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_CTRL_VMENTRY_IRQ_INFO)
         blocked = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_GUEST_INTERRUPTIBILITY) & 3
-        if not blocked and self._interruptible(vcpu):
+        # an event already in the entry slot (one an exit interrupted, re-injected; an
+        # exception a handler queued) goes first: the interrupt waits for the next window
+        if not queued & hv.IRQ_INFO_VALID and not blocked and self._interruptible(vcpu):
             vector = self.router.acknowledge(state.index, pending)
             info = hv.IRQ_INFO_VALID | hv.IRQ_INFO_EXT_IRQ | vector
             hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_VMENTRY_IRQ_INFO, info)
@@ -505,7 +502,7 @@ class Machine:
             self.router.add_lapic(state.lapic)
             if wakers.get(state.index) is not None:
                 self.router.set_waker(state.index, wakers[state.index])  # type: ignore[arg-type]
-        write_cpu_state(vcpu, self.plan.cpu)
+        write_cpu_state(vcpu, self.plan.cpu, self.memory)
         self.what = "running"
         for listener in self.after_reset:
             listener()

@@ -37,17 +37,17 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
 
-from . import hv, memregion, paging, regs, xsave
+from . import hv, memregion, paging, regs
 from .breakpoints import STOP_REASONS, Breakpoint, dr7_value, dr_length_ok
 from .hvprobe import HostDebugFeatures, probe_host
 from .memory import GuestMemory
 from .target import NotSupported, ResumeAction, StopEvent, TargetError
 from .vcpu import Entry, Stop, VcpuWorker
+from .vcpuregs import read_cpu, read_stop_registers, write_cpu
 
 log = logging.getLogger(__name__)
 
 SIGINT, SIGTRAP = 2, 5
-FPSTATE_SIZE = 4096
 PAGE = 4096
 
 
@@ -92,102 +92,6 @@ class _Thread:
     watch_hit: Stop | None = None  # a page-watchpoint hit, reported once its instruction is done
     reprotect: list[tuple[int, int]] | None = None  # (page, flags) to restore after that step
     parked: bool = False  # halted in a VMM without interrupts: only Ctrl-C wakes it
-
-
-# gdb register name -> how to read it from the vCPU
-_HV_GPRS = {
-    "rax": hv.HV_X86_RAX,
-    "rbx": hv.HV_X86_RBX,
-    "rcx": hv.HV_X86_RCX,
-    "rdx": hv.HV_X86_RDX,
-    "rsi": hv.HV_X86_RSI,
-    "rdi": hv.HV_X86_RDI,
-    "rbp": hv.HV_X86_RBP,
-    "rsp": hv.HV_X86_RSP,
-    "r8": hv.HV_X86_R8,
-    "r9": hv.HV_X86_R9,
-    "r10": hv.HV_X86_R10,
-    "r11": hv.HV_X86_R11,
-    "r12": hv.HV_X86_R12,
-    "r13": hv.HV_X86_R13,
-    "r14": hv.HV_X86_R14,
-    "r15": hv.HV_X86_R15,
-    "rip": hv.HV_X86_RIP,
-    "eflags": hv.HV_X86_RFLAGS,
-    "cs": hv.HV_X86_CS,
-    "ss": hv.HV_X86_SS,
-    "ds": hv.HV_X86_DS,
-    "es": hv.HV_X86_ES,
-    "fs": hv.HV_X86_FS,
-    "gs": hv.HV_X86_GS,
-    "cr0": hv.HV_X86_CR0,
-    "cr2": hv.HV_X86_CR2,
-    "cr3": hv.HV_X86_CR3,
-    "cr4": hv.HV_X86_CR4,
-    "dr0": hv.HV_X86_DR0,
-    "dr1": hv.HV_X86_DR1,
-    "dr2": hv.HV_X86_DR2,
-    "dr3": hv.HV_X86_DR3,
-    "dr6": hv.HV_X86_DR6,
-    "dr7": hv.HV_X86_DR7,
-}
-_VMCS_REGS = {
-    "fs_base": hv.VMCS_GUEST_FS_BASE,
-    "gs_base": hv.VMCS_GUEST_GS_BASE,
-    "efer": hv.VMCS_GUEST_IA32_EFER,
-}
-_MSR_REGS = {"k_gs_base": hv.MSR_KGSBASE}
-
-
-def read_cpu(vcpu: int) -> tuple[dict[str, int], bytearray]:
-    """All registers gdb shows for ``vcpu`` (owner thread): gdb names -> values, XSAVE image."""
-    values = {name: hv.hv_vcpu_read_register(vcpu, reg) for name, reg in _HV_GPRS.items()}
-    for name, field_ in _VMCS_REGS.items():
-        values[name] = hv.hv_vmx_vcpu_read_vmcs(vcpu, field_)
-    for name, msr in _MSR_REGS.items():
-        try:
-            values[name] = hv.hv_vcpu_read_msr(vcpu, msr)
-        except hv.HvError:
-            values[name] = 0
-    values["cr8"] = hv.hv_vcpu_read_register(vcpu, hv.HV_X86_TPR) >> 4
-    image = bytearray(FPSTATE_SIZE)
-    hv.hv_vcpu_read_fpstate(vcpu, image)
-    values.update(xsave.fp_registers_from_xsave(bytes(image)))
-    return values, image
-
-
-# Read at every stop: the expedited registers and the paging state for memory access.
-_STOP_GPRS = (*regs.EXPEDITED, "cr0", "cr3", "cr4")
-
-
-def read_stop_registers(vcpu: int) -> dict[str, int]:
-    """What every stop needs of ``vcpu`` (owner thread), cheap to read: the registers stop
-    replies expedite and those memory access translates with. gdb takes the expedited ones
-    and skips ``g`` after a step, lldb asks for others with ``p``; the whole set (fpstate,
-    MSRs, debug registers) is read when asked for."""
-    values = {name: hv.hv_vcpu_read_register(vcpu, _HV_GPRS[name]) for name in _STOP_GPRS}
-    values["efer"] = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_GUEST_IA32_EFER)
-    return values
-
-
-def write_cpu(vcpu: int, values: dict[str, int], names: set[str], image: bytearray) -> None:
-    """Write the registers ``names`` of ``values`` back to ``vcpu`` (owner thread)."""
-    fp_written = False
-    for name in names:
-        value = values[name]
-        if name in _HV_GPRS:
-            hv.hv_vcpu_write_register(vcpu, _HV_GPRS[name], value)
-        elif name in _VMCS_REGS:
-            hv.hv_vmx_vcpu_write_vmcs(vcpu, _VMCS_REGS[name], value)
-        elif name in _MSR_REGS:
-            hv.hv_vcpu_write_msr(vcpu, _MSR_REGS[name], value)
-        elif name == "cr8":
-            hv.hv_vcpu_write_register(vcpu, hv.HV_X86_TPR, value << 4)
-        else:
-            fp_written = True
-    if fp_written:
-        xsave.apply_fp_registers(image, {n: values[n] for n in names if n not in _HV_GPRS})
-        hv.hv_vcpu_write_fpstate(vcpu, image)
 
 
 class HvTarget:
@@ -303,7 +207,7 @@ class HvTarget:
     def _commit(self, thread: _Thread) -> None:
         if thread.dirty and thread.regs is not None and thread.fpstate is not None:
             values, names, image = thread.regs, set(thread.dirty), thread.fpstate
-            thread.worker.call(lambda vcpu: write_cpu(vcpu, values, names, image))
+            thread.worker.call(lambda vcpu: write_cpu(vcpu, values, names, image, self.memory))
             leave_halt = getattr(self.vmm, "leave_halt", None)
             if "rip" in names:
                 thread.parked = False

@@ -420,3 +420,31 @@ def reinject_event(vcpu: int) -> bool:
     entry = info & (hv.IRQ_INFO_VALID | hv.IRQ_INFO_ERROR_VALID | hv.IRQ_INFO_TYPE_MASK | 0xFF)
     hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_VMENTRY_IRQ_INFO, entry)
     return True
+
+
+def debugger_write_cr(vcpu: int, cr: int, value: int, memory: PhysicalMemory | None = None) -> None:
+    """A debugger sets CR0 or CR4 (``cr``) to ``value`` as the guest will read it, under
+    whatever masks the VMM chose: the shadow takes ``value``; the real register takes it
+    outside the mask (and PG, which a VMM only intercepts), keeps the VMM's real bits inside
+    it, and keeps the bits VMX requires (CR0.NE, CR4.VMXE; CR0.PE/PG too without
+    unrestricted guest). Long mode follows a PG change; PAE paging reloads the PDPTEs."""
+    fields = {0: (hv.VMCS_GUEST_CR0, hv.VMCS_CTRL_CR0_MASK, hv.VMCS_CTRL_CR0_SHADOW)}
+    fields[4] = (hv.VMCS_GUEST_CR4, hv.VMCS_CTRL_CR4_MASK, hv.VMCS_CTRL_CR4_SHADOW)
+    real_field, mask_field, shadow_field = fields[cr]
+    mask = hv.hv_vmx_vcpu_read_vmcs(vcpu, mask_field) & ~(CR0_PG if cr == 0 else 0)
+    old = hv.hv_vmx_vcpu_read_vmcs(vcpu, real_field)
+    if cr == 0:
+        fixed0 = hv.hv_vmx_read_capability(hv.HV_VMX_CAP_CR0_FIXED0)
+        proc2 = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_CTRL_CPU_BASED2)
+        if proc2 & hv.CPU_BASED2_UNRESTRICTED:
+            fixed0 &= ~(CR0_PE | CR0_PG)
+    else:
+        fixed0 = hv.hv_vmx_read_capability(hv.HV_VMX_CAP_CR4_FIXED0)
+    hv.hv_vmx_vcpu_write_vmcs(vcpu, shadow_field, value)
+    hv.hv_vmx_vcpu_write_vmcs(vcpu, real_field, (value & ~mask) | (old & mask) | fixed0)
+    lma = sync_long_mode(vcpu, hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_GUEST_CR0))
+    real_cr0_now = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_GUEST_CR0)
+    real_cr4_now = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_GUEST_CR4)
+    if real_cr0_now & CR0_PG and real_cr4_now & CR4_PAE and not lma and memory is not None:
+        load_pdptes(vcpu, memory)
+    hv.hv_vcpu_invalidate_tlb(vcpu)

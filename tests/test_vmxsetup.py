@@ -10,7 +10,11 @@ EFER.LMA), and the CR helpers keep masks, shadows, PDPTEs and long mode in step.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from gdbdrive import backends, session
+from guestbuild import build
 from hvguest import (
     PML4,
     Vm,
@@ -279,3 +283,26 @@ def test_cr_write_rules() -> None:
     assert vmxsetup.cr0_write_faults(1 << 32 | hv.CR0_PE, 0, 0, 0, True)
     assert vmxsetup.guest_view(0x31, vmxsetup.CR0_MASK, 0x11) == 0x11
     assert vmxsetup.real_cr0(0x60000011) == 0x31 and vmxsetup.real_cr4(0) == hv.CR4_VMXE
+
+
+@pytest.mark.gdb
+@pytest.mark.parametrize("backend", ["kvm", "emu"])
+def test_gdb_shows_and_sets_cr0_cr4_as_the_guest_sees_them(backend: str, tmp_path: Path) -> None:
+    """pvh_kernel enters with the loader's CR0 = 0x11 and turns on PG itself: gdb shows
+    0x80000011 (no NE) and CR4 without VMXE, while the VMCS holds the fixed bits; a CR4 gdb
+    writes is the guest's view, VMXE stays in the real register, and the guest runs on."""
+    if backend not in backends():
+        pytest.skip(f"no {backend} here")
+    with session(build("pvh_kernel"), backend, tmp_path) as (_stub, gdb):
+        gdb.cmd("break main64")
+        assert "main64" in gdb.cmd("continue", timeout=60)
+        assert gdb.value("$cr0") == 0x80000011
+        assert gdb.value("$cr4") == hv.CR4_PAE
+        vmcs_text = gdb.cmd("monitor vmcs VMCS_GUEST_CR0 VMCS_GUEST_CR4")
+        assert "0x80000031" in vmcs_text and "0x2020" in vmcs_text
+        gdb.cmd("set $cr4 = $cr4 | 0x80")  # PGE
+        assert gdb.value("$cr4") == hv.CR4_PAE | 0x80
+        vmcs_text = gdb.cmd("monitor vmcs VMCS_GUEST_CR4 VMCS_CTRL_CR4_SHADOW")
+        assert "0x20a0" in vmcs_text and "0xa0" in vmcs_text
+        gdb.cmd("delete")
+        assert "exited with code 041" in gdb.cmd("continue", timeout=60)

@@ -112,7 +112,6 @@ from . import common
 from . import constants as C
 from .emu_code import UD_IDS, BlockHooks, disassembler
 from .emu_regs import _XSAVE_SIZE as _XSAVE_SIZE  # tests read it here
-from .emu_regs import Registers
 from .emu_state import (
     HF_INHIBIT_IRQ,
     PAGE,
@@ -124,6 +123,7 @@ from .emu_state import (
     probe_layout,
     unicorn,
 )
+from .emu_sys import SystemExits
 from .emu_timer import StopSwitch, Watchdog
 from .errors import HvError
 from .vmx_rules import Capabilities
@@ -135,7 +135,7 @@ _SPACE_MAX = 8
 WINDOW_SLICE_NS = 500_000  # interrupt-window exiting: how long to run before looking at IF
 
 
-class EmuBackend(Registers):
+class EmuBackend(SystemExits):
     """``gdbstub.hv`` on unicorn (see the module docstring)."""
 
     name = "emu"
@@ -366,10 +366,7 @@ class EmuBackend(Registers):
             self._remap(vcpu)
         if vcpu.code:
             self._check_code(vcpu)
-        if vcpu.unpaged_spans and vcpu.uc.reg_read(X.UC_X86_REG_CR0) & 1 << 31:
-            self._forget_unpaged(vcpu, vcpu.unpaged_spans)
-        if vcpu.low_spans and vcpu.uc.reg_read(X.UC_X86_REG_CR3) != vcpu.low_cr3:
-            self._forget_unpaged(vcpu, vcpu.low_spans)
+        self._paging_changed(vcpu)
         try:
             self._inject_entry_event(vcpu)
             while True:
@@ -380,6 +377,14 @@ class EmuBackend(Registers):
                     return
         except ExitRun:
             return
+
+    def _paging_changed(self, vcpu: Vcpu) -> None:
+        """Code scanned with paging off (or with another CR3, in the lower half) is scanned
+        again where it runs now."""
+        if vcpu.unpaged_spans and vcpu.uc.reg_read(X.UC_X86_REG_CR0) & 1 << 31:
+            self._forget_unpaged(vcpu, vcpu.unpaged_spans)
+        if vcpu.low_spans and vcpu.uc.reg_read(X.UC_X86_REG_CR3) != vcpu.low_cr3:
+            self._forget_unpaged(vcpu, vcpu.low_spans)
 
     def _halt_wait(self, vcpu: Vcpu, deadline: int | None) -> None:
         timeout = None if deadline is None else max(0.0, (deadline - time.monotonic_ns()) / 1e9)
@@ -435,6 +440,7 @@ class EmuBackend(Registers):
         vcpu.mem_fault = None
         vcpu.halted = False
         vcpu.emulate_msr = None
+        vcpu.emulate = vcpu.after_emulate = None
         vcpu.system_insn = None
         vcpu.timer_fired = None
         if vcpu.stale_fault or vcpu.tsc_dirty:
@@ -485,6 +491,14 @@ class EmuBackend(Registers):
             return self._after_instruction(vcpu, stepping, deadline, any_exit)
         if vcpu.emulate_msr:
             self._emulate_msr(vcpu)
+            return self._after_instruction(vcpu, stepping, deadline, any_exit)
+        if vcpu.emulate is not None:
+            vcpu.emulate()
+            if vcpu.pending_event is not None:
+                return self._exception(vcpu)
+            if vcpu.after_emulate is not None:
+                self._set_exit(vcpu, vcpu.after_emulate)
+                return True
             return self._after_instruction(vcpu, stepping, deadline, any_exit)
         if vcpu.mem_fault is not None:
             return self._memory_fault(vcpu, stepping, deadline, any_exit)

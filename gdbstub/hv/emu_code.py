@@ -75,7 +75,42 @@ _SITE_KINDS = {
     # returns that must fault on a non-canonical target (unicorn does not check)
     capstone.x86.X86_INS_IRETQ: "iretq",
     capstone.x86.X86_INS_SYSRETQ: "sysret",
+    # system instructions VMX may exit on (emu_sys); the frequent ones by name, so that their
+    # hook can look at the controls before it decodes anything
+    capstone.x86.X86_INS_RDTSC: "rdtsc",
+    capstone.x86.X86_INS_RDPMC: "rdpmc",
+    capstone.x86.X86_INS_PAUSE: "pause",
+    capstone.x86.X86_INS_INVLPG: "invlpg",
+    **{
+        getattr(capstone.x86, "X86_INS_" + name): "sys"
+        for name in [
+            "CLTS",
+            "LMSW",
+            "SMSW",
+            "XSETBV",
+            "VMCALL",
+            "VMLAUNCH",
+            "VMRESUME",
+            "VMXOFF",
+            "VMXON",
+            "VMCLEAR",
+            "VMPTRLD",
+            "VMPTRST",
+            "VMREAD",
+            "VMWRITE",
+            "INVEPT",
+            "INVVPID",
+            "VMFUNC",
+            "INVD",
+            "WBINVD",
+            "GETSEC",
+            "RDTSCP",
+            "MWAIT",
+            "MONITOR",
+        ]
+    },
 }
+SYS_KINDS = frozenset({"sys", "rdtsc", "rdpmc", "pause", "invlpg"})
 # What a site's bytes must still be (after prefixes) for its hook to act on it.
 _SITE_OPCODES = {
     "hlt": (b"\xf4",),
@@ -87,7 +122,21 @@ _SITE_OPCODES = {
 }
 # Sites found in chunks by their bytes alone (anywhere, instruction start or not).
 _PATTERN = re.compile(rb"(?=(\x0f[\x30\x32\xa2]|[\x48-\x4f](?:\xcf|\x0f\x07)))", re.DOTALL)
+_START = re.compile(rb"[\x0f\x48-\x4f]")
 _PATTERN_KINDS = {0x30: "wrmsr", 0x32: "rdmsr", 0xA2: "cpuid", 0x0F: "sysret", 0xCF: "iretq"}
+# System instructions (emu_sys): MOV CR/DR, CLTS, INVD, WBINVD, RDTSC, RDPMC, GETSEC, VMREAD,
+# VMWRITE; 0F 01 with VMCALL..VMXOFF, MONITOR, MWAIT, XSETBV, VMFUNC, RDTSCP, SMSW, LMSW and
+# INVLPG (a memory operand); VMPTRLD/VMCLEAR/VMXON/VMPTRST; INVEPT/INVVPID; PAUSE.
+_MODRM_REG = {r: bytes(m for m in range(256) if m >> 3 & 7 == r) for r in (4, 6, 7)}
+_SYS_START = re.compile(rb"[\x0f\xf3]")  # candidates first: the full pattern is slow on zeros
+_SYS_PATTERN = re.compile(
+    rb"(\x0f[\x20-\x23\x06\x08\x09\x31\x33\x37\x78\x79]"
+    rb"|\x0f\x01[\xc1-\xc4\xc8\xc9\xd1\xd4\xf9"
+    + re.escape(_MODRM_REG[4] + _MODRM_REG[6] + bytes(m for m in _MODRM_REG[7] if m < 0xC0))
+    + rb"]|\x0f\xc7[\x30-\x3f\x70-\x7f\xb0-\xbf]|\x0f\x38[\x80\x81]|\xf3\x90)",
+    re.DOTALL,
+)
+_SYS_PATTERN_KINDS = {0x31: "rdtsc", 0x33: "rdpmc", 0x90: "pause"}
 _LONG_ONLY = frozenset({"sysret", "iretq"})
 _PRIVILEGED = frozenset({"io", "hlt", "rdmsr", "wrmsr"})
 UD_IDS = frozenset({capstone.x86.X86_INS_UD0, capstone.x86.X86_INS_UD1, capstone.x86.X86_INS_UD2})
@@ -146,6 +195,14 @@ def _load_memcmp() -> Callable[[int, bytes, int], int] | None:
 _memcmp = _load_memcmp()
 
 
+def _mov_cr_dr(code: bytes) -> bool:
+    """Whether a MOV's bytes are MOV to/from a control or debug register (0F 20..23)."""
+    i = 0
+    while i < len(code) and (code[i] in common.PREFIXES or 0x40 <= code[i] <= 0x4F):
+        i += 1
+    return len(code) > i + 1 and code[i] == 0x0F and 0x20 <= code[i + 1] <= 0x23
+
+
 def disassembler(bits: int) -> Any:
     md = _DISASM.get(bits)
     if md is None:
@@ -158,11 +215,22 @@ def disassembler(bits: int) -> Any:
 def pattern_sites(data: bytes, base: int, long_mode: bool) -> list[tuple[int, str]]:
     """The pattern sites in ``data`` (at guest-linear ``base``): (address, kind)."""
     found = []
-    for match in _PATTERN.finditer(data):
-        offset = match.start()
+    for start in _START.finditer(data):  # (the lookahead pattern alone is slow on zeros)
+        offset = start.start()
+        if not _PATTERN.match(data, offset):
+            continue
         kind = _PATTERN_KINDS[data[offset + 1]]  # (SYSRETQ and IRETQ from their REX.W)
         if long_mode or kind not in _LONG_ONLY:
             found.append((base + offset, kind))
+    for start in _SYS_START.finditer(data):
+        offset = start.start()
+        if not _SYS_PATTERN.match(data, offset):
+            continue
+        kind = _SYS_PATTERN_KINDS.get(data[offset + 1], "sys")
+        modrm = data[offset + 2] if offset + 2 < len(data) else 0xC0
+        if data[offset + 1] == 0x01 and modrm < 0xC0 and modrm >> 3 & 7 == 7:
+            kind = "invlpg"
+        found.append((base + offset, kind))
     return found
 
 
@@ -366,6 +434,8 @@ class CodeScan(CpuState):
         found = False
         for insn in insns:
             kind = _SITE_KINDS.get(insn.id)
+            if kind is None and insn.id == capstone.x86.X86_INS_MOV and _mov_cr_dr(insn.bytes):
+                kind = "sys"
             if kind is None:
                 continue
             for page, start, lo, hi in spans:
@@ -668,6 +738,12 @@ class CodeScan(CpuState):
             self._stop(vcpu, C.VMX_REASON_CPUID, length=2)
         elif kind in ("iretq", "sysret"):
             self._check_return(vcpu, address, kind)
+        elif kind in SYS_KINDS:
+            self._sys_site(vcpu, address, kind)
+
+    def _sys_site(self, vcpu: Vcpu, address: int, kind: str) -> None:
+        """A system instruction VMX may exit on (emu_sys)."""
+        raise NotImplementedError
 
     def _faults_first(self, vcpu: Vcpu, kind: str) -> bool:
         """Whether the privileged instruction at a site faults before it would exit, as on

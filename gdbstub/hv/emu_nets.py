@@ -110,6 +110,8 @@ class SafetyNets(CodeScan):
         vcpu.mem_fault = None
         vcpu.halted = False
         vcpu.emulate_msr = None
+        vcpu.emulate = None
+        vcpu.after_emulate = None
         vcpu.system_insn = None
         vcpu.stale_fault = True
         if recovery.fault:

@@ -52,8 +52,9 @@ _GPR = {
 _XSAVE_SIZE = 832  # legacy area, XSAVE header, AVX (YMM upper halves) at 576
 _XSTATE_X87_SSE_AVX = 7
 # MSRs the software vCPU has (QEMU's rdmsr/wrmsr in unicorn keep these; it reads any other as 0
-# and drops writes): others are HV_BAD_ARGUMENT for hv_vcpu_read_msr/write_msr, as on KVM for
-# an MSR it does not know.
+# and drops writes). hv_vcpu_read_msr/write_msr take the framework's list (common.FRAMEWORK_MSRS)
+# and refuse others; a framework MSR unicorn does not keep (PMCs, LBRs, SPEC_CTRL...) is kept in
+# the vCPU's books (a guest RDMSR/WRMSR of it exits unless the VMM granted it: then unicorn's 0).
 _KNOWN_MSRS = frozenset(
     {C.MSR_TSC, 0xFE, 0x179, 0x17A, 0x17B, C.MSR_IA32_MISC_ENABLE, C.MSR_IA32_PAT, 0x2FF}
     | set(range(C.MSR_IA32_SYSENTER_CS, C.MSR_IA32_SYSENTER_EIP + 1))
@@ -283,19 +284,20 @@ class Registers(Events):
 
     def hv_vcpu_read_msr(self, vid: int, msr: int) -> int:
         vcpu = self._vcpu(vid, "hv_vcpu_read_msr")
-        if not 0 <= msr <= common.MSR_LIMIT:
-            raise common.bad("hv_vcpu_read_msr", f"MSR {msr:#x} out of range")
+        common.check_framework_msr("hv_vcpu_read_msr", msr)
         if msr not in _KNOWN_MSRS:
-            raise common.bad("hv_vcpu_read_msr", f"MSR {msr:#x} is not implemented")
+            return vcpu.kept_msrs.get(msr, 0)
         return self._get_msr(vcpu, msr)
 
     def hv_vcpu_write_msr(self, vid: int, msr: int, value: int) -> None:
         vcpu = self._vcpu(vid, "hv_vcpu_write_msr")
-        if not 0 <= msr <= common.MSR_LIMIT or not 0 <= value < 1 << 64:
-            raise common.bad("hv_vcpu_write_msr", f"MSR {msr:#x} / value out of range")
-        if msr not in _KNOWN_MSRS:
-            raise common.bad("hv_vcpu_write_msr", f"MSR {msr:#x} is not implemented")
+        if not 0 <= value < 1 << 64:
+            raise common.bad("hv_vcpu_write_msr", f"value {value:#x} out of range")
+        common.check_framework_msr("hv_vcpu_write_msr", msr)
         vcpu.gate.touch_msr(msr)
+        if msr not in _KNOWN_MSRS:
+            vcpu.kept_msrs[msr] = value
+            return
         self._set_msr(vcpu, msr, value)
 
     # --- TSC and time ----------------------------------------------------------------------------

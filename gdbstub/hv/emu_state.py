@@ -142,6 +142,7 @@ class Vcpu:
         # written (as on KVM), once the guest reloads the segment they come from QEMU's flags
         self.seg_ar: dict[int, tuple[tuple[int, int, int, int], int]] = {}
         self.msr = common.MsrPermissions()
+        self.kept_msrs: dict[int, int] = {}  # framework MSRs unicorn does not keep
         self.tsc_offset = 0
         self.xcr0 = 1
         # instruction sites: linear address -> kind; hooks by linear address
@@ -184,6 +185,10 @@ class Vcpu:
         self.exit_recorded = False
         self.halted = False
         self.emulate_msr: str | None = None
+        # a system instruction stopped before, to be given its effect here (emu_sys), and the
+        # trap-like exit that follows it (TPR threshold)
+        self.emulate: Callable[[], None] | None = None
+        self.after_emulate: int | None = None
         self.system_insn: tuple[str, int] | None = None  # (syscall/sysenter, its address)
         self.uc_dirty_memory = False
         # QEMU's exception in flight may be stale (a fault was raised inside unicorn)

@@ -272,6 +272,7 @@ EXIT_FIELD_NAMES = {
     "irq_info": C.VMCS_RO_VMEXIT_IRQ_INFO,
     "irq_error": C.VMCS_RO_VMEXIT_IRQ_ERROR,
     "idt_info": C.VMCS_RO_IDT_VECTOR_INFO,
+    "idt_error": C.VMCS_RO_IDT_VECTOR_ERROR,
     "mmio_data": C.GDBSTUB_VMCS_MMIO_DATA,
     "mmio_size": C.GDBSTUB_VMCS_MMIO_SIZE,
     "mmio_decoded": C.GDBSTUB_VMCS_MMIO_DECODED,

@@ -92,7 +92,7 @@ from functools import partial
 from typing import Any
 
 from ..buffers import Buffer, buffer_address
-from . import common, kvm_complete, kvm_gate, kvm_probes, vmx_rules
+from . import common, kvm_complete, kvm_exitinfo, kvm_gate, kvm_probes, vmx_rules
 from . import constants as C
 from . import kvm_abi as K
 from .errors import HvError
@@ -1595,6 +1595,12 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
             if is_write
             else 0
         )
+        # what VMX adds and KVM_EXIT_MMIO lacks: the guest-linear address
+        extra: dict[str, int] = {}
+        gla = kvm_exitinfo.access_linear(self, vcpu, gpa)
+        if gla is not None:
+            qual |= C.EPT_VIOLATION_GLA_VALID | C.EPT_VIOLATION_XLAT_VALID
+            extra["gla"] = gla
         self._set_exit(
             vcpu,
             C.VMX_REASON_EPT_VIOLATION,
@@ -1603,6 +1609,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
             mmio_size=size,
             mmio_data=data,
             mmio_decoded=1,
+            **extra,
         )
         vcpu.pending = ("mmio", 0)
         return True
@@ -1713,7 +1720,9 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
             C.VMX_REASON_EPT_VIOLATION,
             gpa=gpa,
             gla=linear,
-            qual=C.EPT_VIOLATION_INST_FETCH | C.EPT_VIOLATION_GLA_VALID,
+            qual=C.EPT_VIOLATION_INST_FETCH
+            | C.EPT_VIOLATION_GLA_VALID
+            | C.EPT_VIOLATION_XLAT_VALID,
         )
         return True
 

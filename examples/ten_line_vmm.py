@@ -1,5 +1,5 @@
 """The README's example: map memory, run a real-mode guest, handle its I/O exits (gdbstub.hv)."""
-from gdbstub import hv
+from gdbstub import hv, vmxsetup
 
 hv.hv_vm_create()
 ram = hv.hv_vm_allocate(0x10000)
@@ -9,7 +9,7 @@ vcpu = hv.hv_vcpu_create()
 for i, ar in enumerate((0x93, 0x9B, 0x93, 0x93, 0x93, 0x93, 0x10000, 0x8B)):  # ES CS SS DS FS GS LDTR TR
     for field, value in ((hv.VMCS_GUEST_ES, 0), (hv.VMCS_GUEST_ES_BASE, 0), (hv.VMCS_GUEST_ES_LIMIT, 0xFFFF), (hv.VMCS_GUEST_ES_AR, ar)):
         hv.hv_vmx_vcpu_write_vmcs(vcpu, field + 2 * i, value)
-hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_GUEST_CR0, 0x20)
+vmxsetup.setup_vcpu(vcpu, cr0=0x10)  # controls by cap2ctrl; CR0.NE, CR4.VMXE behind masks
 hv.hv_vcpu_write_register(vcpu, hv.HV_X86_RFLAGS, 0x2)
 hv.hv_vcpu_write_register(vcpu, hv.HV_X86_RIP, 0x1000)
 for _ in range(5):

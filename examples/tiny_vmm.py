@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gdbstub import hv
+from gdbstub import hv, vmxsetup
 from gdbstub.hvtarget import HvTarget
 from gdbstub.memory import GuestMemory
 from gdbstub.server import GdbServer
@@ -39,6 +39,20 @@ GUEST = (
     + b"tiny vmm says hi\n\0"
 )
 
+# ES CS SS DS FS GS LDTR TR: (selector, limit, access rights): flat code and data, no LDT, a busy
+# 32-bit TSS with a byte-granular limit (VMX refuses a limit above 1 MiB without G)
+FLAT = (0x10, 0xFFFFFFFF, 0xC093)
+SEGMENTS = (
+    FLAT,
+    (0x08, 0xFFFFFFFF, 0xC09B),
+    FLAT,
+    FLAT,
+    FLAT,
+    FLAT,
+    (0, 0, 0x10000),
+    (0x18, 0x67, 0x8B),
+)
+
 
 class TinyVmm:
     """RAM, two ports and the exit handler: what HvTarget needs (``gdbstub.hvtarget.Vmm``)."""
@@ -51,22 +65,24 @@ class TinyVmm:
         self.console = bytearray()
 
     def setup_vcpu(self, vcpu: int) -> None:
-        """Flat 32-bit protected mode at 0x1000, HLT exiting on."""
-        for i in range(8):  # ES CS SS DS FS GS LDTR TR
-            ar = {1: 0xC09B, 6: 0x10000, 7: 0x8B}.get(i, 0xC093)
-            hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_GUEST_ES + 2 * i, 8 if i == 1 else 0x10)
+        """Flat 32-bit protected mode at 0x1000, set up as the framework needs it (vmxsetup:
+        HLT exiting and TPR shadow by cap2ctrl, CR0.NE and CR4.VMXE behind masks)."""
+        for i, (selector, limit, ar) in enumerate(SEGMENTS):
+            hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_GUEST_ES + 2 * i, selector)
             hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_GUEST_ES_BASE + 2 * i, 0)
-            hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_GUEST_ES_LIMIT + 2 * i, 0xFFFFFFFF)
+            hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_GUEST_ES_LIMIT + 2 * i, limit)
             hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_GUEST_ES_AR + 2 * i, ar)
-        hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_GUEST_CR0, 0x11)
+        vmxsetup.setup_vcpu(vcpu, cr0=0x11)  # PE | ET, as a boot loader leaves it
         hv.hv_vcpu_write_register(vcpu, hv.HV_X86_RIP, 0x1000)
         hv.hv_vcpu_write_register(vcpu, hv.HV_X86_RFLAGS, 0x2)
-        proc = hv.hv_vmx_read_capability(hv.HV_VMX_CAP_PROCBASED)
-        hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_CPU_BASED, hv.cap2ctrl(proc, hv.CPU_BASED_HLT))
 
     def handle_exit(self, vcpu: int) -> Stop | None:
         """I/O: the console and the exit port; anything else stops the run."""
         reason = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_RO_EXIT_REASON)
+        vmxsetup.reinject_event(vcpu)  # an event this exit interrupted goes on
+        if reason == hv.VMX_REASON_MOV_CR:  # the guest changed a CR bit the VMM owns
+            vmxsetup.handle_cr_access(vcpu, self.memory)
+            return None
         if reason != hv.VMX_REASON_IO:
             return Stop("fault", signal=6, message=f"exit {reason}")
         port = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_RO_EXIT_QUALIFIC) >> 16

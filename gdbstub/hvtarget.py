@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
 
-from . import hv, memregion, paging, regs
+from . import hv, memregion, paging, regs, vmxsetup
 from .breakpoints import STOP_REASONS, Breakpoint, dr7_value, dr_length_ok
 from .hvprobe import HostDebugFeatures, probe_host
 from .memory import GuestMemory
@@ -560,6 +560,7 @@ class HvTarget:
         def handle(vcpu: int) -> Stop | None:
             stop = self._debug_exit(thread, vcpu, step)
             if stop is not None:
+                vmxsetup.reinject_event(vcpu)  # an event the exit interrupted goes on
                 return stop if stop.kind != "continue" else None
             stop = self.vmm.handle_exit(vcpu)
             if stop is not None and stop.kind == "halted":

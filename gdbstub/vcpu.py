@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from . import hv
+from . import hv, vmxsetup
 
 T = TypeVar("T")
 
@@ -240,6 +240,7 @@ class VcpuWorker:
                 hv.hv_vcpu_run_until(vcpu, deadline)
                 reason = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_RO_EXIT_REASON)
                 if reason in slice_over:
+                    vmxsetup.reinject_event(vcpu)  # a kick can land during event delivery
                     continue  # a kick, a poke or a device deadline: the loop head decides
                 stop = handler(vcpu)
                 if stop is not None:

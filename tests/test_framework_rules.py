@@ -9,6 +9,10 @@ VMXE, CR0 without NE, a segment limit that disagrees with its granularity, TR wi
 and G=0, the IA-32e entry control disagreeing with EFER.LMA) makes the run return HV_SUCCESS with
 exit reason 0x80000021; control words outside the capabilities are refused when written, and a
 control check that fails at entry (a TPR threshold with bits 31:4 set) fails the run itself.
+Long mode is entered as QEMU does it (EFER.LME, the IA-32e entry control, CR0.PG). The MSRs:
+``hv_vcpu_read/write_msr`` take the framework's ``HV_MSR_*`` list and refuse the rest, and a
+guest RDMSR/WRMSR of another MSR exits to the VMM. EPT violations carry the guest-linear
+address (qualification bits 7/8, VMCS_RO_GUEST_LIN_ADDR), as hardware reports them.
 
 The checks are on for these tests (GDBSTUB_VMX_CHECKS=1). The file runs on the backends the
 suite's ``hv_backend`` fixture offers: kvm, emu and hvf-shim here, and hvf on a Mac (where the
@@ -47,7 +51,9 @@ __all__ = ["hv_vm"]  # the fixture, imported for pytest
 FAILED_ENTRY = hv.VMX_EXIT_REASON_FAILED_ENTRY | hv.VMX_REASON_VMENTRY_GUEST
 CR0_MASK = hv.CR0_CD | hv.CR0_NE
 CR4_MASK = hv.CR4_VMXE
-EMU_GATE = pytest.mark.xfail(strict=False, reason="emu gate: issue 12, emu side")
+EMU_EPT = pytest.mark.xfail(
+    strict=False, reason="emu side: issue 12 (EPT-violation linear address)"
+)
 
 GUEST = asm(
     """
@@ -166,11 +172,7 @@ def test_framework_setup_runs_io_hlt_and_deadline(hv_vm: Vm) -> None:
     assert vmcs(vcpu, hv.VMCS_CTRL_CR0_MASK) == CR0_MASK
 
 
-def test_guest_reads_cr4_through_the_mask_and_shadow(
-    hv_vm: Vm, hv_backend: str, request: pytest.FixtureRequest
-) -> None:
-    if hv_backend == "emu":
-        request.applymarker(EMU_GATE)
+def test_guest_reads_cr4_through_the_mask_and_shadow(hv_vm: Vm) -> None:
     vcpu = framework_vcpu(hv_vm)
     assert run_for(vcpu) == hv.VMX_REASON_IO
     assert reg(vcpu, hv.HV_X86_RAX) == hv.CR4_OSFXSR | hv.CR4_OSXMMEXCPT  # VMXE from the shadow
@@ -243,11 +245,7 @@ FORBIDDEN: dict[str, Callable[[int], None]] = {
 
 
 @pytest.mark.parametrize("name", list(FORBIDDEN))
-def test_forbidden_setup_fails_the_entry(
-    hv_vm: Vm, hv_backend: str, name: str, request: pytest.FixtureRequest
-) -> None:
-    if hv_backend == "emu":
-        request.applymarker(EMU_GATE)
+def test_forbidden_setup_fails_the_entry(hv_vm: Vm, name: str) -> None:
     vcpu = framework_vcpu(hv_vm)
     FORBIDDEN[name](vcpu)
     hv.hv_vcpu_run_until(vcpu, hv.deadline_after_ns(2_000_000_000))  # HV_SUCCESS
@@ -258,11 +256,7 @@ def test_forbidden_setup_fails_the_entry(
     assert run_for(vcpu, 1_000_000_000) == FAILED_ENTRY
 
 
-def test_entry_runs_again_once_the_state_is_fixed(
-    hv_vm: Vm, hv_backend: str, request: pytest.FixtureRequest
-) -> None:
-    if hv_backend == "emu":
-        request.applymarker(EMU_GATE)
+def test_entry_runs_again_once_the_state_is_fixed(hv_vm: Vm) -> None:
     vcpu = framework_vcpu(hv_vm)
     cr4 = vmcs(vcpu, hv.VMCS_GUEST_CR4)
     set_vmcs(vcpu, hv.VMCS_GUEST_CR4, cr4 & ~hv.CR4_VMXE)
@@ -276,13 +270,9 @@ def test_entry_runs_again_once_the_state_is_fixed(
     [hv.VMCS_CTRL_PIN_BASED, hv.VMCS_CTRL_VMENTRY_CONTROLS, hv.VMCS_CTRL_CPU_BASED],
     ids=["pin", "entry", "proc"],
 )
-def test_control_word_outside_the_capabilities(
-    hv_vm: Vm, hv_backend: str, field: int, request: pytest.FixtureRequest
-) -> None:
+def test_control_word_outside_the_capabilities(hv_vm: Vm, hv_backend: str, field: int) -> None:
     """Cleared must-be-one bits: the framework (macOS 11+) refuses the write; if a framework
     takes it, the entry must fail instead."""
-    if hv_backend == "emu":
-        request.applymarker(EMU_GATE)
     vcpu = framework_vcpu(hv_vm)
     before = vmcs(vcpu, field)
     try:
@@ -300,13 +290,9 @@ def test_control_word_outside_the_capabilities(
     assert reason == FAILED_ENTRY
 
 
-def test_failed_control_check_at_entry(
-    hv_vm: Vm, hv_backend: str, request: pytest.FixtureRequest
-) -> None:
+def test_failed_control_check_at_entry(hv_vm: Vm, hv_backend: str) -> None:
     """A TPR threshold with bits 31:4 set (TPR shadow on, no virtual-interrupt delivery) fails
     the checks on the controls: no exit, the run fails, VM-instruction error 7."""
-    if hv_backend == "emu":
-        request.applymarker(EMU_GATE)
     vcpu = framework_vcpu(hv_vm)
     set_vmcs(vcpu, hv.VMCS_CTRL_TPR_THRESHOLD, 0x10)
     with pytest.raises(hv.HvError) as caught:
@@ -346,11 +332,7 @@ def test_framework_msrs_read_and_write(hv_vm: Vm) -> None:
 
 
 @pytest.mark.parametrize("name", list(VMM_MSRS))
-def test_msr_outside_the_framework_list_is_refused(
-    hv_vm: Vm, hv_backend: str, name: str, request: pytest.FixtureRequest
-) -> None:
-    if hv_backend == "emu":
-        request.applymarker(pytest.mark.xfail(strict=False, reason="emu side: issue 12"))
+def test_msr_outside_the_framework_list_is_refused(hv_vm: Vm, name: str) -> None:
     vcpu = framework_vcpu(hv_vm)
     msr = VMM_MSRS[name]
     with pytest.raises(hv.HvError) as caught:
@@ -407,7 +389,7 @@ def test_ept_violation_reports_the_linear_address(
     """Bits 0-2 the access, 3-5 what the mapping allows (nothing: no RAM), bit 7 the linear
     address is valid, bit 8 the access was to its translation; VMCS_RO_GUEST_LIN_ADDR."""
     if hv_backend == "emu":
-        request.applymarker(pytest.mark.xfail(strict=False, reason="emu side: issue 12"))
+        request.applymarker(EMU_EPT)
     code = asm(source + "\nhlt\n", bits=64 if paging else 32)
     vcpu = framework_vcpu(hv_vm, code)
     if paging:

@@ -160,7 +160,7 @@ def test_pvh_vmlinux_boots_to_a_shell_and_powers_off(
         _shell_session(con)
 
 
-SYMBOLS = ("start_kernel", "__x64_sys_uname")
+SYMBOLS = ("start_kernel", "__x64_sys_newuname")
 
 
 @pytest.fixture(scope="module")
@@ -191,12 +191,12 @@ def test_gdb_breaks_in_start_kernel_and_in_a_system_call(
             con.expect(re.escape(INIT_MARKER), BOOT_TIMEOUT)
             con.expect(r"[#$] $", 120)
             gdb.interrupt()
-            gdb.cmd(f"hbreak *{symbols['__x64_sys_uname']:#x}")
+            gdb.cmd(f"hbreak *{symbols['__x64_sys_newuname']:#x}")
             gdb.child.sendline("continue")
             gdb.child.expect("Continuing")
             con.type("uname -r")
             gdb.child.expect(r"\(gdb\) ", timeout=120)
-            assert gdb.value("$pc") == symbols["__x64_sys_uname"]
+            assert gdb.value("$pc") == symbols["__x64_sys_newuname"]
             gdb.cmd("delete")
             gdb.child.sendline("continue")
             con.expect(r"6\.1\.\d+", 120)

@@ -2,7 +2,7 @@
 
     gdbstub run KERNEL [--listen ADDRESS] [--wait] [--memory SIZE] [--serial DEV]
                        [--backend auto|kvm|emu|hvf] [--log-packets PATH] [--append TEXT]
-                       [--initrd FILE] [--no-reboot] [-v]
+                       [--initrd FILE] [--no-reboot] [--dump-dir DIR] [-v]
     gdbstub run qemu-system-x86_64 -kernel KERNEL -s -S ...     (QEMU's spellings, gdbstub.cli)
     gdbstub --version
 
@@ -209,6 +209,10 @@ def _serve(
     except (MemoryError, OSError, hv.HvError) as exc:
         raise RuntimeFailure(f"cannot create the vCPU: {exc}") from exc
     parts["target"] = target
+    if args.dump_dir is not None:
+        from .monitor import allow_dumps
+
+        allow_dumps(target, Path(os.path.abspath(args.dump_dir)))
     machine.cpu_avx = target.features.avx
     log.warning("gdbstub %s: backend %s", __version__, backend)
     if serial.description:

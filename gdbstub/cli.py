@@ -15,6 +15,8 @@ survives argparse.
 ``parse_listen`` reads where gdb connects: ``HOST:PORT``, ``:PORT``, ``PORT``, ``[IPV6]:PORT``,
 ``unix:PATH`` (QEMU's ``tcp:HOST:PORT`` too). ``parse_serial`` reads the COM1 back end:
 ``stdio``, ``file:PATH[,append]``, ``pty``, ``tcp:[HOST]:PORT[,server][,nowait]``, ``none``.
+``--dump-dir DIR`` names the one folder ``monitor dump-guest-memory`` may write into (an
+existing folder; without it, monitor commands write no host file).
 ``HELP`` is the text of ``gdbstub``, ``gdbstub -h`` and ``gdbstub run --help``: every option,
 its default, an example and the QEMU equivalent.
 """
@@ -63,6 +65,8 @@ options               what it does (default)                                QEMU
   --backend NAME      auto, kvm, emu, hvf (auto: hvf, kvm, then emu)        -enable-kvm,
                                                                             -accel kvm|tcg
   --log-packets PATH  write every RSP packet to PATH (off)
+  --dump-dir DIR      the one folder monitor dump-guest-memory may write to
+                      (none: monitor commands write no host files)
   -v, --verbose       log what the stub does, with tracebacks (off)
   Also accepted: -smp 1, -device isa-debug-exit (built in, at 0xf4), -display none.
 
@@ -306,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--serial", default="stdio")
     run.add_argument("--backend", default="auto", choices=("auto", "kvm", "emu", "hvf"))
     run.add_argument("--log-packets", metavar="PATH")
+    run.add_argument("--dump-dir", metavar="DIR")
     run.add_argument("--cmdline", "--append", default="")
     run.add_argument("--initrd", metavar="FILE")
     run.add_argument("--no-reboot", action="store_true")
@@ -336,4 +341,6 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args.memory_bytes = parse_size(args.memory)
     args.listen_at = parse_listen(args.listen)
     args.serial_spec = parse_serial(args.serial)
+    if args.dump_dir is not None and not os.path.isdir(args.dump_dir):
+        raise UsageError(f"--dump-dir {args.dump_dir}: not a folder (create it first)")
     return args

@@ -9,6 +9,10 @@ expressions (``_Expressions``) of numbers (C notation), register names (gdb's, w
 ``$``, and ``pc``/``sp``/``fp``, ``eax``-style low halves), the kernel's symbols (``&sym``
 is the same), ``+ - * / ( )``. Several expressions follow each other: the first token that
 cannot continue an expression starts the next one (``rip + 16 4`` is ``rip+16`` and ``4``).
+
+Monitor commands write to the host only where the command line allowed it: ``dump-guest-memory``
+writes into the folder given with ``gdbstub run --dump-dir`` (``allow_dumps``), and nowhere
+without it (``gdbstub.coredump.open_in`` keeps the file inside that folder).
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ import difflib
 import re
 import shlex
 import textwrap
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import hv, paging
+from . import coredump, hv, paging
 
 if TYPE_CHECKING:
     from .hvtarget import HvTarget
@@ -385,6 +391,71 @@ def _quit(target: HvTarget, args: list[str]) -> str:
     return "gdbstub: quitting (the VM ends)\n"
 
 
+_DUMP_DIRS: weakref.WeakKeyDictionary[HvTarget, Path] = weakref.WeakKeyDictionary()
+_DUMP_USAGE = "usage: dump-guest-memory FILE (an ELF core of guest RAM, as QEMU's without -p)"
+# selector, limit, access rights, base: the VMCS fields of each segment in QEMU's note
+_SEGMENT_FIELDS = {
+    name: tuple(getattr(hv, f"VMCS_GUEST_{vmcs}{part}") for part in ("", "_LIMIT", "_AR", "_BASE"))
+    for name, vmcs in (("cs", "CS"), ("ds", "DS"), ("es", "ES"), ("fs", "FS"), ("gs", "GS"),
+                       ("ss", "SS"), ("ldt", "LDTR"), ("tr", "TR"))
+}  # fmt: skip
+
+
+def allow_dumps(target: HvTarget, directory: Path) -> None:
+    """Let ``dump-guest-memory`` write into ``directory`` (``gdbstub run --dump-dir DIR``)."""
+    _DUMP_DIRS[target] = directory
+
+
+def _segments(target: HvTarget, tid: int) -> dict[str, coredump.Segment]:
+    def read(vcpu: int) -> dict[str, coredump.Segment]:
+        vmcs = hv.hv_vmx_vcpu_read_vmcs
+        out = {
+            name: coredump.Segment.from_vmx(*(vmcs(vcpu, f) for f in fields))
+            for name, fields in _SEGMENT_FIELDS.items()
+        }
+        for name, table in (("gdt", "GDTR"), ("idt", "IDTR")):
+            limit = vmcs(vcpu, getattr(hv, f"VMCS_GUEST_{table}_LIMIT"))
+            out[name] = coredump.Segment(
+                limit=limit, base=vmcs(vcpu, getattr(hv, f"VMCS_GUEST_{table}_BASE"))
+            )
+        return out
+
+    try:
+        return dict(target.on_vcpu(tid, read))
+    except hv.HvError:
+        return {}  # the note then has the selectors only
+
+
+def _dump_guest_memory(target: HvTarget, args: list[str]) -> str:
+    if len(args) != 1 or args[0].startswith("-"):
+        raise MonitorError(_DUMP_USAGE)
+    directory = _DUMP_DIRS.get(target)
+    if directory is None:
+        raise MonitorError(
+            "dump-guest-memory writes only into a folder you allow: "
+            "start gdbstub run with --dump-dir DIR"
+        )
+    if target.is_running():
+        raise MonitorError("stop the guest first (Ctrl-C)")
+    cpus = [
+        coredump.CpuState(target.registers(tid), _segments(target, tid))
+        for tid in target.thread_ids()
+    ]
+    try:
+        out, path = coredump.open_in(directory, args[0])
+    except coredump.DumpPathError as exc:
+        raise MonitorError(f"dump-guest-memory: {exc}") from exc
+    ranges = target.memory.ranges()
+    with out:
+        size = coredump.write_core(out, ranges, target.memory.read, cpus)
+    ram = sum(length for _, length in ranges)
+    return (
+        f"guest RAM ({ram >> 20} MiB in {len(ranges)} region{'s' * (len(ranges) != 1)}) and "
+        f"{len(cpus)} vCPU{'s' * (len(cpus) != 1)} dumped to {path} ({size} bytes, ELF core); "
+        f"gdb -ex 'target core {path}'\n"
+    )
+
+
 def _status(target: HvTarget, args: list[str]) -> str:
     """Per vCPU: running, or stopped for the debugger (and why), or halted in HLT; then
     what the machine says when it is more than "running" (a fault, an exit)."""
@@ -455,6 +526,12 @@ COMMANDS: tuple[Command, ...] = (
         "reset the PC (as QEMU's): images reloaded, gdb's breakpoints planted again",
     ),
     Command(("quit",), _quit, "quit", "end the VM and the stub (as QEMU's quit)"),
+    Command(
+        ("dump-guest-memory",),
+        _dump_guest_memory,
+        "dump-guest-memory FILE",
+        "ELF core of guest RAM into the --dump-dir folder (gdb: target core FILE)",
+    ),
     Command(("status",), _status, "status", "backend, each vCPU's state, what happened"),
 )
 

@@ -148,6 +148,46 @@ def test_capabilities_offer_what_framework_vmms_ask_for(hv_vm: Vm) -> None:
     assert proc & hv.CPU_BASED_TPR_SHADOW and proc & hv.CPU_BASED_HLT
 
 
+INSTRUCTION_EXITS = (
+    hv.CPU_BASED_INVLPG,
+    hv.CPU_BASED_MWAIT,
+    hv.CPU_BASED_RDPMC,
+    hv.CPU_BASED_RDTSC,
+    hv.CPU_BASED_MOV_DR,
+    hv.CPU_BASED_MONITOR,
+    hv.CPU_BASED_PAUSE,
+)
+
+
+def test_instruction_exit_controls_may_be_one(hv_vm: Vm, hv_backend: str) -> None:
+    """As on an Intel Mac: INVLPG, MWAIT, RDPMC, RDTSC, MOV-DR, MONITOR and PAUSE exiting
+    (primary) and WBINVD exiting (secondary) may be one, and neither must. A VMM that sets them
+    all is not refused, its entry passes, and a guest RDTSC exits 16 at the instruction (on kvm
+    KVM absorbs it: the guest runs on to its HLT, docs/library.md)."""
+    proc_cap = hv.hv_vmx_read_capability(hv.HV_VMX_CAP_PROCBASED)
+    proc2_cap = hv.hv_vmx_read_capability(hv.HV_VMX_CAP_PROCBASED2)
+    for cap, bit in [(proc_cap, b) for b in INSTRUCTION_EXITS] + [
+        (proc2_cap, hv.CPU_BASED2_WBINVD)
+    ]:
+        assert cap >> 32 & bit and not cap & bit, hex(bit)
+    vcpu = framework_vcpu(hv_vm, asm("rdtsc\nhlt\n", bits=32))
+    proc = vmcs(vcpu, hv.VMCS_CTRL_CPU_BASED)
+    for bit in INSTRUCTION_EXITS:
+        proc |= bit
+    set_vmcs(vcpu, hv.VMCS_CTRL_CPU_BASED, proc)
+    set_vmcs(
+        vcpu, hv.VMCS_CTRL_CPU_BASED2, vmcs(vcpu, hv.VMCS_CTRL_CPU_BASED2) | hv.CPU_BASED2_WBINVD
+    )
+    assert vmcs(vcpu, hv.VMCS_CTRL_CPU_BASED) == proc
+    reason = run_for(vcpu)
+    if hv_backend in ("kvm", "hvf-shim"):
+        assert reason == hv.VMX_REASON_HLT
+        return
+    assert reason == hv.VMX_REASON_RDTSC
+    assert reg(vcpu, hv.HV_X86_RIP) == CODE
+    assert vmcs(vcpu, hv.VMCS_RO_VMEXIT_INSTR_LEN) == 2
+
+
 def run_for(vcpu: int, nanoseconds: int = 5_000_000_000) -> int:
     hv.hv_vcpu_run_until(vcpu, hv.deadline_after_ns(nanoseconds))
     return exit_reason(vcpu)

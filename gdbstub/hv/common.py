@@ -536,7 +536,20 @@ class FrameworkBooks(Generic[SpaceT, VcpuT]):
 # with the must-be-one values, as a VMM that combines its wishes by cap2ctrl expects.
 # As on an Intel Mac (hyperkit needs CR3-load/store exiting allowed 0 and CR8-load/store exiting
 # allowed 1, QEMU asks for the TPR shadow): the default-one CR3-load/store exiting bits (15, 16)
-# are not must-be-one, and TPR shadow and CR8-load/store exiting may be one.
+# are not must-be-one, and TPR shadow and CR8-load/store exiting may be one. The instruction
+# exits a Mac offers are may-be-one on every backend (emu raises them; kvm accepts the controls
+# but KVM absorbs the exits: docs/library.md), so a VMM sees the same capability words as there.
+
+PROC_EXITS_MAY = (
+    C.CPU_BASED_INVLPG
+    | C.CPU_BASED_MWAIT
+    | C.CPU_BASED_RDPMC
+    | C.CPU_BASED_RDTSC
+    | C.CPU_BASED_MOV_DR
+    | C.CPU_BASED_MONITOR
+    | C.CPU_BASED_PAUSE
+)
+PROC2_EXITS_MAY = C.CPU_BASED2_WBINVD
 
 PIN_MUST = 0x16 | C.PIN_BASED_INTR | C.PIN_BASED_NMI
 PROC_MUST = 0x04006172 | C.CPU_BASED_UNCOND_IO | C.CPU_BASED_SECONDARY_CTLS
@@ -576,7 +589,8 @@ def vmx_capabilities(proc2_extra: int = 0) -> dict[int, int]:
     pin_may = PIN_MUST | C.PIN_BASED_VIRTUAL_NMI | C.PIN_BASED_PREEMPTION_TIMER
     proc_may = PROC_MUST | C.CPU_BASED_IRQ_WND | C.CPU_BASED_HLT | C.CPU_BASED_MTF
     proc_may |= C.CPU_BASED_TPR_SHADOW | C.CPU_BASED_CR8_LOAD | C.CPU_BASED_CR8_STORE
-    proc2_may = PROC2_MUST | C.CPU_BASED2_RDTSCP | proc2_extra
+    proc_may |= PROC_EXITS_MAY
+    proc2_may = PROC2_MUST | C.CPU_BASED2_RDTSCP | PROC2_EXITS_MAY | proc2_extra
     entry_may = ENTRY_MUST | C.VMENTRY_GUEST_IA32E | C.VMENTRY_LOAD_EFER | C.VMENTRY_LOAD_IA32_PAT
     exit_may = EXIT_MUST | C.VMEXIT_SAVE_EFER | C.VMEXIT_LOAD_EFER | C.VMEXIT_SAVE_IA32_PAT
     pin, proc = PIN_MUST | pin_may << 32, PROC_MUST | proc_may << 32

@@ -240,6 +240,7 @@ def _serve(
     )
     machine.debugger_attached = lambda: server.attached
     shutdown.server = server
+    server.wake_on_signals()  # a signal that lands on a vCPU thread still ends the VM
     if not args.wait:
         target.resume({}, ResumeAction(kind="c"))
     server.serve_forever()

@@ -50,6 +50,7 @@ import ipaddress
 import logging
 import os
 import select
+import signal as signals
 import socket
 import stat
 import threading
@@ -131,6 +132,7 @@ class GdbServer:
         self._listening = listener
         self._listener = listener.sock
         self._unix_path = listener.path
+        self._signal_wakeup = False
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -215,6 +217,17 @@ class GdbServer:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
+    def wake_on_signals(self) -> None:
+        """Let SIGINT/SIGTERM wake the event loop whichever thread the kernel hands them to.
+
+        Python runs signal handlers on the main thread only. When the kernel delivers the
+        signal to a vCPU thread, a main thread asleep in ``select`` would never run them and
+        the process would not end; with this, the C-level handler also writes to the loop's
+        wake socket (``signal.set_wakeup_fd``), ``select`` returns and the handler runs.
+        Call it from the main thread that runs ``serve_forever``; ``close`` undoes it."""
+        signals.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        self._signal_wakeup = True
+
     def pause_guest(self) -> None:
         """Stop the guest for the debugger, as Ctrl-C from gdb does (any thread). An attached
         gdb that waits sees SIGINT; with nobody attached the next gdb finds it stopped."""
@@ -226,6 +239,9 @@ class GdbServer:
             return
         self.stop()
         self._closed = True
+        if self._signal_wakeup:
+            with contextlib.suppress(ValueError):  # only the main thread may undo it
+                signals.set_wakeup_fd(-1)
         self._listening.close()
         self._wake_r.close()
         self._wake_w.close()

@@ -168,14 +168,6 @@ def test_signals_without_a_debugger(name: str, backend: str, tmp_path: Path) -> 
         stub.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gdbstub/__main__.py _Shutdown.handler runs only on the main thread (Python's rule), "
-    "which sleeps in select() in GdbServer._loop_once and is not woken when the kernel hands "
-    "SIGINT/SIGTERM to a vCPU thread: the process never ends (seen with kill(1) in 3 of 28 "
-    "runs of test_signals_without_a_debugger); needs signal.set_wakeup_fd on a descriptor the "
-    "server's select watches, or SIGINT/SIGTERM blocked in every other thread",
-)
 def test_a_signal_on_a_vcpu_thread(backend: str, tmp_path: Path) -> None:
     case = CASES["loop-interrupts-off"]
     stub = Stub(guest(case, tmp_path), backend, "--memory", "16M", wait=False, tmp=tmp_path)

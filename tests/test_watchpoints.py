@@ -25,7 +25,6 @@ SHIM_MMIO = (
     "hvf-shim forwards to KVM, which decodes and retires MMIO accesses itself; the framework "
     "reports them undecoded at the instruction, which the shim cannot model"
 )
-EMU_LODSB = "emu: rwatch on data read by lodsb never fires"
 
 # One expected stop: (labels where RIP may be, "Value" for a read, or (old, new) for a write).
 Hit = tuple[tuple[str, ...], int | tuple[int, int]]
@@ -68,15 +67,6 @@ CASES: dict[str, tuple[str, str, list[Hit]]] = {
     # the same reads, set where only the rep movsb is left (so the cases above show the rest)
     "rwatch-rep-movsb": ("rwatch *(char*)&sbyte", "after_rep_movsb", REP_READ),
 }
-EMU_MOV = "emu: an access watchpoint (DR7 RW=11) misses a plain `mov` read of the watched qword"
-EMU_FAILS = {
-    "rwatch-lodsb-movsb": EMU_LODSB,
-    "awatch-lodsb-movsb": EMU_LODSB,
-    "rwatch-rep-movsb": EMU_LODSB,
-    "awatch-lone": EMU_MOV,
-    "rwatch-near-code": EMU_MOV,
-    "awatch-near-code": EMU_MOV,
-}
 KVM_REP_READ = (
     "kvm: a REP string instruction on an execute-only page runs its remaining iterations at "
     "once after its first read of the page opened it: a read of the watched byte by a later "
@@ -92,8 +82,6 @@ def _params() -> list[object]:
             marks: list[pytest.MarkDecorator] = []
             if backend == "hvf-shim":
                 marks.append(pytest.mark.skip(reason=SHIM_MMIO))
-            elif backend == "emu" and name in EMU_FAILS:
-                marks.append(pytest.mark.xfail(strict=False, reason=EMU_FAILS[name]))
             elif backend == "kvm" and name in KVM_FAILS:
                 marks.append(pytest.mark.xfail(strict=False, reason=KVM_REP_READ))
             params.append(pytest.param(backend, name, marks=marks, id=f"{backend}-{name}"))

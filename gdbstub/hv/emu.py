@@ -218,6 +218,7 @@ class EmuBackend(SystemExits):
         vcpu.code_runs = None
         vcpu.check_cursor = 0
         vcpu.dr_exec_hooks.clear()
+        vcpu.read_hook = None
         vcpu.dr_dirty = True
         self._install_hooks(vcpu)
         self._remap(vcpu)
@@ -620,21 +621,38 @@ class EmuBackend(SystemExits):
         deadline: int | None,
         any_exit: bool,
     ) -> bool:
-        """An access to a watched page: run the instruction with the page open, then check."""
+        """An access to a watched page: run the instruction with the page open, recording
+        every access it makes to the page (a MOVSB that faulted on its read may write the
+        watched byte), then check them against the watch list."""
         uc = vcpu.uc
         found = common.region_at(vcpu.space.regions, page)
         assert found is not None
         region = found
-        linear = self._access_linear(vcpu, address)
+        accesses: list[tuple[int, int, bool]] = [(address, size, write)]
+
+        def on_access(uc_: Any, access: int, gpa: int, length: int, _v: int, _d: Any) -> None:
+            accesses.append((gpa, length, access == unicorn.UC_MEM_WRITE))
+
         self._quiet(vcpu, uc.mem_protect, page, PAGE, self._uc_perms(region.flags))
         flush_tlb(uc)
         rip = int(uc.reg_read(X.UC_X86_REG_RIP))
+        hook = uc.hook_add(
+            unicorn.UC_HOOK_MEM_READ | unicorn.UC_HOOK_MEM_WRITE,
+            on_access,
+            None,
+            page,
+            page + 0xFFF,
+        )
         try:
             self._step_mode(vcpu, True)
+            # a translation made before the hook existed would store past it: drop this one
+            here = self._linear_rip(vcpu)
+            self._quiet(vcpu, uc.ctl_remove_cache, here, here + 16)
             uc.emu_start(rip, _UNTIL, 0, 1)
         except unicorn.UcError:
             pass
         finally:
+            self._quiet(vcpu, uc.hook_del, hook)
             perms = self._uc_perms(region.flags) & ~vcpu.watch_pages[page]
             self._quiet(vcpu, uc.mem_protect, page, PAGE, perms)
             flush_tlb(uc)
@@ -645,12 +663,14 @@ class EmuBackend(SystemExits):
                 return self._exception(vcpu)
             return bool(vcpu.exit_recorded)
         hits = 0
-        for bit, lo, hi, reads in vcpu.watch:
-            if not (write or reads):
-                continue
-            for start in (address, linear):
-                if start is not None and start < hi and lo < start + size:
-                    hits |= bit
+        for gpa, length, stored in accesses:
+            linear = self._access_linear(vcpu, gpa)
+            for bit, lo, hi, reads in vcpu.watch:
+                if not (stored or reads):
+                    continue
+                for start in (gpa, linear):
+                    if start is not None and start < hi and lo < start + length:
+                        hits |= bit
         if hits:
             if vcpu.controls[C.VMCS_CTRL_EXC_BITMAP] & (1 << C.IDT_DB):
                 self._set_exit(

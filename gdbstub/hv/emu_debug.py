@@ -7,6 +7,16 @@ instruction, RFLAGS.RF suppresses one hit). Data breakpoints write-protect (or, 
 access-protect) the guest-physical page; the run loop single-steps an access to such a page
 with the page opened and raises a trap-like #DB (RIP after the instruction) when the access
 overlaps a DR range (``EmuBackend._watch_step``).
+
+unicorn checks a page's read permission only on its slow path, when a load misses its
+software TLB; the TLB entry of a page holds read, write and fetch at once, filled from the
+guest's page tables whatever the page's unicorn permissions. So once a fetch from the page
+(code next to the data), a write to it, or a translation drop there (``ctl_remove_cache``)
+has filled the entry, loads from an access-protected page run unchecked. While a read/write
+watch is armed, a UC_HOOK_MEM_READ hook that never matches is installed: with any such hook
+unicorn sends every load through the slow path (loads cost more while it is there).
+Writes need nothing: stores to a page that holds translated code, or that was never written,
+take the slow path anyway, and a watched page is dropped from the TLB when it is closed.
 """
 
 from __future__ import annotations
@@ -15,7 +25,11 @@ from typing import Any
 
 from . import constants as C
 from .emu_nets import SafetyNets
-from .emu_state import Vcpu, X, unicorn
+from .emu_state import M64, Vcpu, X, unicorn
+
+
+def _never(*_args: Any) -> None:
+    """The read hook of an armed read watch (bound to no address: never called)."""
 
 
 class DebugRegs(SafetyNets):
@@ -62,9 +76,24 @@ class DebugRegs(SafetyNets):
                 uc.ctl_remove_cache(address, address + 1)
         vcpu.dr_exec = exec_bps
         vcpu.watch = watch
+        self._checked_loads(vcpu, any(reads for *_, reads in watch))
         if pages != vcpu.watch_pages:
             vcpu.watch_pages = pages
             self._remap(vcpu)
+
+    @staticmethod
+    def _checked_loads(vcpu: Vcpu, on: bool) -> None:
+        """Send every load through unicorn's slow path, where read protection is checked, or
+        let them take the fast path again (see the module docstring)."""
+        if on == (vcpu.read_hook is not None):
+            return
+        uc = vcpu.uc
+        if on:
+            vcpu.read_hook = uc.hook_add(unicorn.UC_HOOK_MEM_READ, _never, None, M64, M64)
+        else:
+            uc.hook_del(vcpu.read_hook)
+            vcpu.read_hook = None
+        uc.ctl_flush_tb()  # the slow path is chosen when a block is translated
 
     def _on_exec_breakpoint(self, vcpu: Vcpu, address: int) -> None:
         if vcpu.exit_recorded or vcpu.pending_event is not None or vcpu.recovery is not None:

@@ -172,6 +172,7 @@ class Vcpu:
         self.entry_token = 0  # the watchdog's token of the running entry
         self.stopper: Any = None  # emu_timer.StopSwitch: stops from other threads
         self.dr_exec_hooks: dict[int, int] = {}
+        self.read_hook: Any = None  # loads checked while a read watch is armed (emu_debug)
         self.dr_exec: dict[int, int] = {}  # linear address -> DR index bits
         self.watch: list[tuple[int, int, int, bool]] = []  # (bit, lo, hi, reads too)
         self.watch_pages: dict[int, int] = {}  # gpa page -> UC perms to remove

@@ -21,7 +21,7 @@ try:
 except ImportError:  # pragma: no cover - another engineer's helper
     from tests.guestbuild import assemble_flat  # type: ignore[import-not-found,no-redef]
 
-from tests.test_hv_emu import RWX, new_vcpu, skip_instruction, vmcs
+from tests.test_hv_emu import RWX, new_vcpu, set_primary_controls, skip_instruction, vmcs
 
 KERNEL = 0xFFFF_8000_0000_0000  # the upper half maps guest-physical 0 (shared code)
 ORG = 0x1000
@@ -96,7 +96,7 @@ def test_unhooked_site_exits_at_the_instruction(
     vm: dict[str, object], insn: str, reason: int
 ) -> None:
     vcpu = kernel_vcpu(vm, UNHOOKED.format(insn=insn))
-    hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_CPU_BASED, hv.CPU_BASED_HLT)
+    set_primary_controls(vcpu, hv.CPU_BASED_HLT)
     code = assemble_flat(UNHOOKED.format(insn=insn), 64, KERNEL + ORG)
     site = KERNEL + ORG + code.index(assemble_flat(insn, 64, 0))
     assert run(vcpu) == reason
@@ -202,7 +202,7 @@ l:      add qword [0x3000], 1
         jmp $
 """
     vcpu = kernel_vcpu(vm, source)
-    hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_CPU_BASED, hv.CPU_BASED_IRQ_WND)
+    set_primary_controls(vcpu, hv.CPU_BASED_IRQ_WND)
     start = time.monotonic()
     assert run(vcpu) == hv.VMX_REASON_IRQ_WND
     assert time.monotonic() - start < 1.5

@@ -22,6 +22,10 @@ unusable, RSP = 0x10000, XCR0 = 1.
 * :func:`long_mode_cpu`: CR0 = 0x80010033 (PG|WP|NE|ET|MP|PE), CR3 = ``PML4_ADDR``,
   CR4 = 0x620 (PAE|OSFXSR|OSXMMEXCPT), EFER = 0x500 (LME|LMA), CS and data selectors by
   argument (ELF64: 0x18 and 0x10; Linux: 0x10 and 0x18).
+
+These are architectural values, what the guest sees on bare metal. The machine writes them as a
+framework VMM must (``gdbstub.vmxsetup``): CR0.NE and CR4.VMXE added in the real registers and
+hidden behind the guest/host masks, EFER.LMA and the IA-32e mode guest control from LME & PG.
 """
 
 from __future__ import annotations

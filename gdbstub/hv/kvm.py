@@ -75,6 +75,9 @@ KVM *is* the framework here: same calls, same return codes, exits described thro
   the XSAVE family, RDTSCP, CLAC and STAC by hand. Without unicorn (``gdbstub[emu]``) the
   run stops with HvError naming the instruction. (kvm_pvm ignores KVM_SET_CPUID2: a guest
   sees the host's CPUID, AVX-512 and XSAVEC included, whatever the table says.)
+
+The register cache, guest memory, MSRs, registers and VMCS fields are base classes of
+:class:`KvmBackend` in kvm_state, kvm_memory, kvm_msrs and kvm_regs.
 """
 
 from __future__ import annotations
@@ -87,99 +90,33 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from ..buffers import Buffer, buffer_address
-from . import common, kvm_complete, kvm_exitinfo, kvm_gate, kvm_probes, vmx_rules
+from ..buffers import buffer_address
+from . import common, kvm_complete, kvm_exitinfo, kvm_gate, kvm_probes
 from . import constants as C
 from . import kvm_abi as K
 from .errors import HvError
+from .kvm_msrs import SREGS_MSRS
+from .kvm_regs import RIP_INDEX, Registers
+from .kvm_state import MASK64, NO_CODE, PAGE, IoSite, Space, Vcpu, forget_translations, words
 from .posix import ThreadTimer, ioctl, ioctl_plain
 
-_EXIT_FIELDS = C.VMCS_EXIT_INFORMATION_FIELDS | C.GDBSTUB_VMCS_MMIO_FIELDS
+_Vcpu = Vcpu  # the name kvm_complete, kvm_exitinfo and kvm_xsave import
 
 KICK_SIGNAL = signal.SIGRTMIN + 4
 """Signal used to kick a vCPU thread out of KVM_RUN (blocked outside KVM_RUN)."""
 
-PAGE = 4096
 _FOREVER = C.HV_DEADLINE_FOREVER
 
-# Order of segments in VMCS encodings (ES, CS, SS, DS, FS, GS, LDTR, TR) and in kvm_sregs.
-_VMCS_SEGMENTS = ("es", "cs", "ss", "ds", "fs", "gs", "ldt", "tr")
-
-_GPR_FIELDS = {
-    C.HV_X86_RIP: "rip",
-    C.HV_X86_RFLAGS: "rflags",
-    C.HV_X86_RAX: "rax",
-    C.HV_X86_RCX: "rcx",
-    C.HV_X86_RDX: "rdx",
-    C.HV_X86_RBX: "rbx",
-    C.HV_X86_RSI: "rsi",
-    C.HV_X86_RDI: "rdi",
-    C.HV_X86_RSP: "rsp",
-    C.HV_X86_RBP: "rbp",
-    C.HV_X86_R8: "r8",
-    C.HV_X86_R9: "r9",
-    C.HV_X86_R10: "r10",
-    C.HV_X86_R11: "r11",
-    C.HV_X86_R12: "r12",
-    C.HV_X86_R13: "r13",
-    C.HV_X86_R14: "r14",
-    C.HV_X86_R15: "r15",
-}
-# hv_x86_reg_t -> index of the register in struct kvm_regs seen as 64-bit words
-_KVM_REGS_ORDER = [name for name, *_ in K.KvmRegs._fields_]
-_GPR_INDEX = {reg: _KVM_REGS_ORDER.index(name) for reg, name in _GPR_FIELDS.items()}
-_RIP_INDEX = _GPR_INDEX[C.HV_X86_RIP]
-_MASK64 = (1 << 64) - 1
-
-# Registers that are VMCS guest-state fields: read and written through _guest_field.
-_REG_FIELDS = {
-    C.HV_X86_ES: C.VMCS_GUEST_ES,
-    C.HV_X86_CS: C.VMCS_GUEST_CS,
-    C.HV_X86_SS: C.VMCS_GUEST_SS,
-    C.HV_X86_DS: C.VMCS_GUEST_DS,
-    C.HV_X86_FS: C.VMCS_GUEST_FS,
-    C.HV_X86_GS: C.VMCS_GUEST_GS,
-    C.HV_X86_LDTR: C.VMCS_GUEST_LDTR,
-    C.HV_X86_TR: C.VMCS_GUEST_TR,
-    C.HV_X86_IDT_BASE: C.VMCS_GUEST_IDTR_BASE,
-    C.HV_X86_IDT_LIMIT: C.VMCS_GUEST_IDTR_LIMIT,
-    C.HV_X86_GDT_BASE: C.VMCS_GUEST_GDTR_BASE,
-    C.HV_X86_GDT_LIMIT: C.VMCS_GUEST_GDTR_LIMIT,
-    C.HV_X86_LDT_BASE: C.VMCS_GUEST_LDTR_BASE,
-    C.HV_X86_LDT_LIMIT: C.VMCS_GUEST_LDTR_LIMIT,
-    C.HV_X86_LDT_AR: C.VMCS_GUEST_LDTR_AR,
-    C.HV_X86_TSS_BASE: C.VMCS_GUEST_TR_BASE,
-    C.HV_X86_TSS_LIMIT: C.VMCS_GUEST_TR_LIMIT,
-    C.HV_X86_TSS_AR: C.VMCS_GUEST_TR_AR,
-    C.HV_X86_CR0: C.VMCS_GUEST_CR0,
-    C.HV_X86_CR3: C.VMCS_GUEST_CR3,
-    C.HV_X86_CR4: C.VMCS_GUEST_CR4,
-}
-
-# MSRs that live in kvm_sregs; reads and writes go through the register cache (the APIC base
-# is no framework MSR: only a state transfer between spaces skips it).
-_SREGS_MSRS = {C.MSR_EFER, C.MSR_FSBASE, C.MSR_GSBASE, C.MSR_IA32_APIC_BASE}
-# MSR ranges covered by the filter bitmaps (base, count).
-_FILTER_BLOCKS = ((0x00000000, 0x2000), (0xC0000000, 0x2000), (0xC0010000, 0x2000))
-
-
+_get_ident = threading.get_ident
 # Guest time is wall time inside KVM_RUN (the thread CPU clock is a system call, the
 # monotonic clock is not).
-_get_ident = threading.get_ident
 _now_ns = time.monotonic_ns
 _ioctl_plain = ioctl_plain
 _ACTIVITY = C.VMCS_GUEST_ACTIVITY_STATE
 _ENTRY_INFO = C.VMCS_CTRL_VMENTRY_IRQ_INFO
-_pack_u64 = struct.Struct("<Q").pack_into
-
-
-def _words(regs: K.KvmRegs) -> memoryview:
-    """``struct kvm_regs`` as 64-bit words (indexing is cheaper than ctypes attributes)."""
-    return memoryview(regs).cast("B").cast("Q")
 
 
 def _layout(*fields: tuple[int, str]) -> struct.Struct:
@@ -195,7 +132,7 @@ def _layout(*fields: tuple[int, str]) -> struct.Struct:
 # What an exit is about, in one unpack of kvm_run: the exit reason, the io header (direction,
 # size, port), then with sync regs rip, cs.base, cr0, cr3, cr4. For an I/O exit it identifies the
 # exit site: the same place, instruction and paging state.
-_EXIT_SNAPSHOT = _layout(
+EXIT_SNAPSHOT = _layout(
     (K.RUN_EXIT_REASON, "I"),
     (K.RUN_IO_DIRECTION, "BBH"),
     (K.RUN_SYNC_REGS + 128, "Q"),  # rip
@@ -205,136 +142,9 @@ _EXIT_SNAPSHOT = _layout(
 ).unpack_from
 _KVM_EXIT_IO = K.KVM_EXIT_IO
 _IN_OWED = ("in", 0)
-# I/O exit fields answered from the registers (VMCS_RO_IO_RIP is kept at the exit)
-_IO_EXIT_REGS = {
-    C.VMCS_RO_IO_RCX: "rcx",
-    C.VMCS_RO_IO_RSI: "rsi",
-    C.VMCS_RO_IO_RDI: "rdi",
-}
 
 
-def _seg_ar(seg: K.KvmSegment) -> int:
-    return int(
-        seg.type
-        | seg.s << 4
-        | seg.dpl << 5
-        | seg.present << 7
-        | seg.avl << 12
-        | seg.l << 13
-        | seg.db << 14
-        | seg.g << 15
-        | seg.unusable << 16
-    )
-
-
-def _set_seg_ar(seg: K.KvmSegment, ar: int) -> None:
-    seg.type = ar & 0xF
-    seg.s = ar >> 4 & 1
-    seg.dpl = ar >> 5 & 3
-    seg.present = ar >> 7 & 1
-    seg.avl = ar >> 12 & 1
-    seg.l = ar >> 13 & 1
-    seg.db = ar >> 14 & 1
-    seg.g = ar >> 15 & 1
-    seg.unusable = ar >> 16 & 1
-
-
-@dataclass
-class _Space:
-    """A guest-physical address space: one KVM VM."""
-
-    asid: int
-    vm_fd: int
-    regions: list[common.Region] = field(default_factory=list)
-    slots: dict[tuple[int, int, int, int], int] = field(default_factory=dict)
-    free_slot: int = 0
-    filter_bitmaps: list[Any] = field(default_factory=list)
-    # KVM vCPUs of vCPUs that moved to another space: KVM frees a vCPU only with its VM and
-    # refuses a second one with the same id (EEXIST), so a vCPU coming back reuses its own.
-    parked: dict[int, tuple[int, mmap.mmap]] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class _IoSite:
-    """What one I/O exit location decoded to, valid while ``code`` still holds ``window``
-    (``code`` views guest memory through a cached translation: dropped with the translations)."""
-
-    code: Any  # ctypes.c_char array over the guest bytes from RIP-15 to the end of the page
-    window: bytes
-    code2: Any  # the rest of the 30 bytes around RIP on the next page, or None
-    window2: bytes
-    back: int  # RIP at the exit minus the instruction's start
-    completed: bool
-    is_in: bool
-    fields: dict[int, int]  # the exit's fields but RCX/RSI/RDI/RIP (shared: never mutated)
-
-
-class _NoCode:
-    raw = None  # never equal to a window: an _IoSite that is not cached
-
-
-_NO_CODE = _NoCode()
-
-
-def _forget_translations(vcpu: _Vcpu) -> None:
-    vcpu.xlate_cache.clear()
-    vcpu.io_cache.clear()
-
-
-class _Vcpu:
-    """Per-vCPU state: fd, kvm_run, register cache, VMCS controls, exit fields."""
-
-    def __init__(self, vid: int, space: _Space, fd: int, run: mmap.mmap) -> None:
-        self.vid = vid
-        self.space = space
-        self.fd = fd
-        self.run = run
-        self.owner = threading.get_ident()
-        self.destroyed = False
-        self.kick = threading.Event()  # set by hv_vcpu_interrupt, cleared when reported
-        self.kicked = False  # set after ``kick``: the cheap check before an entry
-        self.timer: ThreadTimer | None = None
-        self.exec_ns = 0
-        self.regs = K.KvmRegs()
-        self.sregs = K.KvmSregs()
-        self.regs_q = _words(self.regs)  # the same memory as 64-bit words (_GPR_INDEX)
-        # KVM's RIP when KVM's regs equal the cache but for RIP (rewound to an I/O
-        # instruction KVM had completed): an entry with that RIP back needs no register load
-        self.kvm_rip: int | None = None
-        self.dregs = K.KvmDebugregs()
-        self.events = K.KvmVcpuEvents()
-        # cache state per struct: 0 = not fetched, 1 = clean, 2 = dirty
-        self.state = {"regs": 0, "sregs": 0, "dregs": 0, "events": 0}
-        self.controls = common.initial_controls()
-        self.exit: dict[int, int] = {C.VMCS_RO_EXIT_REASON: 0}
-        self.guest_debug_dirty = True
-        self.msr = common.MsrPermissions()
-        # completion owed to KVM for the last exit: ("msr", rip) / ("in", rax) / ("mmio", 0)
-        self.pending: tuple[str, int] | None = None
-        self.pending_tsc: tuple[int, int] | None = None  # (tsc value, monotonic ns when set)
-        self.xlate_cache: dict[tuple[int, int, int, int], int] = {}
-        # exits whose instruction was located: (linear rip, kind, key) -> (code window, result)
-        self.insn_cache: dict[tuple[int, str, int], tuple[bytes, tuple[int, int, bool]]] = {}
-        # I/O exits at a known place: _EXIT_SNAPSHOT -> _IoSite
-        self.io_cache: dict[tuple[int, ...], _IoSite] = {}
-        self.sync = False  # KVM_CAP_SYNC_REGS: regs and sregs travel in kvm_run
-        self.run_address = 0
-        self.io_exit_rip = 0  # RIP of the last I/O exit (VMCS_RO_IO_RIP)
-        # False when something may need doing before the next entry (see _plain_entry)
-        self.plain_entry = False
-        self.soft: Any = None  # kvm_softcpu.SoftCpu, made at the first emulation failure
-        # CR4 bits the VMM wrote that KVM refuses (VMXE): kept here, never handed to KVM
-        self.cr4_kept = 0
-        # the VMX entry checks (kvm_gate), None while common.entry_checks_enabled() is off
-        self.gate: vmx_rules.EntryGate | None = None
-        # the VMM wrote the VM-entry controls since the last entry: they read back as
-        # written; otherwise as the processor leaves them at an exit (IA-32e = EFER.LMA)
-        self.entry_written = False
-        for pdpte in _PDPTE_FIELDS:
-            self.controls[pdpte] = 0
-
-
-class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
+class KvmBackend(Registers):
     """``gdbstub.hv`` on /dev/kvm (see the module docstring)."""
 
     name = "kvm"
@@ -361,9 +171,9 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         self._xsave_size = self._compute_xsave_size()
         self._msr_index = self._read_msr_index_list()
         self._lock = threading.RLock()
-        self._spaces: dict[int, _Space] = {}
-        self._vcpus: dict[int, _Vcpu] = {}
-        self._live: dict[int, _Vcpu] = {}  # not destroyed
+        self._spaces: dict[int, Space] = {}
+        self._vcpus: dict[int, Vcpu] = {}
+        self._live: dict[int, Vcpu] = {}  # not destroyed
         self._next_vcpu = 0
         self._next_space = 1
         self._tsc_khz = 0
@@ -397,20 +207,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
             ioctl(vm_fd, K.KVM_SET_TSS_ADDR, 0xFFFBD000)
         except OSError:
             pass
-        if ioctl(self._kvm, K.KVM_CHECK_EXTENSION, K.KVM_CAP_X86_USER_SPACE_MSR) and ioctl(
-            self._kvm, K.KVM_CHECK_EXTENSION, K.KVM_CAP_X86_MSR_FILTER
-        ):
-            cap = K.KvmEnableCap()
-            cap.cap = K.KVM_CAP_X86_USER_SPACE_MSR
-            # every guest RDMSR/WRMSR KVM does not complete itself comes here: filtered ones,
-            # and those KVM would answer with #GP or does not know (the x2APIC range, which
-            # the filter cannot cover, without KVM's APIC): on the framework they all exit
-            cap.args[0] = (
-                K.KVM_MSR_EXIT_REASON_FILTER
-                | K.KVM_MSR_EXIT_REASON_INVAL
-                | K.KVM_MSR_EXIT_REASON_UNKNOWN
-            )
-            ioctl(vm_fd, K.KVM_ENABLE_CAP, cap)
+        self._enable_msr_exits(vm_fd)
         return vm_fd
 
     # --- VM ------------------------------------------------------------------------------------
@@ -429,64 +226,10 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
                 raise HvError(C.HV_BUSY, "hv_vm_create", "this process already has a VM")
             if flags & ~0x7FF:
                 raise common.bad("hv_vm_create", f"unknown flags 0x{flags:x}")
-            self._spaces[0] = _Space(0, self._new_vm())
+            self._spaces[0] = Space(0, self._new_vm())
             self._update_msr_filter(self._spaces[0])
             self._next_vcpu = 0
             self._next_space = 1
-
-    # --- memory ----------------------------------------------------------------------------------
-
-    def _sync_map(self, space: _Space, call: str) -> None:
-        """Make KVM's memory slots match the region list (merge, then diff)."""
-        wanted: list[tuple[int, int, int, int]] = []
-        for region in space.regions:
-            if not region.flags & C.HV_MEMORY_READ:
-                continue  # no slot: every access exits (as an MMIO exit)
-            kflags = 0 if region.flags & C.HV_MEMORY_WRITE else K.KVM_MEM_READONLY
-            if wanted:
-                g, s, u, f = wanted[-1]
-                if g + s == region.gpa and u + s == region.uva and f == kflags:
-                    wanted[-1] = (g, s + region.size, u, f)
-                    continue
-            wanted.append((region.gpa, region.size, region.uva, kflags))
-        wanted_set = set(wanted)
-        for key in [k for k in space.slots if k not in wanted_set]:
-            self._set_slot(space, space.slots.pop(key), key[0], 0, 0, 0)
-        for key in wanted:
-            if key not in space.slots:
-                slot = self._alloc_slot(space)
-                try:
-                    self._set_slot(space, slot, *key)
-                except OSError as exc:
-                    raise HvError(C.HV_ERROR, call, f"KVM memory slot: {exc.strerror}") from exc
-                space.slots[key] = slot
-        for vcpu in self._vcpus.values():
-            _forget_translations(vcpu)
-
-    @staticmethod
-    def _alloc_slot(space: _Space) -> int:
-        used = set(space.slots.values())
-        slot = 0
-        while slot in used:
-            slot += 1
-        return slot
-
-    @staticmethod
-    def _set_slot(space: _Space, slot: int, gpa: int, size: int, uva: int, kflags: int) -> None:
-        region = K.KvmUserspaceMemoryRegion()
-        region.slot = slot
-        region.flags = kflags
-        region.guest_phys_addr = gpa
-        region.memory_size = size
-        region.userspace_addr = uva
-        ioctl(space.vm_fd, K.KVM_SET_USER_MEMORY_REGION, region)
-
-    def _host_address(self, space: _Space, gpa: int) -> tuple[int, int] | None:
-        """Host address of ``gpa`` and the bytes left in its region (any permission)."""
-        region = common.region_at(space.regions, gpa)
-        if region is None:
-            return None
-        return region.uva + (gpa - region.gpa), region.gpa + region.size - gpa
 
     # --- address spaces ---------------------------------------------------------------------------
 
@@ -497,15 +240,11 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
                 raise HvError(C.HV_NO_RESOURCES, "hv_vm_space_create", "too many address spaces")
             asid = self._next_space
             self._next_space += 1
-            self._spaces[asid] = _Space(asid, self._new_vm())
+            self._spaces[asid] = Space(asid, self._new_vm())
             self._update_msr_filter(self._spaces[asid])
             return asid
 
-    def _msr_changed(self, vcpu: _Vcpu) -> None:
-        with self._lock:
-            self._update_msr_filter(vcpu.space)
-
-    def _close_space(self, space: _Space) -> None:
+    def _close_space(self, space: Space) -> None:
         for fd, run in space.parked.values():
             run.close()
             os.close(fd)
@@ -527,14 +266,14 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         vcpu.fd, vcpu.run, vcpu.space = fd, run, target
         self._setup_kvm_vcpu(vcpu)
         self._restore_state(vcpu, state)
-        _forget_translations(vcpu)
+        forget_translations(vcpu)
         if vcpu.gate is not None:
             vcpu.gate.touch_all()
         with self._lock:
             self._update_msr_filter(old)
             self._update_msr_filter(target)
 
-    def _save_state(self, vcpu: _Vcpu) -> dict[str, Any]:
+    def _save_state(self, vcpu: Vcpu) -> dict[str, Any]:
         xsave = K.KvmXsave()
         ioctl(vcpu.fd, K.KVM_GET_XSAVE, xsave)
         xcrs = K.KvmXcrs()
@@ -544,18 +283,9 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         msrs = self._read_all_msrs(vcpu)
         return {"xsave": xsave, "xcrs": xcrs, "events": events, "msrs": msrs}
 
-    def _read_all_msrs(self, vcpu: _Vcpu) -> list[tuple[int, int]]:
-        values: list[tuple[int, int]] = []
-        for index in self._msr_index:
-            try:
-                values.append((index, self._get_msr(vcpu, index)))
-            except HvError:
-                continue
-        return values
-
-    def _restore_state(self, vcpu: _Vcpu, state: dict[str, Any]) -> None:
+    def _restore_state(self, vcpu: Vcpu, state: dict[str, Any]) -> None:
         for index, value in state["msrs"]:
-            if index not in _SREGS_MSRS:
+            if index not in SREGS_MSRS:
                 try:
                     self._set_msr(vcpu, index, value)
                 except HvError:
@@ -571,13 +301,13 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
 
     # --- vCPU lifecycle ---------------------------------------------------------------------------
 
-    def _create_kvm_vcpu(self, space: _Space, vid: int) -> tuple[int, mmap.mmap]:
+    def _create_kvm_vcpu(self, space: Space, vid: int) -> tuple[int, mmap.mmap]:
         fd = ioctl(space.vm_fd, K.KVM_CREATE_VCPU, vid)
         run = mmap.mmap(fd, self._run_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         ioctl(fd, K.KVM_SET_CPUID2, self._cpuid)
         return fd, run
 
-    def _setup_kvm_vcpu(self, vcpu: _Vcpu) -> None:
+    def _setup_kvm_vcpu(self, vcpu: Vcpu) -> None:
         """Signal mask for kicks: KICK_SIGNAL blocked in the thread, open inside KVM_RUN.
         With KVM_CAP_SYNC_REGS, KVM stores regs and sregs in kvm_run at every exit and loads
         the dirty ones at entry, which saves GET/SET_REGS and GET/SET_SREGS per exit."""
@@ -599,7 +329,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
                                ctypes.sizeof(regs))  # fmt: skip
                 ctypes.memmove(ctypes.addressof(sregs), ctypes.addressof(vcpu.sregs),
                                ctypes.sizeof(sregs))  # fmt: skip
-                vcpu.regs, vcpu.sregs, vcpu.regs_q = regs, sregs, _words(regs)
+                vcpu.regs, vcpu.sregs, vcpu.regs_q = regs, sregs, words(regs)
         current = signal.pthread_sigmask(signal.SIG_BLOCK, {KICK_SIGNAL})
         mask = 0
         for sig in current:
@@ -622,7 +352,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
             except OSError as exc:
                 raise HvError(C.HV_NO_RESOURCES, "hv_vcpu_create", exc.strerror or "") from exc
             self._next_vcpu += 1
-            vcpu = _Vcpu(vid, space, fd, run)
+            vcpu = Vcpu(vid, space, fd, run)
             vcpu.gate = kvm_gate.new_gate(self._capabilities)
             self._adopt(vid, vcpu)
         self._setup_kvm_vcpu(vcpu)
@@ -638,471 +368,12 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
             vcpu.timer.close()
         # no views of the closed kvm_run
         vcpu.regs, vcpu.sregs = K.KvmRegs(), K.KvmSregs()
-        vcpu.regs_q = _words(vcpu.regs)
+        vcpu.regs_q = words(vcpu.regs)
         vcpu.soft = None
         vcpu.run.close()
         os.close(vcpu.fd)
         with self._lock:
             self._update_msr_filter(vcpu.space)
-
-    # --- register cache ---------------------------------------------------------------------------
-
-    def _get(self, vcpu: _Vcpu, what: str) -> Any:
-        obj = getattr(vcpu, what)
-        if vcpu.state[what] == 0:
-            ioctl(vcpu.fd, _GET_REQUESTS[what], obj)
-            vcpu.state[what] = 1
-        return obj
-
-    def _dirty(self, vcpu: _Vcpu, what: str) -> Any:
-        obj = self._get(vcpu, what)
-        vcpu.state[what] = 2
-        if what == "regs":
-            vcpu.kvm_rip = None
-        elif what in ("dregs", "events"):
-            vcpu.plain_entry = False
-        return obj
-
-    def _flush(self, vcpu: _Vcpu, entering: bool = False) -> None:
-        """Write back dirty cached state (once, before an entry or on hv_vcpu_flush).
-
-        ``entering``: KVM_RUN follows at once, so with sync regs the dirty regs/sregs are
-        handed over in kvm_run (KVM loads them at entry) instead of by ioctl."""
-        state = vcpu.state
-        vcpu.kvm_rip = None
-        if entering and vcpu.sync:
-            # regs/sregs live in kvm_run: flag the dirty ones, KVM loads them at entry
-            dirty = 0
-            if state["sregs"] == 2:
-                dirty = K.KVM_SYNC_X86_SREGS
-                state["sregs"] = 1
-            if state["regs"] == 2:
-                dirty |= K.KVM_SYNC_X86_REGS
-                state["regs"] = 1
-            if dirty:
-                _pack_u64(vcpu.run, K.RUN_DIRTY_REGS, dirty)
-            if state["dregs"] != 2 and state["events"] != 2:
-                return
-        if state["sregs"] == 2:
-            ioctl(vcpu.fd, K.KVM_SET_SREGS, vcpu.sregs)
-            state["sregs"] = 1
-        if state["regs"] == 2:
-            ioctl(vcpu.fd, K.KVM_SET_REGS, vcpu.regs)
-            state["regs"] = 1
-        if state["dregs"] == 2:
-            ioctl(vcpu.fd, K.KVM_SET_DEBUGREGS, vcpu.dregs)
-            state["dregs"] = 1
-        if state["events"] == 2:
-            vcpu.events.flags = K.KVM_VCPUEVENT_VALID_SHADOW
-            ioctl(vcpu.fd, K.KVM_SET_VCPU_EVENTS, vcpu.events)
-            state["events"] = 1
-
-    def _invalidate(self, vcpu: _Vcpu) -> None:
-        for key in vcpu.state:
-            vcpu.state[key] = 0
-
-    def hv_vcpu_flush(self, vid: int) -> None:
-        self._flush(self._vcpu(vid, "hv_vcpu_flush"))
-
-    def hv_vcpu_invalidate_tlb(self, vid: int) -> None:
-        vcpu = self._vcpu(vid, "hv_vcpu_invalidate_tlb")
-        # KVM flushes the guest TLB and resets its MMU context when the sregs are written.
-        self._dirty(vcpu, "sregs")
-        _forget_translations(vcpu)
-
-    # --- registers --------------------------------------------------------------------------------
-
-    def hv_vcpu_read_register(self, vid: int, reg: int) -> int:
-        vcpu = self._live.get(vid)
-        if vcpu is None or vcpu.owner != _get_ident():
-            vcpu = self._vcpu(vid, "hv_vcpu_read_register")  # raises
-        index = _GPR_INDEX.get(reg)
-        if index is None:
-            return self._read_other_register(vcpu, reg)
-        if not vcpu.state["regs"]:
-            self._get(vcpu, "regs")
-        value: int = vcpu.regs_q[index]
-        return value
-
-    def _read_other_register(self, vcpu: _Vcpu, reg: int) -> int:
-        """hv_vcpu_read_register of anything but a GPR, RIP or RFLAGS (the hot call serves
-        those with one lookup)."""
-        field_ = _REG_FIELDS.get(reg)
-        value = None if field_ is None else self._guest_field(vcpu, field_, None)
-        if value is not None:
-            return value
-        if reg == C.HV_X86_CR2:
-            return int(self._get(vcpu, "sregs").cr2)
-        if reg == C.HV_X86_TPR:
-            return int(self._get(vcpu, "sregs").cr8) << 4
-        if reg == C.HV_X86_CR1:
-            return 0
-        if C.HV_X86_DR0 <= reg <= C.HV_X86_DR7:
-            dregs = self._get(vcpu, "dregs")
-            index = reg - C.HV_X86_DR0
-            if index < 4:
-                return int(dregs.db[index])
-            return int(dregs.dr6 if index in (4, 6) else dregs.dr7)
-        if reg == C.HV_X86_XCR0:
-            xcrs = K.KvmXcrs()
-            ioctl(vcpu.fd, K.KVM_GET_XCRS, xcrs)
-            for i in range(xcrs.nr_xcrs):
-                if xcrs.xcrs[i].xcr == 0:
-                    return int(xcrs.xcrs[i].value)
-            return 1
-        raise common.bad("hv_vcpu_read_register", f"unknown register {reg}")
-
-    def hv_vcpu_write_register(self, vid: int, reg: int, value: int) -> None:
-        vcpu = self._live.get(vid)
-        if vcpu is None or vcpu.owner != _get_ident():
-            vcpu = self._vcpu(vid, "hv_vcpu_write_register")  # raises
-        if not 0 <= value <= _MASK64:
-            raise common.bad("hv_vcpu_write_register", f"value {value:#x} does not fit 64 bits")
-        gate = vcpu.gate
-        if gate is not None:
-            gate.touch_register(reg)
-        index = _GPR_INDEX.get(reg)
-        if index is None:
-            self._write_other_register(vcpu, reg, value)
-            return
-        state = vcpu.state
-        if not state["regs"]:
-            self._get(vcpu, "regs")
-        vcpu.regs_q[index] = value
-        state["regs"] = 2
-        if index != _RIP_INDEX:
-            vcpu.kvm_rip = None
-
-    def _write_other_register(self, vcpu: _Vcpu, reg: int, value: int) -> None:
-        """hv_vcpu_write_register of anything but a GPR, RIP or RFLAGS."""
-        if not 0 <= reg < C.HV_X86_REGISTERS_MAX:
-            raise common.bad("hv_vcpu_write_register", f"unknown register {reg}")
-        field_ = _REG_FIELDS.get(reg)
-        if field_ is not None:
-            self._guest_field(vcpu, field_, value)
-            return
-        if reg == C.HV_X86_CR1:
-            return
-        if reg in (C.HV_X86_CR2, C.HV_X86_TPR):
-            sregs = self._dirty(vcpu, "sregs")
-            if reg == C.HV_X86_CR2:
-                sregs.cr2 = value
-            else:
-                sregs.cr8 = (value >> 4) & 0xF
-            _forget_translations(vcpu)
-            return
-        if C.HV_X86_DR0 <= reg <= C.HV_X86_DR7:
-            dregs = self._dirty(vcpu, "dregs")
-            index = reg - C.HV_X86_DR0
-            if index < 4:
-                dregs.db[index] = value
-            elif index in (4, 6):
-                dregs.dr6 = value
-            else:
-                dregs.dr7 = value
-            vcpu.guest_debug_dirty = True
-            vcpu.plain_entry = False
-            return
-        if reg == C.HV_X86_XCR0:
-            xcrs = K.KvmXcrs()
-            xcrs.nr_xcrs = 1
-            xcrs.xcrs[0].xcr = 0
-            xcrs.xcrs[0].value = value
-            try:
-                ioctl(vcpu.fd, K.KVM_SET_XCRS, xcrs)
-            except OSError as exc:
-                raise common.bad(
-                    "hv_vcpu_write_register", f"XCR0 {value:#x}: {exc.strerror}"
-                ) from exc
-            return
-        raise common.bad("hv_vcpu_write_register", f"unknown register {reg}")
-
-    # --- fpstate ----------------------------------------------------------------------------------
-
-    def hv_vcpu_read_fpstate(self, vid: int, buffer: Buffer, size: int) -> None:
-        vcpu = self._vcpu(vid, "hv_vcpu_read_fpstate")
-        view = common.check_fp_buffer("hv_vcpu_read_fpstate", buffer, size, self._xsave_size)
-        if view.readonly:
-            raise common.bad("hv_vcpu_read_fpstate", "buffer is read-only")
-        xsave = K.KvmXsave()
-        ioctl(vcpu.fd, K.KVM_GET_XSAVE, xsave)
-        count = min(size, ctypes.sizeof(xsave))
-        view[:count] = bytes(xsave)[:count]
-
-    def hv_vcpu_write_fpstate(self, vid: int, buffer: Buffer, size: int) -> None:
-        vcpu = self._vcpu(vid, "hv_vcpu_write_fpstate")
-        view = common.check_fp_buffer("hv_vcpu_write_fpstate", buffer, size, self._xsave_size)
-        xsave = K.KvmXsave()
-        count = min(size, ctypes.sizeof(xsave))
-        ctypes.memmove(xsave.region, bytes(view[:count]), count)
-        try:
-            ioctl(vcpu.fd, K.KVM_SET_XSAVE, xsave)
-        except OSError as exc:
-            raise common.bad(
-                "hv_vcpu_write_fpstate", f"invalid XSAVE image: {exc.strerror}"
-            ) from exc
-
-    # --- MSRs -------------------------------------------------------------------------------------
-
-    def _get_msr(self, vcpu: _Vcpu, index: int) -> int:
-        msrs: Any = K.kvm_msrs(1)
-        msrs.entries[0].index = index
-        if ioctl(vcpu.fd, K.KVM_GET_MSRS, msrs) != 1:
-            raise common.bad("hv_vcpu_read_msr", f"MSR 0x{index:x} is not readable")
-        return int(msrs.entries[0].data)
-
-    def _set_msr(self, vcpu: _Vcpu, index: int, value: int) -> None:
-        msrs: Any = K.kvm_msrs(1)
-        msrs.entries[0].index = index
-        msrs.entries[0].data = value
-        if ioctl(vcpu.fd, K.KVM_SET_MSRS, msrs) != 1:
-            raise common.bad("hv_vcpu_write_msr", f"MSR 0x{index:x} refused value 0x{value:x}")
-
-    def _apply_pending_tsc(self, vcpu: _Vcpu) -> None:
-        if vcpu.pending_tsc is not None:
-            tsc, when = vcpu.pending_tsc
-            vcpu.pending_tsc = None
-            if not self._tsc_khz:
-                try:
-                    self._tsc_khz = ioctl(vcpu.fd, K.KVM_GET_TSC_KHZ)
-                except OSError:
-                    self._tsc_khz = 1_000_000
-            elapsed = time.monotonic_ns() - when
-            self._set_msr(vcpu, C.MSR_TSC, (tsc + elapsed * self._tsc_khz // 1_000_000) % (1 << 64))
-
-    def hv_vcpu_read_msr(self, vid: int, msr: int) -> int:
-        vcpu = self._vcpu(vid, "hv_vcpu_read_msr")
-        common.check_framework_msr("hv_vcpu_read_msr", msr)
-        if msr in _SREGS_MSRS:
-            sregs = self._get(vcpu, "sregs")
-            return int(
-                {
-                    C.MSR_EFER: sregs.efer,
-                    C.MSR_FSBASE: sregs.fs.base,
-                    C.MSR_GSBASE: sregs.gs.base,
-                }[msr]
-            )
-        if msr == C.MSR_TSC:
-            self._apply_pending_tsc(vcpu)
-        return self._get_msr(vcpu, msr)
-
-    def hv_vcpu_write_msr(self, vid: int, msr: int, value: int) -> None:
-        vcpu = self._vcpu(vid, "hv_vcpu_write_msr")
-        if not 0 <= value < 1 << 64:
-            raise common.bad("hv_vcpu_write_msr", f"MSR {msr:#x}: value out of range")
-        common.check_framework_msr("hv_vcpu_write_msr", msr)
-        if vcpu.gate is not None:
-            vcpu.gate.touch_msr(msr)
-        if msr in _SREGS_MSRS:
-            sregs = self._dirty(vcpu, "sregs")
-            if msr == C.MSR_EFER:
-                sregs.efer = value
-            elif msr == C.MSR_FSBASE:
-                sregs.fs.base = value
-            else:
-                sregs.gs.base = value
-            return
-        if msr == C.MSR_TSC:
-            vcpu.pending_tsc = None
-        self._set_msr(vcpu, msr, value)
-
-    def _update_msr_filter(self, space: _Space) -> None:
-        """Allow natively only what every vCPU of the space may access; deny the rest."""
-        members = [v for v in self._vcpus.values() if v.space is space and not v.destroyed]
-        flt = K.KvmMsrFilter()
-        flt.flags = K.KVM_MSR_FILTER_DEFAULT_DENY
-        bitmaps: list[Any] = []
-        index = 0
-        for base, count in _FILTER_BLOCKS:
-            for kind, bit in (
-                (K.KVM_MSR_FILTER_READ, C.HV_MSR_READ),
-                (K.KVM_MSR_FILTER_WRITE, C.HV_MSR_WRITE),
-            ):
-                bitmap = (ctypes.c_uint8 * (count // 8))()
-                any_set = False
-                if members:
-                    for msr in members[0].msr.access:
-                        if base <= msr < base + count and all(
-                            v.msr.access.get(msr, 0) & bit for v in members
-                        ):
-                            offset = msr - base
-                            bitmap[offset // 8] |= 1 << (offset % 8)
-                            any_set = True
-                if not any_set:
-                    continue
-                rng = flt.ranges[index]
-                rng.flags = kind
-                rng.nmsrs = count
-                rng.base = base
-                rng.bitmap = ctypes.cast(bitmap, ctypes.c_void_p)
-                bitmaps.append(bitmap)
-                index += 1
-        if index == 0:
-            # KVM rejects a default-deny filter without ranges (EINVAL): add one that allows
-            # nothing (a one-MSR range with a clear bitmap).
-            bitmap = (ctypes.c_uint8 * 8)()
-            rng = flt.ranges[0]
-            rng.flags = K.KVM_MSR_FILTER_READ | K.KVM_MSR_FILTER_WRITE
-            rng.nmsrs = 1
-            rng.base = 0
-            rng.bitmap = ctypes.cast(bitmap, ctypes.c_void_p)
-            bitmaps.append(bitmap)
-        try:
-            ioctl(space.vm_fd, K.KVM_X86_SET_MSR_FILTER, flt)
-        except OSError:
-            return  # host without MSR filtering: guest MSR accesses are KVM's
-        space.filter_bitmaps = bitmaps
-
-    # --- TSC and time -----------------------------------------------------------------------------
-
-    def hv_vm_sync_tsc(self, tsc: int) -> None:
-        if not 0 <= tsc < 1 << 64:
-            raise common.bad("hv_vm_sync_tsc", "TSC value out of range")
-        self._space0("hv_vm_sync_tsc")
-        if not self._completes_before_exit("tsc"):
-            raise HvError(
-                C.HV_UNSUPPORTED,
-                "hv_vm_sync_tsc",
-                "this host's KVM ignores writes of the guest TSC",
-            )
-        now = time.monotonic_ns()
-        with self._lock:
-            for vcpu in self._vcpus.values():
-                if not vcpu.destroyed:
-                    vcpu.pending_tsc = (tsc, now)
-                    vcpu.plain_entry = False
-
-    # --- VMCS -------------------------------------------------------------------------------------
-
-    def hv_vmx_vcpu_read_vmcs(self, vid: int, field_: int) -> int:
-        vcpu = self._live.get(vid)
-        if vcpu is None or vcpu.owner != _get_ident():
-            vcpu = self._vcpu(vid, "hv_vmx_vcpu_read_vmcs")  # raises
-        value = vcpu.exit.get(field_)  # only exit fields live there
-        if value is not None:
-            return value
-        if field_ in _EXIT_FIELDS:
-            if vcpu.exit[C.VMCS_RO_EXIT_REASON] == C.VMX_REASON_IO:
-                # I/O RCX/RSI/RDI/RIP: the registers of the I/O instruction (read them before
-                # changing those registers)
-                if field_ == C.VMCS_RO_IO_RIP:
-                    return vcpu.io_exit_rip
-                name = _IO_EXIT_REGS.get(field_)
-                if name is not None:
-                    register: int = getattr(self._get(vcpu, "regs"), name)
-                    return register
-            return 0
-        return self._state_field(vcpu, field_)
-
-    def _state_field(self, vcpu: _Vcpu, field_: int) -> int:
-        """A VMCS field that is no exit-information field (guest state or controls)."""
-        guest = self._guest_field(vcpu, field_, None)
-        if guest is not None:
-            return guest
-        value = vcpu.controls.get(field_)
-        if value is None:
-            raise common.field_error("hv_vmx_vcpu_read_vmcs", field_, "kvm")
-        if field_ == C.VMCS_CTRL_VMENTRY_CONTROLS and not vcpu.entry_written:
-            # the processor stores EFER.LMA into the IA-32e mode guest control at an exit
-            value = vmx_rules.entry_controls_after_exit(value, self._get(vcpu, "sregs").efer)
-        return value
-
-    def hv_vmx_vcpu_write_vmcs(self, vid: int, field_: int, value: int) -> None:
-        vcpu = self._live.get(vid)
-        if vcpu is None or vcpu.owner != _get_ident():
-            vcpu = self._vcpu(vid, "hv_vmx_vcpu_write_vmcs")  # raises
-        vcpu.plain_entry = False
-        if not 0 <= value < 1 << 64:
-            raise common.bad("hv_vmx_vcpu_write_vmcs", "value out of range")
-        if vcpu.gate is not None:
-            kvm_gate.refuse_control_write(vcpu.gate, field_, value)  # touches the field
-        if field_ == C.GDBSTUB_VMCS_MMIO_DATA:
-            vcpu.exit = {**vcpu.exit, field_: value}  # exit dicts may be shared: copy
-            return
-        if self._guest_field(vcpu, field_, value) is not None:
-            return
-        if field_ in vcpu.controls and field_ not in (C.VMCS_GUEST_ACTIVITY_STATE,):
-            old, vcpu.controls[field_] = vcpu.controls[field_], value
-            if field_ == C.VMCS_CTRL_VMENTRY_CONTROLS:
-                vcpu.entry_written = True
-            if field_ in (C.VMCS_CTRL_EXC_BITMAP, C.VMCS_CTRL_CPU_BASED) and value != old:
-                vcpu.guest_debug_dirty = True  # KVM_SET_GUEST_DEBUG before the next entry
-            return
-        if field_ == C.VMCS_GUEST_ACTIVITY_STATE:
-            if value not in (0, 1, 2, 3):
-                raise common.bad("hv_vmx_vcpu_write_vmcs", f"activity state {value}")
-            vcpu.controls[field_] = value
-            return
-        raise common.field_error("hv_vmx_vcpu_write_vmcs", field_, "kvm")
-
-    def _guest_field(self, vcpu: _Vcpu, field_: int, value: int | None) -> int | None:
-        """Read (value None) or write a guest-state field kept in KVM state; None if not one."""
-        if field_ == _GUEST_CR4:
-            return self._guest_cr4(vcpu, value)
-        where = _GUEST_FIELDS.get(field_)
-        if where is None:
-            return None
-        kind, name, attr = where
-        if kind == "msr":
-            if value is None:
-                return self._get_msr(vcpu, int(name))
-            self._set_msr(vcpu, int(name), value)
-            return value
-        if kind == "intr":
-            return self._interruptibility(vcpu, value)
-        obj = self._get(vcpu, kind) if value is None else self._dirty(vcpu, kind)
-        if name:
-            obj = getattr(obj, str(name))
-        if value is None:
-            return _seg_ar(obj) if attr == "ar" else int(getattr(obj, attr))
-        if attr == "ar":
-            _set_seg_ar(obj, value)
-        else:
-            width = {"selector": 0xFFFF, "limit": 0xFFFFFFFF}.get(attr, (1 << 64) - 1)
-            if kind == "sregs" and name in ("gdt", "idt") and attr == "limit":
-                width = 0xFFFF
-            setattr(obj, attr, value & width)
-        if kind == "dregs":
-            vcpu.guest_debug_dirty = True
-            vcpu.plain_entry = False
-        _forget_translations(vcpu)
-        return value
-
-    def _guest_cr4(self, vcpu: _Vcpu, value: int | None) -> int:
-        """VMCS_GUEST_CR4 (and HV_X86_CR4): KVM's CR4 plus the bits kept from it.
-
-        VMX requires CR4.VMXE in the guest's CR4 (HV_VMX_CAP_CR4_FIXED0), and a framework VMM
-        ORs it in and hides it behind the CR4 guest/host mask with read shadow 0. KVM without
-        nested VMX refuses CR4.VMXE (KVM_SET_SREGS fails), so the bit is kept here for
-        read-back and stripped from what KVM gets. Guest code that reads CR4 on kvm sees
-        KVM's CR4, i.e. without VMXE: exactly what the guest reads on the framework when the
-        VMM masks VMXE with shadow 0 (cr_guest_view); a VMM that leaves VMXE unmasked would
-        let its guest read VMXE=1 on a Mac (docs/library.md). CR0.NE needs no such care: KVM
-        accepts it and runs the guest with it, as VMX does."""
-        if value is None:
-            return int(self._get(vcpu, "sregs").cr4) | vcpu.cr4_kept
-        sregs = self._dirty(vcpu, "sregs")
-        vcpu.cr4_kept = value & _CR4_KEPT
-        sregs.cr4 = value & ~_CR4_KEPT
-        _forget_translations(vcpu)
-        return value
-
-    def _interruptibility(self, vcpu: _Vcpu, value: int | None) -> int:
-        events = self._get(vcpu, "events") if value is None else self._dirty(vcpu, "events")
-        if value is None:
-            shadow = events.interrupt.shadow
-            result = C.GUEST_INTRBILITY_STI_BLOCKING if shadow & K.KVM_X86_SHADOW_INT_STI else 0
-            if shadow & K.KVM_X86_SHADOW_INT_MOV_SS:
-                result |= C.GUEST_INTRBILITY_MOVSS_BLOCKING
-            if events.nmi.masked:
-                result |= C.GUEST_INTRBILITY_NMI_BLOCKING
-            return result
-        shadow = K.KVM_X86_SHADOW_INT_STI if value & C.GUEST_INTRBILITY_STI_BLOCKING else 0
-        if value & C.GUEST_INTRBILITY_MOVSS_BLOCKING:
-            shadow |= K.KVM_X86_SHADOW_INT_MOV_SS
-        events.interrupt.shadow = shadow
-        events.nmi.masked = 1 if value & C.GUEST_INTRBILITY_NMI_BLOCKING else 0
-        return value
 
     # --- running ----------------------------------------------------------------------------------
 
@@ -1137,10 +408,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
             raise common.bad("hv_vcpu_run_until", "deadline out of range")
         self._run(vcpu, deadline, False)
 
-    def _set_exit(self, vcpu: _Vcpu, reason: int, **fields: int) -> None:
-        vcpu.exit = common.exit_fields(reason, **fields)
-
-    def _entry_fails(self, vcpu: _Vcpu, call: str) -> bool:
+    def _entry_fails(self, vcpu: Vcpu, call: str) -> bool:
         """The VMX entry checks the VMM's writes call for (kvm_gate): True when the entry
         failed on the guest state (the exit is recorded); raises for invalid controls. An
         entry that passes loads IA32_EFER as VMX does (kvm_gate.entry_efer)."""
@@ -1161,7 +429,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
             raise error
         return True
 
-    def _prepare_entry(self, vcpu: _Vcpu) -> None:
+    def _prepare_entry(self, vcpu: Vcpu) -> None:
         """Turn cached state, controls and owed completions into KVM state before KVM_RUN."""
         run = vcpu.run
         controls = vcpu.controls
@@ -1218,7 +486,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
             1 if vcpu.controls[C.VMCS_CTRL_CPU_BASED] & C.CPU_BASED_IRQ_WND else 0
         )
 
-    def _inject(self, vcpu: _Vcpu, info: int) -> None:
+    def _inject(self, vcpu: Vcpu, info: int) -> None:
         vector, kind = info & 0xFF, info & C.IRQ_INFO_TYPE_MASK
         if kind == C.IRQ_INFO_EXT_IRQ:
             self._flush(vcpu)
@@ -1251,7 +519,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
                     vcpu.controls[C.VMCS_CTRL_VMENTRY_EXC_ERROR] & 0xFFFFFFFF
                 )
 
-    def _apply_guest_debug(self, vcpu: _Vcpu, extra: int = 0) -> None:
+    def _apply_guest_debug(self, vcpu: Vcpu, extra: int = 0) -> None:
         dbg = K.KvmGuestDebug()
         bitmap = vcpu.controls[C.VMCS_CTRL_EXC_BITMAP]
         control = extra
@@ -1275,7 +543,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         while signal.sigtimedwait({KICK_SIGNAL}, 0) is not None:
             pass
 
-    def _run(self, vcpu: _Vcpu, deadline: int | None, any_exit: bool) -> None:
+    def _run(self, vcpu: Vcpu, deadline: int | None, any_exit: bool) -> None:
         """Enter the guest until an exit for the caller is recorded in ``vcpu.exit``.
 
         The common entry (nothing owed to KVM, nothing to inject, regs/sregs in kvm_run) and
@@ -1304,7 +572,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
                     # the common entry: dirty regs/sregs are flagged, KVM loads them
                     if state["regs"] == 2:
                         state["regs"] = 1
-                        if vcpu.regs_q[_RIP_INDEX] != vcpu.kvm_rip:
+                        if vcpu.regs_q[RIP_INDEX] != vcpu.kvm_rip:
                             run[K.RUN_DIRTY_REGS] |= K.KVM_SYNC_X86_REGS
                     if state["sregs"] == 2:
                         state["sregs"] = 1
@@ -1321,7 +589,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
                 vcpu.exec_ns += _now_ns() - start
                 state["regs"] = state["sregs"] = 1 if sync else 0
                 state["dregs"] = state["events"] = 0
-                snapshot = _EXIT_SNAPSHOT(run)
+                snapshot = EXIT_SNAPSHOT(run)
                 if result >= 0 and snapshot[0] == _KVM_EXIT_IO:
                     # I/O exit 30 with RIP at the IN/OUT. A loop exits at the same place again
                     # and again: a known site whose code bytes are unchanged is used as it is.
@@ -1336,8 +604,8 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
                         site = self._io_site(vcpu, snapshot)
                     rip = snapshot[4]
                     if site.completed:
-                        start = (rip - site.back) & _MASK64
-                        vcpu.regs_q[_RIP_INDEX] = start  # the framework reports RIP at the insn
+                        start = (rip - site.back) & MASK64
+                        vcpu.regs_q[RIP_INDEX] = start  # the framework reports RIP at the insn
                         state["regs"] = 2
                         vcpu.kvm_rip = rip if sync else None
                     else:
@@ -1358,7 +626,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
                 vcpu.timer.disarm()
 
     @staticmethod
-    def _plain_entry(vcpu: _Vcpu) -> bool:
+    def _plain_entry(vcpu: Vcpu) -> bool:
         """Whether the next entry needs nothing but the dirty regs/sregs flags: nothing owed
         to KVM, no TSC to set, no debug settings, event, debug registers or halt to apply.
         The answer is kept in ``vcpu.plain_entry`` until something may change it: every exit
@@ -1382,7 +650,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         vcpu.plain_entry = plain
         return plain
 
-    def _halt_wait(self, vcpu: _Vcpu, deadline: int | None) -> None:
+    def _halt_wait(self, vcpu: Vcpu, deadline: int | None) -> None:
         """A halted vCPU without HLT exiting waits for a kick or its deadline (no guest time)."""
         timeout = None if deadline is None else max(0.0, (deadline - time.monotonic_ns()) / 1e9)
         if vcpu.kick.wait(timeout):
@@ -1393,7 +661,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
             self._set_exit(vcpu, C.VMX_REASON_VMX_TIMER_EXPIRED)
 
     def _exit(
-        self, vcpu: _Vcpu, result: int, reason: int, deadline: int | None, any_exit: bool
+        self, vcpu: Vcpu, result: int, reason: int, deadline: int | None, any_exit: bool
     ) -> bool:
         """Handle what one KVM_RUN returned (``result``: the ioctl's; ``reason``: kvm_run's);
         True when an exit for the caller has been recorded."""
@@ -1412,7 +680,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         if interrupted or reason == K.KVM_EXIT_INTR:
             self._drain_kick_signal()
             return self._end_without_exit(vcpu, deadline, any_exit)
-        handler = _EXIT_HANDLERS.get(reason)
+        handler = EXIT_HANDLERS.get(reason)
         if handler is None:
             self._set_exit(
                 vcpu, C.VMX_EXIT_REASON_FAILED_ENTRY | C.VMX_REASON_VMENTRY_GUEST, qual=reason
@@ -1422,35 +690,8 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
 
     # --- exit decoding ----------------------------------------------------------------------------
 
-    def _linear_to_host(self, vcpu: _Vcpu, linear: int) -> int | None:
-        """Host address of guest-linear ``linear`` via KVM_TRANSLATE (cached per paging state)."""
-        sregs = self._get(vcpu, "sregs")
-        page = linear & ~0xFFF
-        key = (sregs.cr0, sregs.cr3, sregs.cr4, page)
-        gpa_page = vcpu.xlate_cache.get(key)
-        if gpa_page is None:
-            gpa = self._translate(vcpu, page)
-            if gpa is None:
-                return None
-            gpa_page = gpa & ~0xFFF
-            vcpu.xlate_cache[key] = gpa_page
-        host = self._host_address(vcpu.space, gpa_page | (linear & 0xFFF))
-        return None if host is None else host[0]
-
-    def _read_linear(self, vcpu: _Vcpu, linear: int, count: int) -> bytes:
-        """Up to ``count`` guest bytes at guest-linear ``linear`` (stops at an unmapped page)."""
-        out = b""
-        while len(out) < count:
-            address = (linear + len(out)) % (1 << 64)
-            host = self._linear_to_host(vcpu, address)
-            if host is None:
-                break
-            chunk = min(count - len(out), 0x1000 - (address & 0xFFF))
-            out += ctypes.string_at(host, chunk)
-        return out
-
     def _locate_instruction(
-        self, vcpu: _Vcpu, matches: Callable[[bytes], int], kind: str, key: int = 0
+        self, vcpu: Vcpu, matches: Callable[[bytes], int], kind: str, key: int = 0
     ) -> tuple[int, int, bool]:
         """Find the instruction an exit is about: ``(start rip, length, completed by KVM)``.
 
@@ -1482,7 +723,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         rip: int,
         linear: int,
         window: bytes,
-        vcpu: _Vcpu,
+        vcpu: Vcpu,
         matches: Callable[[bytes], int],
         kind: str,
     ) -> tuple[int, int, bool]:
@@ -1495,33 +736,19 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
             return (rip - before[0]) % (1 << 64), before[0], True
         return int(rip), at_len or 1, False
 
-    def _completes_before_exit(self, kind: str) -> bool:
-        """Whether this host's KVM finishes a ``kind`` instruction before the exit (probed once;
-        kind "tsc" instead tells whether a host write of IA32_TSC reaches the guest)."""
-        if self._habits is None:
-            self._habits = kvm_probes.probe_habits()
-        return self._habits.get(kind, False)
-
-    def _emulates_int3(self) -> bool:
-        """Whether KVM fails on a guest INT3 (and INT n) at CPL0 and the backend reports or
-        delivers it instead (probed once per process, see kvm_probes.probe_int3)."""
-        if self._int3 is None:
-            self._int3 = kvm_probes.probe_int3()
-        return self._int3
-
-    def _io_key(self, vcpu: _Vcpu, snapshot: tuple[int, ...]) -> tuple[int, ...]:
-        """The I/O site key of an exit without sync regs: ``snapshot`` (_EXIT_SNAPSHOT of
+    def _io_key(self, vcpu: Vcpu, snapshot: tuple[int, ...]) -> tuple[int, ...]:
+        """The I/O site key of an exit without sync regs: ``snapshot`` (EXIT_SNAPSHOT of
         kvm_run) holds stale registers then, the real ones come from KVM."""
         regs, sregs = self._get(vcpu, "regs"), self._get(vcpu, "sregs")
         return (*snapshot[:4], regs.rip, sregs.cs.base, sregs.cr0, sregs.cr3, sregs.cr4)
 
-    def _io_site(self, vcpu: _Vcpu, key: tuple[int, ...]) -> _IoSite:
+    def _io_site(self, vcpu: Vcpu, key: tuple[int, ...]) -> IoSite:
         """Decode the I/O instruction of this exit and remember it under ``key`` (the exit's
         snapshot: reason, direction, size, port, rip, cs.base, cr0, cr3, cr4) when the code
         around it lies in one page (its bytes then validate the entry at the next exit)."""
         _, direction, size, port, rip_at_exit, cs_base = key[:6]
         is_in_exit = direction == K.KVM_EXIT_IO_IN
-        linear = (cs_base + rip_at_exit) & _MASK64
+        linear = (cs_base + rip_at_exit) & MASK64
         regs = self._get(vcpu, "regs")
         dx = regs.rdx & 0xFFFF
 
@@ -1534,8 +761,8 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         rip, length, completed = self._locate_instruction(
             vcpu, matches, "in" if is_in_exit else "out", port << 1 | is_in_exit
         )
-        back = (regs.rip - rip) & _MASK64
-        code = self._read_linear(vcpu, (linear - back) & _MASK64, length)
+        back = (regs.rip - rip) & MASK64
+        code = self._read_linear(vcpu, (linear - back) & MASK64, length)
         _, op, _ = common.decode_io(code)
         qual = (size - 1) | port << C.EXIT_QUAL_IO_PORT_SHIFT
         if is_in_exit:
@@ -1556,17 +783,17 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
             host = self._linear_to_host(vcpu, first)
             host2 = self._linear_to_host(vcpu, first + split) if split < 30 else 0
         if host is None or host2 is None:
-            return _IoSite(_NO_CODE, b"", None, b"", back, completed, is_in_exit, fields)
+            return IoSite(NO_CODE, b"", None, b"", back, completed, is_in_exit, fields)
         view = (ctypes.c_char * split).from_address(host)
         view2 = (ctypes.c_char * (30 - split)).from_address(host2) if host2 else None
         window2 = view2.raw if view2 is not None else b""
-        site = _IoSite(view, view.raw, view2, window2, back, completed, is_in_exit, fields)
+        site = IoSite(view, view.raw, view2, window2, back, completed, is_in_exit, fields)
         if len(vcpu.io_cache) > 256:
             vcpu.io_cache.clear()
         vcpu.io_cache[key] = site
         return site
 
-    def _exit_hlt(self, vcpu: _Vcpu) -> bool:
+    def _exit_hlt(self, vcpu: Vcpu) -> bool:
         rip, _, completed = self._locate_instruction(
             vcpu, lambda code: 1 if code[:1] == b"\xf4" else 0, "hlt"
         )
@@ -1580,7 +807,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         vcpu.controls[C.VMCS_GUEST_ACTIVITY_STATE] = C.GUEST_ACTIVITY_HLT
         return False
 
-    def _exit_mmio(self, vcpu: _Vcpu) -> bool:
+    def _exit_mmio(self, vcpu: Vcpu) -> bool:
         run = vcpu.run
         gpa = struct.unpack_from("<Q", run, K.RUN_MMIO_PHYS_ADDR)[0]
         size = struct.unpack_from("<I", run, K.RUN_MMIO_LEN)[0]
@@ -1614,7 +841,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         vcpu.pending = ("mmio", 0)
         return True
 
-    def _exit_debug(self, vcpu: _Vcpu) -> bool:
+    def _exit_debug(self, vcpu: Vcpu) -> bool:
         run = vcpu.run
         exception = struct.unpack_from("<I", run, K.RUN_DEBUG_EXCEPTION)[0]
         dr6 = struct.unpack_from("<Q", run, K.RUN_DEBUG_DR6)[0]
@@ -1638,7 +865,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         )
         return True
 
-    def _exit_exception(self, vcpu: _Vcpu) -> bool:
+    def _exit_exception(self, vcpu: Vcpu) -> bool:
         exception = struct.unpack_from("<I", vcpu.run, K.RUN_UNION)[0]
         error = struct.unpack_from("<I", vcpu.run, K.RUN_UNION + 4)[0]
         self._set_exit(
@@ -1649,18 +876,18 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         )
         return True
 
-    def _exit_shutdown(self, vcpu: _Vcpu) -> bool:
+    def _exit_shutdown(self, vcpu: Vcpu) -> bool:
         self._set_exit(vcpu, C.VMX_REASON_TRIPLE_FAULT)
         return True
 
-    def _exit_fail_entry(self, vcpu: _Vcpu) -> bool:
+    def _exit_fail_entry(self, vcpu: Vcpu) -> bool:
         hw = struct.unpack_from("<Q", vcpu.run, K.RUN_FAIL_ENTRY_REASON)[0]
         self._set_exit(
             vcpu, C.VMX_EXIT_REASON_FAILED_ENTRY | (hw & 0xFFFF or C.VMX_REASON_VMENTRY_GUEST)
         )
         return True
 
-    def _exit_internal(self, vcpu: _Vcpu) -> bool:
+    def _exit_internal(self, vcpu: Vcpu) -> bool:
         # KVM could not go on (for example it failed to emulate an instruction): reported as a
         # failed entry (invalid guest state) with KVM's suberror in the qualification, unless
         # the instruction is an INT3 / INT n the backend executes itself.
@@ -1674,7 +901,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         )
         return True
 
-    def _complete_failed_emulation(self, vcpu: _Vcpu) -> bool | None:
+    def _complete_failed_emulation(self, vcpu: Vcpu) -> bool | None:
         """KVM failed to emulate the instruction at RIP (kvm_pvm emulates all CPL0 code and
         its emulator lacks a few instructions): execute the ones the backend knows as the CPU
         would. INT3 (CC) and INT n (CD nn), where the int3 probe shows KVM cannot, and XGETBV.
@@ -1702,7 +929,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         bits = 64 if long64 else 32 if sregs.cs.db else 16
         return kvm_complete.complete(self, vcpu, linear, code, bits)
 
-    def _fetch_violation(self, vcpu: _Vcpu, linear: int) -> bool | None:
+    def _fetch_violation(self, vcpu: Vcpu, linear: int) -> bool | None:
         """KVM could not fetch the instruction: the guest executes from guest-physical memory
         that is not RAM. On VMX that is an EPT violation on an instruction fetch (exit 48,
         RIP at the instruction, nothing decoded)."""
@@ -1726,16 +953,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         )
         return True
 
-    def _translate(self, vcpu: _Vcpu, linear: int) -> int | None:
-        """Guest-physical address of ``linear`` through KVM_TRANSLATE, None if not mapped."""
-        translation = K.KvmTranslation(linear)
-        try:
-            ioctl(vcpu.fd, K.KVM_TRANSLATE, translation)
-        except OSError:
-            return None
-        return int(translation.physical_address) if translation.valid else None
-
-    def _undefined_opcode(self, vcpu: _Vcpu) -> bool:
+    def _undefined_opcode(self, vcpu: Vcpu) -> bool:
         """A VEX (AVX) instruction where the probe showed CPL0 AVX cannot run: #UD, as a CPU
         without usable AVX raises. Intercepted #UD exits like any exception; otherwise the
         guest's handler runs (RIP stays at the instruction: #UD is a fault)."""
@@ -1753,7 +971,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         events.exception.error_code = 0
         return False
 
-    def _software_interrupt(self, vcpu: _Vcpu, vector: int, length: int, exception: bool) -> bool:
+    def _software_interrupt(self, vcpu: Vcpu, vector: int, length: int, exception: bool) -> bool:
         """INT3 with #BP in the exception bitmap is an exception exit (RIP at the INT3, its
         length, soft exception 3), as on VMX. Otherwise the event is delivered through the
         guest's IDT with the return address after the instruction. INT n is a software
@@ -1780,7 +998,7 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
             events.interrupt.soft = 0
         return False
 
-    def _xgetbv(self, vcpu: _Vcpu, length: int) -> bool:
+    def _xgetbv(self, vcpu: Vcpu, length: int) -> bool:
         """XGETBV: EDX:EAX = XCR[ECX]; #UD without CR4.OSXSAVE, #GP(0) for an unknown XCR."""
         regs = self._dirty(vcpu, "regs")
         if not self._get(vcpu, "sregs").cr4 & 1 << 18:
@@ -1806,11 +1024,11 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
             events.exception.error_code = max(fault[1], 0)
         return False
 
-    def _exit_irq_window(self, vcpu: _Vcpu) -> bool:
+    def _exit_irq_window(self, vcpu: Vcpu) -> bool:
         self._set_exit(vcpu, C.VMX_REASON_IRQ_WND)
         return True
 
-    def _exit_msr(self, vcpu: _Vcpu) -> bool:
+    def _exit_msr(self, vcpu: Vcpu) -> bool:
         run = vcpu.run
         reason = struct.unpack_from("<I", run, K.RUN_EXIT_REASON)[0]
         index = struct.unpack_from("<I", run, K.RUN_MSR_INDEX)[0]
@@ -1835,62 +1053,15 @@ class KvmBackend(common.FrameworkBooks["_Space", "_Vcpu"]):
         vcpu.pending = ("msr", 1 if completed else 0)
         return True
 
-    def _exit_system_event(self, vcpu: _Vcpu) -> bool:
+    def _exit_system_event(self, vcpu: Vcpu) -> bool:
         self._set_exit(vcpu, C.VMX_REASON_TRIPLE_FAULT)
         return True
 
 
-def _guest_field_table() -> dict[int, tuple[str, str | int, str]]:
-    """VMCS guest-state field -> (cached struct or "msr"/"intr", member, attribute)."""
-    table: dict[int, tuple[str, str | int, str]] = {}
-    for i, seg in enumerate(_VMCS_SEGMENTS):
-        table[C.VMCS_GUEST_ES + 2 * i] = ("sregs", seg, "selector")
-        table[C.VMCS_GUEST_ES_LIMIT + 2 * i] = ("sregs", seg, "limit")
-        table[C.VMCS_GUEST_ES_AR + 2 * i] = ("sregs", seg, "ar")
-        table[C.VMCS_GUEST_ES_BASE + 2 * i] = ("sregs", seg, "base")
-    table.update(
-        {
-            C.VMCS_GUEST_GDTR_BASE: ("sregs", "gdt", "base"),
-            C.VMCS_GUEST_GDTR_LIMIT: ("sregs", "gdt", "limit"),
-            C.VMCS_GUEST_IDTR_BASE: ("sregs", "idt", "base"),
-            C.VMCS_GUEST_IDTR_LIMIT: ("sregs", "idt", "limit"),
-            C.VMCS_GUEST_CR0: ("sregs", "", "cr0"),
-            C.VMCS_GUEST_CR3: ("sregs", "", "cr3"),
-            C.VMCS_GUEST_CR4: ("sregs", "", "cr4"),
-            C.VMCS_GUEST_IA32_EFER: ("sregs", "", "efer"),
-            C.VMCS_GUEST_RIP: ("regs", "", "rip"),
-            C.VMCS_GUEST_RSP: ("regs", "", "rsp"),
-            C.VMCS_GUEST_RFLAGS: ("regs", "", "rflags"),
-            C.VMCS_GUEST_DR7: ("dregs", "", "dr7"),
-            C.VMCS_GUEST_IA32_PAT: ("msr", C.MSR_IA32_PAT, ""),
-            C.VMCS_GUEST_IA32_DEBUGCTL: ("msr", C.MSR_IA32_DEBUGCTL, ""),
-            C.VMCS_GUEST_IA32_SYSENTER_CS: ("msr", C.MSR_IA32_SYSENTER_CS, ""),
-            C.VMCS_GUEST_SYSENTER_ESP: ("msr", C.MSR_IA32_SYSENTER_ESP, ""),
-            C.VMCS_GUEST_SYSENTER_EIP: ("msr", C.MSR_IA32_SYSENTER_EIP, ""),
-            C.VMCS_GUEST_INTERRUPTIBILITY: ("intr", "", ""),
-        }
-    )
-    return table
-
-
-_GUEST_FIELDS = _guest_field_table()
-_GUEST_CR4 = C.VMCS_GUEST_CR4
-_CR4_KEPT = C.CR4_VMXE
-_PDPTE_FIELDS = (C.VMCS_GUEST_PDPTE0, C.VMCS_GUEST_PDPTE1, C.VMCS_GUEST_PDPTE2, C.VMCS_GUEST_PDPTE3)
-"""PAE page-directory-pointer entries: kept for read-back; KVM loads its own from CR3."""
-"""CR4 bits KVM refuses without nested VMX that VMX requires: kept out of KVM's CR4."""
-
-_GET_REQUESTS = {
-    "regs": K.KVM_GET_REGS,
-    "sregs": K.KVM_GET_SREGS,
-    "dregs": K.KVM_GET_DEBUGREGS,
-    "events": K.KVM_GET_VCPU_EVENTS,
-}
-
 _REX = frozenset(range(0x40, 0x50))
 
 
-_EXIT_HANDLERS: dict[int, Callable[[KvmBackend, _Vcpu], bool]] = {
+EXIT_HANDLERS: dict[int, Callable[[KvmBackend, Vcpu], bool]] = {
     K.KVM_EXIT_HLT: KvmBackend._exit_hlt,
     K.KVM_EXIT_MMIO: KvmBackend._exit_mmio,
     K.KVM_EXIT_DEBUG: KvmBackend._exit_debug,

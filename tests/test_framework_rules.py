@@ -51,9 +51,6 @@ __all__ = ["hv_vm"]  # the fixture, imported for pytest
 FAILED_ENTRY = hv.VMX_EXIT_REASON_FAILED_ENTRY | hv.VMX_REASON_VMENTRY_GUEST
 CR0_MASK = hv.CR0_CD | hv.CR0_NE
 CR4_MASK = hv.CR4_VMXE
-EMU_EPT = pytest.mark.xfail(
-    strict=False, reason="emu side: issue 12 (EPT-violation linear address)"
-)
 
 GUEST = asm(
     """
@@ -424,12 +421,9 @@ def test_ept_violation_reports_the_linear_address(
     source: str,
     gla: int | None,
     access: int,
-    request: pytest.FixtureRequest,
 ) -> None:
     """Bits 0-2 the access, 3-5 what the mapping allows (nothing: no RAM), bit 7 the linear
     address is valid, bit 8 the access was to its translation; VMCS_RO_GUEST_LIN_ADDR."""
-    if hv_backend == "emu":
-        request.applymarker(EMU_EPT)
     code = asm(source + "\nhlt\n", bits=64 if paging else 32)
     vcpu = framework_vcpu(hv_vm, code)
     if paging:

@@ -79,8 +79,9 @@ semantics are the KVM backend's (see ``kvm.py``); what unicorn lacks, this modul
   guest in 0.5 ms slices and looks at RFLAGS.IF and QEMU's STI/MOV SS shadow between them (the
   exit comes up to a slice late; single-stepping a kernel's long IF=0 stretches cost 0.7 ms an
   instruction).
-* **Memory exits.** Unmapped or protected accesses stop with RIP at the instruction and exit 48
-  with GPA and access bits; the MMIO extension fields read 0 (not decoded): the VMM decodes.
+* **Memory exits** (``emu_ept``). Unmapped or protected accesses stop with RIP at the
+  instruction and exit 48 with GPA, access bits and, like hardware, the guest-linear address
+  (qualification bits 7/8); the MMIO extension fields read 0 (not decoded): the VMM decodes.
 * **MSR permissions and address spaces** are kept as in ``kvm.py``. An address space is a
   list of regions; every vCPU's ``Uc`` maps the regions of its space, and ``hv_vcpu_set_space``
   remaps them.
@@ -111,6 +112,7 @@ from typing import Any
 from . import common
 from . import constants as C
 from .emu_code import UD_IDS, BlockHooks, disassembler
+from .emu_ept import EptExits
 from .emu_regs import _XSAVE_SIZE as _XSAVE_SIZE  # tests read it here
 from .emu_state import (
     HF_INHIBIT_IRQ,
@@ -123,7 +125,6 @@ from .emu_state import (
     probe_layout,
     unicorn,
 )
-from .emu_sys import SystemExits
 from .emu_timer import StopSwitch, Watchdog
 from .errors import HvError
 from .vmx_rules import Capabilities
@@ -135,7 +136,7 @@ _SPACE_MAX = 8
 WINDOW_SLICE_NS = 500_000  # interrupt-window exiting: how long to run before looking at IF
 
 
-class EmuBackend(SystemExits):
+class EmuBackend(EptExits):
     """``gdbstub.hv`` on unicorn (see the module docstring)."""
 
     name = "emu"
@@ -595,19 +596,7 @@ class EmuBackend(SystemExits):
         needed = C.HV_MEMORY_WRITE if write else C.HV_MEMORY_EXEC if fetch else C.HV_MEMORY_READ
         if region is not None and region.flags & needed and page in vcpu.watch_pages:
             return self._watch_step(vcpu, page, address, size, write, stepping, deadline, any_exit)
-        perm = region.flags if region is not None else 0
-        qual = (
-            C.EPT_VIOLATION_DATA_WRITE
-            if write
-            else C.EPT_VIOLATION_INST_FETCH
-            if fetch
-            else C.EPT_VIOLATION_DATA_READ
-        )
-        qual |= common.ept_permission_bits(perm)
-        self._set_exit(vcpu, C.VMX_REASON_EPT_VIOLATION, qual=qual, gpa=gpa)
-        vcpu.exit[C.GDBSTUB_VMCS_MMIO_DECODED] = 0
-        vcpu.exit[C.GDBSTUB_VMCS_MMIO_SIZE] = 0
-        vcpu.exit[C.GDBSTUB_VMCS_MMIO_DATA] = 0
+        self._ept_exit(vcpu, access, gpa)
         return True
 
     def _watch_step(

@@ -10,7 +10,7 @@ Theory of operation
   (segments, their access rights packed as VMX packs them, descriptor tables, CR0/CR3/CR4,
   EFER), kvm_regs (RIP, RSP, RFLAGS), DR7, a few MSRs and the interruptibility state (KVM's vCPU
   events). The segment, descriptor-table and control registers of ``hv_vcpu_read_register``
-  are those fields. Every write drops the vCPU's cached translations.
+  are those fields. A write to KVM's register state drops the vCPU's cached translations.
 * CR4.VMXE, which VMX requires and KVM without nested VMX refuses, is kept beside KVM's CR4
   (:meth:`Registers._guest_cr4`); the PAE PDPTEs are kept for read-back only.
 * Controls are kept in ``vcpu.controls``; kvm_entry turns them into KVM settings at the next

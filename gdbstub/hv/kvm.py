@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 KVM *is* the framework here: same calls, same return codes, exits described through
 ``hv_vmx_vcpu_read_vmcs``. What KVM lacks, the backend builds, one job per module. Each module
-below holds one base class of :class:`KvmBackend` and imports only the ones above it:
+below holds one base class of :class:`KvmBackend`, derived from the one above it, and imports
+only the modules above it (at run time; kvm_emufail and kvm_exits name ``KvmBackend`` in types):
 
 ================  ===========================================================================
 ``kvm_state``     the address-space and vCPU records; the register cache (KVM state fetched

@@ -19,8 +19,8 @@ and ``vcpu.plain_entry`` says the next entry owes KVM nothing but the dirty flag
 :meth:`KvmState._dirty` drops them where it must.
 
 :class:`KvmState` is the first base of ``KvmBackend``; the other kvm_* modules with a base class
-add to it, each importing only the ones below it: kvm_state, kvm_memory, kvm_msrs, kvm_regs,
-kvm_entry, kvm_emufail, kvm_exits, kvm_run.
+add to it in this order, each importing only the ones before it: kvm_state, kvm_memory,
+kvm_msrs, kvm_regs, kvm_entry, kvm_emufail, kvm_exits, kvm_run (then kvm itself).
 """
 
 from __future__ import annotations

@@ -188,12 +188,6 @@ def test_a_signal_on_a_vcpu_thread(backend: str, tmp_path: Path) -> None:
         stub.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gdbstub/machine/machine.py Machine.guest_reset logs one line per reset: a guest "
-    "that triple-faults forever with no debugger attached writes ~80 lines a second to "
-    "stderr on kvm (2,439 in 30 s), without end",
-)
 def test_a_reset_loop_does_not_flood_the_log(backend: str, tmp_path: Path) -> None:
     case = CASES["garbage-idt"]
     stub = Stub(guest(case, tmp_path), backend, "--memory", "16M", wait=False, tmp=tmp_path)

@@ -47,6 +47,7 @@ from .firmware.mptable import build_mptable
 from .loader import BootPlan, CpuState, load_kernel, memory_map
 from .mmio_emulate import emulate_mmio
 from .platform import Platform, build_platform
+from .resetlog import ResetLog
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +227,7 @@ class Machine:
         self.debugger_attached: Callable[[], bool] = lambda: False
         self.after_reset: list[Callable[[], None]] = []
         self.resets = 0
+        self._reset_log = ResetLog(log)
         self.symbols: dict[str, int] = {}
         """The kernel's symbols (name -> address), for messages about where the guest is."""
         self._cpus: dict[int, VcpuState] = {}
@@ -482,7 +484,7 @@ class Machine:
         if self.no_reboot:
             log.warning("gdbstub: the guest reset (%s); --no-reboot: exiting", how)
             return self.guest_exit(0, f"the guest reset ({how}) and --no-reboot is set")
-        log.warning("gdbstub: the guest reset (%s); restarting the machine", how)
+        self._reset_log.reset(how)
         self.reset(vcpu)
         return None
 

@@ -33,10 +33,7 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture
-def vm(monkeypatch: pytest.MonkeyPatch) -> Iterator[Vm]:
-    # emu follows every control word it is given; the capabilities do not offer all of them
-    # yet (with the entry checks on, such a write is refused as on macOS 11+)
-    monkeypatch.setenv("GDBSTUB_VMX_CHECKS", "0")
+def vm() -> Iterator[Vm]:
     hv._reset_for_tests()
     hv.select_backend("emu")
     machine = new_vm()

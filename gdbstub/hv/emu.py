@@ -59,9 +59,11 @@ semantics are the KVM backend's (see ``kvm.py``); what unicorn lacks, this modul
   event injected through VMCS_CTRL_VMENTRY_IRQ_INFO, which also wakes a vCPU in HLT; a
   software one returns after VMCS_CTRL_VMENTRY_INSTR_LEN bytes): real-mode IVT, protected-mode
   and long-mode interrupt/trap gates with the gate DPL check of software interrupts and the
-  stack switch of a privilege change (TSS RSP0/IST in long mode, SS0:ESP0 in protected mode),
-  no task gates. A fault during delivery is raised and combined as the SDM's double-fault
-  table says (#DF, then a triple fault: exit 2). unicorn 2.1 drops the #UD of an invalid
+  stack switch of a privilege change (TSS RSP0/IST in long mode, SS0:ESP0 in protected mode);
+  a task gate is a task switch, exit 9 (``emu_task``), and an exit in the middle of a delivery
+  reports the event in the IDT-vectoring information (``emu_ept``). A fault during delivery is
+  raised and combined as the SDM's double-fault table says (#DF, then a triple fault: exit 2).
+  unicorn 2.1 drops the #UD of an invalid
   opcode once any code hook exists (emu_start returns at the instruction with no event): a run
   that stops without progress and without a kick or deadline, or a single step that stays on
   UD0/UD1/UD2 or on bytes that do not decode, raises #UD here.
@@ -112,7 +114,6 @@ from typing import Any
 from . import common
 from . import constants as C
 from .emu_code import UD_IDS, BlockHooks, disassembler
-from .emu_ept import EptExits
 from .emu_regs import _XSAVE_SIZE as _XSAVE_SIZE  # tests read it here
 from .emu_state import (
     HF_INHIBIT_IRQ,
@@ -125,6 +126,7 @@ from .emu_state import (
     probe_layout,
     unicorn,
 )
+from .emu_task import TaskSwitches
 from .emu_timer import StopSwitch, Watchdog
 from .errors import HvError
 from .vmx_rules import Capabilities
@@ -136,7 +138,7 @@ _SPACE_MAX = 8
 WINDOW_SLICE_NS = 500_000  # interrupt-window exiting: how long to run before looking at IF
 
 
-class EmuBackend(EptExits):
+class EmuBackend(TaskSwitches):
     """``gdbstub.hv`` on unicorn (see the module docstring)."""
 
     name = "emu"

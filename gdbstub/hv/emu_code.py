@@ -81,6 +81,12 @@ _SITE_KINDS = {
     capstone.x86.X86_INS_RDPMC: "rdpmc",
     capstone.x86.X86_INS_PAUSE: "pause",
     capstone.x86.X86_INS_INVLPG: "invlpg",
+    # far JMP/CALL with a pointer and IRET outside 64-bit code: task switches (emu_task; the
+    # memory forms are JMP and CALL to capstone: far_indirect)
+    **dict.fromkeys(
+        (getattr(capstone.x86, "X86_INS_" + name) for name in ("LJMP", "LCALL", "IRET", "IRETD")),
+        "task",
+    ),
     **{
         getattr(capstone.x86, "X86_INS_" + name): "sys"
         for name in [
@@ -137,6 +143,9 @@ _SYS_PATTERN = re.compile(
     re.DOTALL,
 )
 _SYS_PATTERN_KINDS = {0x31: "rdtsc", 0x33: "rdpmc", 0x90: "pause"}
+# far JMP/CALL outside 64-bit code: EA/9A with a pointer, FF /3 and FF /5 with a memory operand
+_FAR_MODRM = bytes(m for m in range(0xC0) if m >> 3 & 7 in (3, 5))
+_FAR_PATTERN = re.compile(rb"[\xea\x9a]|\xff[" + re.escape(_FAR_MODRM) + rb"]", re.DOTALL)
 _LONG_ONLY = frozenset({"sysret", "iretq"})
 _PRIVILEGED = frozenset({"io", "hlt", "rdmsr", "wrmsr"})
 UD_IDS = frozenset({capstone.x86.X86_INS_UD0, capstone.x86.X86_INS_UD1, capstone.x86.X86_INS_UD2})
@@ -203,6 +212,21 @@ def _mov_cr_dr(code: bytes) -> bool:
     return len(code) > i + 1 and code[i] == 0x0F and 0x20 <= code[i + 1] <= 0x23
 
 
+_NEAR_OR_FAR = frozenset({capstone.x86.X86_INS_JMP, capstone.x86.X86_INS_CALL})
+
+
+def far_indirect(code: bytes) -> int | None:
+    """For the bytes of a far JMP (FF /5) or CALL (FF /3) through memory (capstone names them
+    JMP and CALL) in 16- or 32-bit code: ModRM.reg, 5 or 3; else None."""
+    i = 0
+    while i < len(code) and code[i] in common.PREFIXES:
+        i += 1
+    if len(code) < i + 2 or code[i] != 0xFF or code[i + 1] >> 6 == 3:
+        return None
+    reg = code[i + 1] >> 3 & 7
+    return reg if reg in (3, 5) else None
+
+
 def disassembler(bits: int) -> Any:
     md = _DISASM.get(bits)
     if md is None:
@@ -231,6 +255,8 @@ def pattern_sites(data: bytes, base: int, long_mode: bool) -> list[tuple[int, st
         if data[offset + 1] == 0x01 and modrm < 0xC0 and modrm >> 3 & 7 == 7:
             kind = "invlpg"
         found.append((base + offset, kind))
+    if not long_mode:
+        found.extend((base + m.start(), "task") for m in _FAR_PATTERN.finditer(data))
     return found
 
 
@@ -436,6 +462,8 @@ class CodeScan(CpuState):
             kind = _SITE_KINDS.get(insn.id)
             if kind is None and insn.id == capstone.x86.X86_INS_MOV and _mov_cr_dr(insn.bytes):
                 kind = "sys"
+            if kind is None and insn.id in _NEAR_OR_FAR and far_indirect(insn.bytes):
+                kind = "task"
             if kind is None:
                 continue
             for page, start, lo, hi in spans:
@@ -740,9 +768,15 @@ class CodeScan(CpuState):
             self._check_return(vcpu, address, kind)
         elif kind in SYS_KINDS:
             self._sys_site(vcpu, address, kind)
+        elif kind == "task":
+            self._task_site(vcpu, address)
 
     def _sys_site(self, vcpu: Vcpu, address: int, kind: str) -> None:
         """A system instruction VMX may exit on (emu_sys)."""
+        raise NotImplementedError
+
+    def _task_site(self, vcpu: Vcpu, address: int) -> None:
+        """A far JMP/CALL or IRET that may switch tasks (emu_task)."""
         raise NotImplementedError
 
     def _faults_first(self, vcpu: Vcpu, kind: str) -> bool:

@@ -1,4 +1,5 @@
-"""The emu backend's EPT-violation exits: the guest-linear address hardware reports with them.
+"""The emu backend's EPT-violation exits, with the guest-linear address and the event whose
+delivery they interrupted, as hardware reports them.
 
 Theory of operation
 -------------------
@@ -18,6 +19,16 @@ their segment bases, and the stack slots of a push or pop - is translated with t
 page tables, and the one whose translation is the faulting address wins (the first byte of
 the next page for an access that crosses into it). An access none of them explains keeps bits
 7/8 clear and reports no linear address.
+
+An exit taken while an event is delivered (an event the VMM injected through
+VMCS_CTRL_VMENTRY_IRQ_INFO, or a guest exception or interrupt the backend delivers through the
+guest's IDT: ``emu_events``) - an EPT violation of an access of the delivery (IDT, GDT/LDT,
+TSS, the frame it pushes), or an exception that delivery raises and the exception bitmap
+intercepts - reports that event in VMCS_RO_IDT_VECTOR_INFO (valid, type, vector, error-code
+valid) and VMCS_RO_IDT_VECTOR_ERROR (SDM 27.2.4); the guest's state is the one before the
+delivery, and a software interrupt or exception has RIP at its instruction and its length in
+VMCS_RO_VMEXIT_INSTR_LEN, so the VMM re-injects it as QEMU's hvf does. Every other exit has
+the field's valid bit clear.
 """
 
 from __future__ import annotations
@@ -30,10 +41,13 @@ from capstone import x86_const as CX
 
 from . import common
 from . import constants as C
-from .emu_state import M64, Vcpu, X, unicorn
+from .emu_events import ERROR_CODE_VECTORS
+from .emu_state import M64, EptFault, Guard, TaskGate, Vcpu, X, unicorn
 from .emu_sys import SystemExits
 
 _CR0_PG = 1 << 31
+_SOURCE_IDT_GATE = 3  # task-switch qualification bits 31:30: a task gate in the IDT
+_SOFTWARE = frozenset({C.IRQ_INFO_SOFT_IRQ, C.IRQ_INFO_SOFT_EXC, C.IRQ_INFO_PRIV_SOFT_EXC})
 _STACK_BASES = frozenset({CX.X86_REG_RSP, CX.X86_REG_RBP, CX.X86_REG_ESP, CX.X86_REG_EBP})
 _SEGMENT_INDEX = {
     CX.X86_REG_ES: 0,
@@ -63,7 +77,8 @@ _POPS = frozenset(
 
 
 @lru_cache(maxsize=4)
-def _disassembler(bits: int) -> Any:
+def disassembler_with_details(bits: int) -> Any:
+    """capstone for ``bits``-bit code, with operand details."""
     mode = {16: capstone.CS_MODE_16, 32: capstone.CS_MODE_32, 64: capstone.CS_MODE_64}[bits]
     md = capstone.Cs(capstone.CS_ARCH_X86, mode)
     md.detail = True
@@ -100,6 +115,73 @@ class EptExits(SystemExits):
             fields["qual"] |= C.EPT_VIOLATION_GLA_VALID | C.EPT_VIOLATION_XLAT_VALID
             fields["gla"] = linear
         self._set_exit(vcpu, C.VMX_REASON_EPT_VIOLATION, **fields)
+        self._no_mmio_data(vcpu)
+
+    def _delivery_exit(
+        self,
+        vcpu: Vcpu,
+        event: tuple[int, int, int | None, int],
+        cause: Guard | EptFault | TaskGate,
+        vector: int = 0,
+    ) -> None:
+        """The exit that interrupts the delivery of ``event`` (SDM 27.2.4): an EPT violation
+        (``cause`` an EptFault), a task switch through a task gate (exit 9, source 3), or
+        exception ``vector`` the bitmap intercepts (``cause`` the Guard that raised it), with
+        the event in the IDT-vectoring information. The guest's
+        state is the one before the delivery: a software interrupt or exception has RIP at its
+        instruction and the VM-exit instruction length its length, for the re-injection."""
+        event_vector, kind, error, rip = event
+        uc = vcpu.uc
+        info = C.IRQ_INFO_VALID | kind | event_vector
+        fields: dict[str, int] = {}
+        protected = bool(uc.reg_read(X.UC_X86_REG_CR0) & 1)
+        if (
+            error is not None
+            and kind == C.IRQ_INFO_HARD_EXC
+            and event_vector in ERROR_CODE_VECTORS
+            and protected
+        ):
+            info |= C.IRQ_INFO_ERROR_VALID
+            fields["idt_error"] = error & 0xFFFFFFFF
+        if kind in _SOFTWARE:
+            current = int(uc.reg_read(X.UC_X86_REG_RIP))
+            if rip != current:  # injected: RIP is still at the instruction
+                length = (rip - current) & M64
+            else:  # raised by unicorn after the instruction: INT n is CD ib, the others 1 byte
+                length = 2 if kind == C.IRQ_INFO_SOFT_IRQ else 1
+                uc.reg_write(X.UC_X86_REG_RIP, (current - length) & M64)
+            fields["length"] = length
+        if isinstance(cause, TaskGate):
+            qual = cause.selector & 0xFFFF | _SOURCE_IDT_GATE << 30
+            self._set_exit(vcpu, C.VMX_REASON_TASK, qual=qual, idt_info=info, **fields)
+            return
+        if isinstance(cause, EptFault):
+            qual = C.EPT_VIOLATION_DATA_WRITE if cause.write else C.EPT_VIOLATION_DATA_READ
+            qual |= common.ept_permission_bits(cause.flags)
+            qual |= C.EPT_VIOLATION_GLA_VALID | C.EPT_VIOLATION_XLAT_VALID
+            self._set_exit(
+                vcpu,
+                C.VMX_REASON_EPT_VIOLATION,
+                qual=qual,
+                gpa=cause.gpa,
+                gla=cause.linear,
+                idt_info=info,
+                **fields,
+            )
+            self._no_mmio_data(vcpu)
+            return
+        irq_info = C.IRQ_INFO_VALID | C.IRQ_INFO_HARD_EXC | vector
+        if vector in ERROR_CODE_VECTORS:
+            irq_info |= C.IRQ_INFO_ERROR_VALID
+            fields["irq_error"] = cause.error & 0xFFFFFFFF
+        qual = cause.cr2 if vector == C.IDT_PF and cause.cr2 is not None else 0
+        self._set_exit(
+            vcpu, C.VMX_REASON_EXC_NMI, qual=qual, irq_info=irq_info, idt_info=info, **fields
+        )
+
+    @staticmethod
+    def _no_mmio_data(vcpu: Vcpu) -> None:
+        """The MMIO extension fields of an exit 48 on emu: not decoded (the VMM decodes)."""
         vcpu.exit[C.GDBSTUB_VMCS_MMIO_DECODED] = 0
         vcpu.exit[C.GDBSTUB_VMCS_MMIO_SIZE] = 0
         vcpu.exit[C.GDBSTUB_VMCS_MMIO_DATA] = 0
@@ -113,7 +195,7 @@ class EptExits(SystemExits):
             return self._matching(vcpu, gpa, [rip])
         code = self._read_linear(vcpu, rip, 15)
         bits = self._cpu_bits(vcpu)
-        insn = next(iter(_disassembler(bits).disasm(code, rip, 1)), None)
+        insn = next(iter(disassembler_with_details(bits).disasm(code, rip, 1)), None)
         if insn is None:
             return None
         return self._matching(vcpu, gpa, self._accessed(vcpu, insn, bits))

@@ -13,11 +13,17 @@ DPL against CPL. A gate into a more privileged code segment switches stacks: in 
 RSPn of the 64-bit TSS (SS becomes the null selector with RPL n) and always to the IST stack
 the gate names; in protected mode to SSn:ESPn of a 32-bit TSS. The frame holds SS:RSP of the
 interrupted context whenever the stack switched (and always in long mode), then RFLAGS, CS,
-RIP and the error code. Task gates and virtual-8086 mode are not supported (they fault).
+RIP and the error code. Virtual-8086 mode is not supported (it faults).
 
 A fault met while delivering (a gate not present, the stack not mapped, ...) becomes the
 exception hardware raises (#NP/#GP/#TS with the selector error code, #PF with CR2), combined
-with the first as the SDM's double-fault table says: #DF, then a triple fault (exit 2).
+with the first as the SDM's double-fault table says: #DF, then a triple fault (exit 2). When
+the exception bitmap intercepts that exception, or an access of the delivery (IDT, GDT/LDT,
+TSS, the frame) meets guest-physical memory that is not mapped or does not allow it (an EPT
+violation), the delivery stops with an exit that reports the event being delivered in the
+IDT-vectoring information (``emu_ept``), the guest's state as it was before the delivery. So
+does an event whose IDT entry is a task gate (protected mode): a task switch, exit 9
+(``emu_task``).
 
 SYSCALL and SYSENTER do nothing architectural in unicorn 2.1 (its helpers only call the
 UC_HOOK_INSN hooks and step over the instruction); a hook records them and the run loop gives
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 import struct
 
+from . import common
 from . import constants as C
 from .emu_debug import DebugRegs
 from .emu_state import (
@@ -41,9 +48,11 @@ from .emu_state import (
     DESC_P,
     HF_CS64,
     M64,
+    EptFault,
     ExitRun,
     Guard,
     Snapshot,
+    TaskGate,
     Vcpu,
     X,
 )
@@ -59,6 +68,7 @@ _DESC_G, _DESC_S = 1 << 23, 1 << 12
 _FLAT_CODE = _DESC_G | DESC_P | _DESC_S | 0xB << 8  # execute/read, accessed
 _FLAT_DATA = _DESC_G | DESC_B | DESC_P | _DESC_S | 0x3 << 8  # read/write, accessed
 _CONFORMING = 1 << 10
+_TASK_GATE = 0x5
 _CODE = 1 << 11
 
 
@@ -150,29 +160,73 @@ class Events(DebugRegs):
     ) -> None:
         """Deliver an event through the guest IDT. A fault on the way is delivered instead,
         or becomes #DF as the SDM's table says (contributory after contributory, #PF or
-        contributory after #PF); a fault delivering #DF is a triple fault (exit 2)."""
+        contributory after #PF); a fault delivering #DF is a triple fault (exit 2). A fault
+        the exception bitmap intercepts, or an EPT violation, exits with the event being
+        delivered in the IDT-vectoring information (``_delivery_exit``)."""
         for _ in range(4):
             try:
                 self._deliver(vcpu, vector, kind, error, rip)
                 return
+            except (EptFault, TaskGate) as stop:
+                self._delivery_exit(vcpu, (vector, kind, error, rip), stop)
+                raise ExitRun from None
             except Guard as fault:
                 if vector == C.IDT_DF and kind == C.IRQ_INFO_HARD_EXC:
                     break
-                if fault.cr2 is not None:
-                    vcpu.uc.reg_write(X.UC_X86_REG_CR2, fault.cr2)
                 hard = kind == C.IRQ_INFO_HARD_EXC
-                second = fault.vector
+                second, second_error = fault.vector, fault.error
                 if hard and (
                     (vector in _CONTRIBUTORY and second in _CONTRIBUTORY)
                     or (vector == C.IDT_PF and (second == C.IDT_PF or second in _CONTRIBUTORY))
                 ):
-                    vector, error = C.IDT_DF, 0
-                else:
-                    vector, error = second, fault.error
-                kind = C.IRQ_INFO_HARD_EXC
+                    second, second_error = C.IDT_DF, 0
+                if vcpu.controls[C.VMCS_CTRL_EXC_BITMAP] & (1 << second):
+                    self._delivery_exit(vcpu, (vector, kind, error, rip), fault, second)
+                    raise ExitRun from None
+                if fault.cr2 is not None:
+                    vcpu.uc.reg_write(X.UC_X86_REG_CR2, fault.cr2)
+                vector, error, kind = second, second_error, C.IRQ_INFO_HARD_EXC
         vcpu.controls[C.VMCS_GUEST_ACTIVITY_STATE] = C.GUEST_ACTIVITY_SHUTDOWN
         self._set_exit(vcpu, C.VMX_REASON_TRIPLE_FAULT)
         raise ExitRun
+
+    def _delivery_exit(
+        self,
+        vcpu: Vcpu,
+        event: tuple[int, int, int | None, int],
+        cause: Guard | EptFault | TaskGate,
+        vector: int = 0,
+    ) -> None:
+        """Record the exit that interrupted the delivery of ``event`` (vector, type, error
+        code, return RIP): an EPT violation, a task switch through a task gate, or the
+        exception ``vector`` of ``cause`` (``emu_ept``)."""
+        raise NotImplementedError
+
+    def _delivery_read(self, vcpu: Vcpu, linear: int, size: int) -> bytes:
+        """What event delivery reads (IDT, GDT/LDT, TSS): ``_read_exact``, after the EPT
+        check."""
+        self._check_ept(vcpu, linear, size, write=False)
+        return self._read_exact(vcpu, linear, size)
+
+    def _delivery_write(self, vcpu: Vcpu, linear: int, data: bytes) -> None:
+        """What event delivery writes (the frame): ``_write_linear``, after the EPT check."""
+        self._check_ept(vcpu, linear, len(data), write=True)
+        self._write_linear(vcpu, linear, data)
+
+    def _check_ept(self, vcpu: Vcpu, linear: int, size: int, write: bool) -> None:
+        """EptFault for the first page of the access whose guest-physical memory is not mapped
+        or does not allow it; a page not present stops the check (the access raises #PF)."""
+        needed = C.HV_MEMORY_WRITE if write else C.HV_MEMORY_READ
+        address, end = linear, linear + size
+        while address < end:
+            gpa = self._translate(vcpu, address & M64)
+            if gpa is None:
+                return
+            region = common.region_at(vcpu.space.regions, gpa)
+            if region is None or not region.flags & needed:
+                flags = 0 if region is None else region.flags
+                raise EptFault(gpa, address & M64, write, flags)
+            address = (address | 0xFFF) + 1
 
     def _deliver(self, vcpu: Vcpu, vector: int, kind: int, error: int | None, rip: int) -> None:
         uc = vcpu.uc
@@ -189,10 +243,10 @@ class Events(DebugRegs):
         size = 16 if long_mode else 8
         if vector * size + size - 1 > idt_limit:
             raise Guard("IDT entry beyond the limit", C.IDT_GP, vector * 8 + 2 + ext)
-        gate = self._read_exact(vcpu, idt_base + vector * size, size)
+        gate = self._delivery_read(vcpu, idt_base + vector * size, size)
         low, selector, ist, type_attr, mid = struct.unpack_from("<HHBBH", gate)
         gate_type = type_attr & 0x1F
-        if gate_type not in ((0xE, 0xF) if long_mode else (0x6, 0x7, 0xE, 0xF)):
+        if gate_type not in ((0xE, 0xF) if long_mode else (0x5, 0x6, 0x7, 0xE, 0xF)):
             raise Guard(
                 f"IDT entry {vector}: not an interrupt or trap gate", C.IDT_GP, vector * 8 + 2 + ext
             )
@@ -201,6 +255,9 @@ class Events(DebugRegs):
             raise Guard("software interrupt through a gate of DPL < CPL", C.IDT_GP, vector * 8 + 2)
         if not type_attr & 0x80:
             raise Guard(f"IDT entry {vector} not present", C.IDT_NP, vector * 8 + 2 + ext)
+        if gate_type == _TASK_GATE:
+            self._check_tss(vcpu, state, selector, ext)
+            raise TaskGate(selector)
         offset = low | mid << 16
         if long_mode:
             offset |= struct.unpack_from("<I", gate, 8)[0] << 32
@@ -231,7 +288,7 @@ class Events(DebugRegs):
             values = [ss, rsp, rflags, cs, rip] + ([error] if error is not None else [])
             frame = b"".join(struct.pack("<Q", v & M64) for v in reversed(values))
             new_rsp = (new_rsp - len(frame)) & M64
-            self._write_linear(vcpu, new_rsp, frame)
+            self._delivery_write(vcpu, new_rsp, frame)
         else:
             if rflags & _VM:
                 raise Guard("interrupt in virtual-8086 mode (not supported)")
@@ -250,7 +307,7 @@ class Events(DebugRegs):
             fmt = "<I" if width == 4 else "<H"
             frame = b"".join(struct.pack(fmt, v & (1 << 8 * width) - 1) for v in reversed(values))
             sp = (sp - len(frame)) & mask
-            self._write_linear(vcpu, (stack_base + sp) & 0xFFFFFFFF, frame)
+            self._delivery_write(vcpu, (stack_base + sp) & 0xFFFFFFFF, frame)
             new_rsp = (rsp & ~mask) | sp if new_cpl == cpl else sp
             if width == 2:
                 offset &= 0xFFFF
@@ -268,12 +325,12 @@ class Events(DebugRegs):
         idt_base, idt_limit = state.table(1)
         if vector * 4 + 3 > idt_limit:
             raise Guard("IVT entry beyond the limit")
-        offset, segment = struct.unpack("<HH", self._read_exact(vcpu, idt_base + vector * 4, 4))
+        offset, segment = struct.unpack("<HH", self._delivery_read(vcpu, idt_base + vector * 4, 4))
         ss_base = state.seg(2)[1]
         sp = uc.reg_read(X.UC_X86_REG_RSP) & 0xFFFF
         frame = struct.pack("<HHH", rip & 0xFFFF, state.seg(1)[0], rflags & 0xFFFF)
         sp = (sp - 6) & 0xFFFF
-        self._write_linear(vcpu, ss_base + sp, frame)
+        self._delivery_write(vcpu, ss_base + sp, frame)
         uc.reg_write(X.UC_X86_REG_RSP, sp)
         uc.reg_write(X.UC_X86_REG_RFLAGS, rflags & ~(_TF | _IF | 1 << 18))  # and AC
         self._patch(vcpu, segs={1: (segment, segment << 4, 0xFFFF, None)})
@@ -284,15 +341,44 @@ class Events(DebugRegs):
         selector, base, limit, _ = state.seg(7)
         if offset + 7 > limit:
             raise Guard("TSS too short", C.IDT_TS, selector & 0xFFFC)
-        return int(struct.unpack("<Q", self._read_exact(vcpu, base + offset, 8))[0])
+        return int(struct.unpack("<Q", self._delivery_read(vcpu, base + offset, 8))[0])
 
     def _tss_stack32(self, vcpu: Vcpu, state: Snapshot, cpl: int) -> tuple[int, int]:
         """(SSn, ESPn) of the 32-bit TSS."""
         selector, base, limit, flags = state.seg(7)
         if (flags >> 8) & 0xF not in (0x9, 0xB) or 8 + 8 * cpl + 1 > limit:
             raise Guard("no 32-bit TSS", C.IDT_TS, selector & 0xFFFC)
-        esp, ss = struct.unpack("<IH", self._read_exact(vcpu, base + 4 + 8 * cpl, 6))
+        esp, ss = struct.unpack("<IH", self._delivery_read(vcpu, base + 4 + 8 * cpl, 6))
         return ss, esp
+
+    def _check_tss(
+        self, vcpu: Vcpu, state: Snapshot, selector: int, ext: int, iret: bool = False
+    ) -> None:
+        """The checks VMX makes on the new TSS before a task switch exits (SDM "Task
+        Switches" in VMX non-root operation), as QEMU's switch_tss makes them: a Guard with
+        the fault otherwise. In the GDT (else #TS), within its limit (#GP), a TSS (#GP),
+        present (#NP), long enough (#TS); available for CALL/JMP/an event (#GP), busy for
+        IRET (#TS)."""
+        error = selector & 0xFFFC | ext
+        table_base, table_limit = state.table(0)
+        if selector & 4:
+            raise Guard(f"TSS selector 0x{selector:x} in the LDT", C.IDT_TS, error)
+        if selector & 0xFFFC == 0 or (selector & ~7) + 7 > table_limit:
+            raise Guard(f"TSS selector 0x{selector:x} beyond the GDT", C.IDT_GP, error)
+        low, high = struct.unpack("<II", self._delivery_read(vcpu, table_base + (selector & ~7), 8))
+        kind = high >> 8 & 0xF
+        if high & _DESC_S or kind & 7 not in (1, 3):
+            raise Guard(f"selector 0x{selector:x} is no TSS", C.IDT_GP, error)
+        if not high & DESC_P:
+            raise Guard(f"TSS 0x{selector:x} not present", C.IDT_NP, error)
+        limit = (low & 0xFFFF) | (high & 0xF0000)
+        if high & _DESC_G:
+            limit = limit << 12 | 0xFFF
+        if limit < (0x67 if kind & 8 else 0x2B):
+            raise Guard(f"TSS 0x{selector:x} too short", C.IDT_TS, error)
+        busy = bool(kind & 2)
+        if busy != iret:
+            raise Guard(f"TSS 0x{selector:x} busy state", C.IDT_TS if iret else C.IDT_GP, error)
 
     def _descriptor(
         self, vcpu: Vcpu, state: Snapshot, selector: int, ext: int, stack: bool = False
@@ -307,7 +393,7 @@ class Events(DebugRegs):
         fault = C.IDT_TS if stack else C.IDT_GP
         if selector & 0xFFFC == 0 or index + 7 > table_limit:
             raise Guard(f"bad selector 0x{selector:x}", fault, error)
-        e1, e2 = struct.unpack("<II", self._read_exact(vcpu, table_base + index, 8))
+        e1, e2 = struct.unpack("<II", self._delivery_read(vcpu, table_base + index, 8))
         if stack and (
             e2 & (_CODE | 0x200 | _DESC_S) != 0x200 | _DESC_S or (e2 >> 13) & 3 != selector & 3
         ):
@@ -410,8 +496,8 @@ class Events(DebugRegs):
         if kind == "iretq":
             try:
                 flags = self._descriptor(vcpu, state, cs & 0xFFFF, 0)[2]
-            except Guard:
-                return  # QEMU raises the #GP/#NP
+            except (Guard, EptFault):
+                return  # QEMU raises the #GP/#NP (or exits)
             if not flags & DESC_L:
                 return  # to compatibility mode: EIP
         vcpu.pending_event = (C.IDT_GP, C.IRQ_INFO_HARD_EXC, 0)

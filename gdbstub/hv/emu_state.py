@@ -110,6 +110,26 @@ class Guard(Exception):
         self.cr2 = cr2
 
 
+class EptFault(Exception):
+    """An access of event delivery to guest-physical memory that is not mapped or does not
+    allow it: an EPT violation (exit 48) that interrupts the delivery."""
+
+    def __init__(self, gpa: int, linear: int, write: bool, flags: int) -> None:
+        super().__init__(f"EPT violation at guest-physical 0x{gpa:x}")
+        self.gpa = gpa
+        self.linear = linear
+        self.write = write
+        self.flags = flags  # what the mapping allows (HV_MEMORY_*), 0 if nothing is mapped
+
+
+class TaskGate(Exception):
+    """Event delivery met a task gate in the IDT: a task switch (exit 9) to ``selector``."""
+
+    def __init__(self, selector: int) -> None:
+        super().__init__(f"task gate to TSS 0x{selector:x}")
+        self.selector = selector
+
+
 @dataclass
 class Space:
     asid: int

@@ -24,8 +24,7 @@ HV_X86_TPR is the TPR: with the TPR shadow the virtual TPR (CR8 reads and writes
 unicorn keeps in its CR8. Not done: the VMX-instruction information field and the
 displacement qualification of VMX instructions (both read 0), LMSW/SMSW with a memory operand
 outside 64-bit addressing of flat segments (their address is computed as in long mode),
-PAUSE-loop exiting, task switches (far CALL/JMP to a TSS run in unicorn; an event through a
-task gate exits 9, see ``emu_events``).
+PAUSE-loop exiting. Task switches (exit 9) are ``emu_task``'s.
 """
 
 from __future__ import annotations

@@ -15,8 +15,9 @@ Every exit goes first through the target's debug handler, then to the VMM's ``ha
   is the guest's own and is re-injected with the exit's instruction length.
 * #DB (exit 0, vector 1) names the debug-register slot in DR6 bits 0-3: a breakpoint or a
   watchpoint (with its data address); other #DBs are re-injected.
-* An exit 48 on a page protected for a watchpoint is completed here (the write lands in RAM,
-  a read gets RAM's value) and stops only when the access touched the watched range.
+* An exit 48 on a page protected for a watchpoint goes to ``pagewatch.PageWatch``, which
+  completes the access (one iteration at a time for a REP string instruction) and stops only
+  when it touched the watched range.
 
 At a stop the worker reads what every stop needs (``read_stop_registers``: the expedited
 registers and the paging state); the whole set (general, segment, control and debug registers,
@@ -41,6 +42,7 @@ from . import hv, memregion, paging, regs, vmxsetup
 from .breakpoints import STOP_REASONS, Breakpoint, dr7_value, dr_length_ok
 from .hvprobe import HostDebugFeatures, probe_host
 from .memory import GuestMemory
+from .pagewatch import PageWatch, WatchStep, set_monitor_trap
 from .target import NotSupported, ResumeAction, StopEvent, TargetError
 from .vcpu import Entry, Stop, VcpuWorker
 from .vcpuregs import read_cpu, read_stop_registers, write_cpu
@@ -89,8 +91,7 @@ class _Thread:
     stop_regs: dict[str, int] | None = None
     fpstate: bytearray | None = None
     dirty: set[str] = field(default_factory=set)
-    watch_hit: Stop | None = None  # a page-watchpoint hit, reported once its instruction is done
-    reprotect: list[tuple[int, int]] | None = None  # (page, flags) to restore after that step
+    watch: WatchStep = field(default_factory=WatchStep)  # an instruction on watched pages
     parked: bool = False  # halted in a VMM without interrupts: only Ctrl-C wakes it
 
 
@@ -118,7 +119,7 @@ class HvTarget:
         self._breakpoints: dict[tuple[int, int, int], Breakpoint] = {}
         self._run_breakpoints: list[Breakpoint] = []  # those inserted for the last resume
         self._slots: list[Breakpoint | None] = [None] * 4
-        self._protected: dict[int, int] = {}  # guest page -> number of page watchpoints
+        self._pages = PageWatch(vmm.memory, self._breakpoints)
         self._pending_stop: tuple[int, Stop] | None = None
         self._last = StopEvent(
             thread=1, signal=SIGTRAP, reason=None, address=None, exit_status=None, expedite=()
@@ -368,7 +369,7 @@ class HvTarget:
             self._slots[bp.slot] = None
             self._program_debug_registers()
         else:
-            self._unprotect(bp)
+            self._pages.remove(bp)
 
     def _mapped_ram(self, tid: int, address: int) -> bool:
         """Whether ``address`` is mapped to RAM now (else a software breakpoint, for example
@@ -436,45 +437,12 @@ class HvTarget:
             thread.worker.call(write_bitmap)
 
     def _insert_page_watch(self, tid: int, kind: int, address: int, length: int) -> Breakpoint:
-        chunks = self.physical_chunks(tid, address, length)
-        if sum(size for _, size in chunks) < length or not all(
-            self._is_ram(gpa, size) for gpa, size in chunks
-        ):
-            raise TargetError.bad_address()  # (never protect pages that are not guest RAM)
-        bp = Breakpoint(kind, address, length, "page", physical=chunks)
-        self._breakpoints[(kind, address, length)] = bp  # (for _page_flags)
-        for gpa, size in chunks:
-            for page in range(gpa & ~(PAGE - 1), gpa + size, PAGE):
-                self._protected[page] = self._protected.get(page, 0) + 1
-                hv.hv_vm_protect(page, PAGE, self._page_flags(page))
-        return bp
-
-    def _page_flags(self, page: int) -> int:
-        """How a watched page is mapped: read and execute for write watchpoints only;
-        execute-only when a read or access watchpoint is on it (code on the page still runs:
-        the backend executes it where the hardware cannot, and reports its data accesses)."""
-        flags = hv.HV_MEMORY_READ | hv.HV_MEMORY_WRITE | hv.HV_MEMORY_EXEC
-        for bp in self._breakpoints.values():
-            if bp.mechanism != "page":
-                continue
-            if any(gpa < page + PAGE and page < gpa + size for gpa, size in bp.physical):
-                flags &= (
-                    hv.HV_MEMORY_READ | hv.HV_MEMORY_EXEC if bp.kind == 2 else hv.HV_MEMORY_EXEC
-                )
-        return flags
-
-    def _is_ram(self, gpa: int, size: int) -> bool:
-        """Whether ``[gpa, gpa + size)`` lies within one RAM range."""
-        return any(s <= gpa and gpa + size <= s + n for s, n in self.memory.ranges())
-
-    def _unprotect(self, bp: Breakpoint) -> None:
-        """Give the pages of a removed page watchpoint back what the others still need."""
-        for gpa, size in bp.physical:
-            for page in range(gpa & ~(PAGE - 1), gpa + size, PAGE):
-                self._protected[page] -= 1
-                if not self._protected[page]:
-                    del self._protected[page]
-                hv.hv_vm_protect(page, PAGE, self._page_flags(page))
+        try:
+            return self._pages.insert(
+                kind, address, length, self.physical_chunks(tid, address, length)
+            )
+        except ValueError as exc:
+            raise TargetError.bad_address() from exc
 
     def breakpoint_report(self) -> str:
         """``monitor info breakpoints``: those inserted now, else those of the last run (gdb
@@ -527,20 +495,22 @@ class HvTarget:
             self._commit(thread)
         self._hook("on_resumed")
         vmm_entry = getattr(self.vmm, "before_entry", None)
-        before_entry = (
-            None if vmm_entry is None else (lambda vcpu, step, thread: vmm_entry(vcpu, step))
-        )
         for thread, step in plan:
             thread.regs = thread.fpstate = thread.stop_regs = None
             thread.worker.resume(
                 self._handler(thread, step),
-                partial(before_entry or self._parked_entry, step=step, thread=thread),
-                prepare=partial(self._set_step, step=step),
+                partial(self._before_entry, vmm_entry, step=step, thread=thread),
+                prepare=partial(set_monitor_trap, on=step),
             )
 
     @staticmethod
-    def _parked_entry(vcpu: int, step: bool, thread: _Thread) -> Entry:
-        """``before_entry`` for a VMM without interrupts: a parked vCPU waits for Ctrl-C."""
+    def _before_entry(
+        vmm_entry: Callable[[int, bool], Entry] | None, vcpu: int, step: bool, thread: _Thread
+    ) -> Entry:
+        """The VMM's ``before_entry``; a step through a watched page counts as a step (no
+        interrupt lands between an instruction's access and its MTF exit)."""
+        if vmm_entry is not None:
+            return vmm_entry(vcpu, step or thread.watch.pending)
         return Entry(halted=thread.parked)
 
     def _hook(self, name: str) -> None:
@@ -548,11 +518,6 @@ class HvTarget:
         hook = getattr(self.vmm, name, None)
         if hook is not None:
             hook()
-
-    def _set_step(self, vcpu: int, step: bool) -> None:
-        proc = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_CTRL_CPU_BASED)
-        proc = proc | hv.CPU_BASED_MTF if step else proc & ~hv.CPU_BASED_MTF
-        hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.VMCS_CTRL_CPU_BASED, proc)
 
     def _handler(self, thread: _Thread, step: bool) -> Callable[[int], Stop | None]:
         is_halted = getattr(self.vmm, "is_halted", None)
@@ -580,8 +545,8 @@ class HvTarget:
     def _debug_exit(self, thread: _Thread, vcpu: int, step: bool) -> Stop | None:
         """Consume the exits that belong to the debugger; Stop("continue") = consumed, go on."""
         reason = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_RO_EXIT_REASON)
-        if reason == hv.VMX_REASON_MTF and (thread.watch_hit or thread.reprotect):
-            return self._watched_instruction_done(thread, vcpu, step)
+        if reason == hv.VMX_REASON_MTF and thread.watch.pending:
+            return self._pages.instruction_done(thread.watch, vcpu, step)
         if reason == hv.VMX_REASON_MTF:
             return Stop("debug", SIGTRAP) if step else Stop("continue")
         if reason == hv.VMX_REASON_EXC_NMI:
@@ -594,8 +559,8 @@ class HvTarget:
             return None
         if reason == hv.VMX_REASON_EPT_VIOLATION:
             gpa = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_GUEST_PHYSICAL_ADDRESS)
-            if gpa & ~(PAGE - 1) in self._protected:
-                return self._on_watched_page(thread, vcpu, gpa, step)
+            if self._pages.owns(gpa):
+                return self._pages.on_ept_violation(thread.watch, vcpu, gpa, step)
         return None
 
     def _on_int3(self, vcpu: int, info: int) -> Stop:
@@ -632,82 +597,6 @@ class HvTarget:
         )
         return Stop("continue")
 
-    def _on_watched_page(self, thread: _Thread, vcpu: int, gpa: int, step: bool) -> Stop:
-        qual = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_RO_EXIT_QUALIFIC)
-        if not hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.GDBSTUB_VMCS_MMIO_DECODED):
-            return self._step_through_watched_page(thread, vcpu, gpa, qual)
-        size = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.GDBSTUB_VMCS_MMIO_SIZE)
-        is_write = bool(qual & hv.EPT_VIOLATION_DATA_WRITE)
-        if is_write:
-            data = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.GDBSTUB_VMCS_MMIO_DATA)
-            self.memory.write(gpa, data.to_bytes(8, "little")[:size])
-        else:
-            value = int.from_bytes(self.memory.read(gpa, size), "little")
-            hv.hv_vmx_vcpu_write_vmcs(vcpu, hv.GDBSTUB_VMCS_MMIO_DATA, value)
-        hit = self._page_watch_hit(gpa, size, is_write)
-        if is_write:
-            # KVM retires a decoded write (the instruction, or one iteration of a REP string
-            # instruction) before it exits: the access is done (stored above), and so is a
-            # read of the same instruction that hit or opened a page: report now, trap-after
-            # (a monitor-trap step would run one instruction more)
-            thread.watch_hit = thread.watch_hit or hit
-            if thread.watch_hit is not None or thread.reprotect:
-                return self._watched_instruction_done(thread, vcpu, step)
-            return Stop("continue")
-        if hit is not None and thread.watch_hit is None:
-            # x86 watchpoints trap after the access: a decoded read completes on the next
-            # entry; finish the instruction with one monitor-trap step (see _debug_exit)
-            thread.watch_hit = hit
-            self._set_step(vcpu, True)
-        return Stop("continue")
-
-    def _watched_instruction_done(self, thread: _Thread, vcpu: int, step: bool) -> Stop:
-        """The instruction that touched a watched page is complete: close the pages opened for
-        it, end the monitor-trap step gdb did not ask for, and report its hit if any."""
-        hit, thread.watch_hit = thread.watch_hit, None
-        for page, flags in thread.reprotect or ():
-            hv.hv_vm_protect(page, PAGE, flags)
-        thread.reprotect = None
-        if not step:
-            self._set_step(vcpu, False)
-        return hit or Stop("continue")
-
-    def _page_watch_hit(self, gpa: int, size: int, is_write: bool) -> Stop | None:
-        """The stop for the first page watchpoint an access of ``size`` bytes at ``gpa``
-        touches (counting the hit), or None."""
-        for bp in self._breakpoints.values():
-            if bp.mechanism != "page" or bp.kind == (3 if is_write else 2):
-                continue
-            if any(gpa < start + length and start < gpa + size for start, length in bp.physical):
-                bp.hits += 1
-                return Stop("debug", SIGTRAP, reason=STOP_REASONS[bp.kind], address=bp.address)
-        return None
-
-    def _step_through_watched_page(self, thread: _Thread, vcpu: int, gpa: int, qual: int) -> Stop:
-        """The framework's way (nothing decoded the access): open the page, let the vCPU
-        execute the faulting instruction under the monitor trap flag, close the page again at
-        the MTF exit and report the hit then (trap-after, as x86 watchpoints are)."""
-        page = gpa & ~(PAGE - 1)
-        is_write = bool(qual & hv.EPT_VIOLATION_DATA_WRITE)
-        hit = None
-        if not qual & hv.EPT_VIOLATION_INST_FETCH:  # (a fetch is not a data access)
-            # the access size, where the backend knows it (KVM's software CPU), else any
-            # access of up to 8 bytes counts
-            size = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.GDBSTUB_VMCS_MMIO_SIZE) or 8
-            hit = self._page_watch_hit(gpa, size, is_write)
-        # a read opens the page for reading only: a write of the same instruction (movsb)
-        # still exits and is seen
-        opened = hv.HV_MEMORY_READ | hv.HV_MEMORY_EXEC
-        if is_write or qual & hv.EPT_VIOLATION_INST_FETCH:
-            opened |= hv.HV_MEMORY_WRITE
-        flags = self._page_flags(page)
-        hv.hv_vm_protect(page, PAGE, opened)
-        if all(p != page for p, _ in thread.reprotect or ()):
-            thread.reprotect = [*(thread.reprotect or []), (page, flags)]
-        thread.watch_hit = thread.watch_hit or hit
-        self._set_step(vcpu, True)
-        return Stop("continue")
-
     def interrupt(self) -> None:
         """Ctrl-C: stop every running vCPU (hv_vcpu_interrupt)."""
         for thread in self._threads.values():
@@ -716,9 +605,11 @@ class HvTarget:
 
     def _on_worker_stop(self, worker: VcpuWorker, stop: Stop) -> None:
         vcpu_stopped = getattr(self.vmm, "vcpu_stopped", None)
+        tid = worker.index + 1
+        if self._threads[tid].watch.pending:  # on the owner thread: the run ended mid-step
+            self._pages.abandon(self._threads[tid].watch, worker.vcpu)
         if vcpu_stopped is not None:  # on the owner thread, before anyone looks at the vCPU
             vcpu_stopped(worker.vcpu)
-        tid = worker.index + 1
         with self._lock:
             thread = self._threads[tid]
             first = self._pending_stop is None
@@ -740,7 +631,7 @@ class HvTarget:
 
     def _stop_event(self, tid: int, stop: Stop) -> StopEvent:
         thread = self._threads[tid]
-        thread.worker.call(lambda vcpu: self._set_step(vcpu, False))
+        thread.worker.call(lambda vcpu: set_monitor_trap(vcpu, False))
         if stop.kind == "exited":
             self._exited = stop.exit_status
             return StopEvent(

@@ -67,12 +67,6 @@ CASES: dict[str, tuple[str, str, list[Hit]]] = {
     # the same reads, set where only the rep movsb is left (so the cases above show the rest)
     "rwatch-rep-movsb": ("rwatch *(char*)&sbyte", "after_rep_movsb", REP_READ),
 }
-KVM_REP_READ = (
-    "kvm: a REP string instruction on an execute-only page runs its remaining iterations at "
-    "once after its first read of the page opened it: a read of the watched byte by a later "
-    "iteration is missed"
-)
-KVM_FAILS = {"rwatch-lodsb-movsb", "awatch-lodsb-movsb", "rwatch-rep-movsb"}
 
 
 def _params() -> list[object]:
@@ -82,8 +76,6 @@ def _params() -> list[object]:
             marks: list[pytest.MarkDecorator] = []
             if backend == "hvf-shim":
                 marks.append(pytest.mark.skip(reason=SHIM_MMIO))
-            elif backend == "kvm" and name in KVM_FAILS:
-                marks.append(pytest.mark.xfail(strict=False, reason=KVM_REP_READ))
             params.append(pytest.param(backend, name, marks=marks, id=f"{backend}-{name}"))
     return params
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 from hvguest import (
     CODE,
+    GDT,
     Vm,
     asm,
     exit_reason,
@@ -186,3 +187,20 @@ def test_msrs_are_the_frameworks(vm: Vm) -> None:
     for msr in (hv.MSR_LSTAR, hv.MSR_IA32_SPEC_CTRL, 0xC1):
         hv.hv_vcpu_write_msr(vcpu, msr, 5)
         assert hv.hv_vcpu_read_msr(vcpu, msr) == 5
+
+
+def test_segments_the_guest_loads_read_back_accessed(
+    vm: Vm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The processor sets a descriptor's accessed bit when it loads it, so CS read after the
+    guest's far JMP through a descriptor without it has type 11, and the VMM may write it back
+    with the entry checks on (VMX refuses a CS that is not accessed)."""
+    monkeypatch.setenv("GDBSTUB_VMX_CHECKS", "1")
+    vcpu = vm.vcpu("protected", asm("jmp 0x38:next\nnext: hlt\nhlt\n", bits=32))
+    vm.mem.put64(GDT + 0x38, 0x00CF9A000000FFFF)  # flat 32-bit code, not accessed
+    set_vmcs(vcpu, hv.VMCS_GUEST_GDTR_LIMIT, 0x3F)
+    assert run_to_exit(vcpu) == hv.VMX_REASON_HLT
+    assert vmcs(vcpu, hv.VMCS_GUEST_CS_AR) & 0xF == 0xB
+    set_vmcs(vcpu, hv.VMCS_GUEST_CS_AR, vmcs(vcpu, hv.VMCS_GUEST_CS_AR))
+    set_reg(vcpu, hv.HV_X86_RIP, reg(vcpu, hv.HV_X86_RIP) + 1)
+    assert run_to_exit(vcpu) == hv.VMX_REASON_HLT

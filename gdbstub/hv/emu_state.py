@@ -92,9 +92,13 @@ def ar_to_flags(ar: int) -> int:
 
 
 def flags_to_ar(flags: int) -> int:
+    """VMCS access rights of a segment cache QEMU loaded. A code or data segment has its
+    accessed bit set, as the processor sets it in the descriptor when it loads one (QEMU's far
+    JMP/CALL leave it clear in the cache, and VM entry refuses a CS without it)."""
     if not flags & DESC_P:
         return 0x10000
-    return (flags >> 8) & 0xFF | ((flags >> 20) & 0xF) << 12
+    ar = (flags >> 8) & 0xFF | ((flags >> 20) & 0xF) << 12
+    return ar | 1 if ar & 0x10 else ar
 
 
 class Guard(Exception):

@@ -312,7 +312,7 @@ class SoftCpu:
         # when it is full: with the default buffer (1 GiB) the process grew by that much a
         # step, to 840 MiB after 20,000 steps. A small buffer is flushed when full instead
         # (a step costs the same, ~0.5 ms, almost all of it translation).
-        if hasattr(uc, "ctl_set_tcg_buffer_size"):  # unicorn 2.0.2 on
+        if hasattr(uc, "ctl_set_tcg_buffer_size"):  # not in every unicorn 2 release
             uc.ctl_set_tcg_buffer_size(_TCG_BUFFER)
         # a recent CPU model: QEMU checks CPUID features before it decodes (SMAP's CLAC/STAC,
         # ADX, CLFLUSHOPT, CLWB...); the guest's CPUID is the host's on kvm_pvm

@@ -18,7 +18,9 @@ completes so the guest never sees the protection:
 * Undecoded (the framework's way): the page is opened (for reading only when the access was
   a read, so a write of the same instruction still exits), the instruction runs under the
   monitor trap flag, and at the MTF exit (``instruction_done``) the pages are closed again
-  and the hit, if any, is reported: trap-after, as x86 data breakpoints are.
+  and the hit, if any, is reported: trap-after, as x86 data breakpoints are. The page is open
+  for the whole step, so an instruction's second read of it would go unseen: for CMPS, which
+  reads two operands, both are checked at the first fault (``compare_reads``).
 
 A REP string instruction (MOVS, CMPS, SCAS, LODS, STOS with a count above 1) would run all its
 remaining iterations in that one step on a backend whose MTF step completes the whole
@@ -51,11 +53,20 @@ SIGTRAP = 5
 PAGE = 4096
 RFLAGS_ZF = 1 << 6
 
-# one-byte opcodes of the string instructions a REP prefix repeats with a memory access
-# (INS/OUTS are I/O instructions: they exit to the VMM before touching memory)
+# one-byte opcodes of the string instructions with a memory access (INS/OUTS are I/O
+# instructions: they exit to the VMM before touching memory)
 _STRING_OPCODES = {0xA4, 0xA5, 0xA6, 0xA7, 0xAA, 0xAB, 0xAC, 0xAD, 0xAE, 0xAF}
 _COMPARES = {0xA6, 0xA7, 0xAE, 0xAF}  # CMPS, SCAS: REPE/REPNE also end on ZF
+_CMPS = {0xA6, 0xA7}  # the one that reads two operands (DS:RSI, ES:RDI)
 _REPE, _REPNE = 0xF3, 0xF2
+_SEGMENT_BASES = {  # segment-override prefix -> the VMCS field of that segment's base
+    0x26: hv.VMCS_GUEST_ES_BASE,
+    0x2E: hv.VMCS_GUEST_CS_BASE,
+    0x36: hv.VMCS_GUEST_SS_BASE,
+    0x3E: hv.VMCS_GUEST_DS_BASE,
+    0x64: hv.VMCS_GUEST_FS_BASE,
+    0x65: hv.VMCS_GUEST_GS_BASE,
+}
 
 
 def set_monitor_trap(vcpu: int, on: bool) -> None:
@@ -66,12 +77,16 @@ def set_monitor_trap(vcpu: int, on: bool) -> None:
 
 
 @dataclass(frozen=True)
-class RepString:
-    """A decoded REP string instruction: its length, count mask and ZF end condition."""
+class StringInstruction:
+    """A decoded string instruction (MOVS, CMPS, SCAS, LODS, STOS)."""
 
+    opcode: int
     length: int
-    mask: int  # of the count register: 0xFFFF (CX), 0xFFFFFFFF (ECX) or RCX's 64 bits
-    ends_on_zf: int | None  # CMPS/SCAS: REPE ends when ZF = 0, REPNE when ZF = 1
+    element: int  # bytes per iteration and operand
+    mask: int  # of the count and index registers: 0xFFFF, 0xFFFFFFFF or all 64 bits
+    segment: int  # its source's segment-override prefix, 0 for DS
+    rep: bool  # REP/REPE/REPNE prefixed
+    ends_on_zf: int | None  # REPE/REPNE CMPS/SCAS: REPE ends when ZF = 0, REPNE when ZF = 1
 
 
 @dataclass
@@ -79,7 +94,7 @@ class RepIteration:
     """One iteration of a REP string instruction being stepped (see the module docstring)."""
 
     start: int  # RIP of the instruction
-    instruction: RepString
+    instruction: StringInstruction
     count: int  # the count before this iteration (above 1)
 
     @property
@@ -107,9 +122,9 @@ _CS: dict[int, Any] = {}
 
 
 @lru_cache(maxsize=256)
-def decode_rep_string(code: bytes, mode: int) -> RepString | None:
-    """The REP string instruction at the start of ``code`` (``mode`` 16, 32 or 64), or None
-    when it is another instruction (or not a repeated one)."""
+def decode_string(code: bytes, mode: int) -> StringInstruction | None:
+    """The string instruction at the start of ``code`` (``mode`` 16, 32 or 64), or None
+    when it is another instruction."""
     import capstone
 
     with _LOCK:
@@ -122,13 +137,18 @@ def decode_rep_string(code: bytes, mode: int) -> RepString | None:
         insn = next(iter(cs.disasm(code, 0, 1)), None)
         if insn is None:
             return None
-        opcode, prefix, addr_size, length = insn.opcode, insn.prefix[0], insn.addr_size, insn.size
-    if opcode[0] not in _STRING_OPCODES or any(opcode[1:]) or prefix not in (_REPE, _REPNE):
+        opcode, prefix, addr_size = list(insn.opcode), list(insn.prefix), insn.addr_size
+        sizes = [op.size for op in insn.operands if op.type == capstone.x86.X86_OP_MEM]
+        length = insn.size
+    if opcode[0] not in _STRING_OPCODES or any(opcode[1:]) or not sizes:
         return None
+    rep = prefix[0] in (_REPE, _REPNE)
     ends_on_zf = None
-    if opcode[0] in _COMPARES:
-        ends_on_zf = 1 if prefix == _REPNE else 0
-    return RepString(length, (1 << (8 * addr_size)) - 1, ends_on_zf)
+    if rep and opcode[0] in _COMPARES:
+        ends_on_zf = 1 if prefix[0] == _REPNE else 0
+    return StringInstruction(
+        opcode[0], length, sizes[0], (1 << (8 * addr_size)) - 1, prefix[1], rep, ends_on_zf
+    )
 
 
 def code_mode(vcpu: int) -> int:
@@ -142,20 +162,49 @@ def code_mode(vcpu: int) -> int:
     return 16
 
 
-def _code_at_rip(memory: GuestMemory, vcpu: int, mode: int, rip: int) -> bytes:
-    """Up to 15 bytes at CS:RIP, read through the guest's page tables."""
-    base = 0 if mode == 64 else hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_GUEST_CS_BASE)
-    linear = (base + rip) & ((1 << 64) - 1 if mode == 64 else 0xFFFFFFFF)
-    state = paging.PagingState(
+def _paging_state(vcpu: int) -> paging.PagingState:
+    return paging.PagingState(
         cr0=hv.hv_vcpu_read_register(vcpu, hv.HV_X86_CR0),
         cr3=hv.hv_vcpu_read_register(vcpu, hv.HV_X86_CR3),
         cr4=hv.hv_vcpu_read_register(vcpu, hv.HV_X86_CR4),
         efer=hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_GUEST_IA32_EFER),
     )
-    code = bytearray()
-    for gpa, size in paging.virtual_to_physical_chunks(memory.read, state, linear, 15):
-        code += memory.read(gpa, size)
-    return bytes(code)
+
+
+def _physical(memory: GuestMemory, vcpu: int, linear: int, size: int) -> list[tuple[int, int]]:
+    """Guest-physical pieces of ``[linear, +size)`` through the guest's page tables."""
+    return paging.virtual_to_physical_chunks(memory.read, _paging_state(vcpu), linear, size)
+
+
+def string_at_rip(memory: GuestMemory, vcpu: int) -> StringInstruction | None:
+    """The string instruction at CS:RIP, or None for any other instruction."""
+    rip = hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RIP)
+    mode = code_mode(vcpu)
+    base = 0 if mode == 64 else hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_GUEST_CS_BASE)
+    linear = (base + rip) & ((1 << 64) - 1 if mode == 64 else 0xFFFFFFFF)
+    code = b"".join(memory.read(gpa, size) for gpa, size in _physical(memory, vcpu, linear, 15))
+    return decode_string(code, mode)
+
+
+def compare_reads(memory: GuestMemory, vcpu: int, insn: StringInstruction) -> list[tuple[int, int]]:
+    """The guest-physical pieces a CMPS iteration reads (its source and its ES:RDI
+    operand), for an instruction that reads two operands; empty for the others."""
+    if insn.opcode not in _CMPS:
+        return []
+    mode_64 = code_mode(vcpu) == 64
+    wrap = (1 << 64) - 1 if mode_64 else 0xFFFFFFFF
+
+    def linear(index: int, segment: int) -> int:
+        field = _SEGMENT_BASES.get(segment, hv.VMCS_GUEST_DS_BASE)
+        base = hv.hv_vmx_vcpu_read_vmcs(vcpu, field)
+        if mode_64 and segment not in (0x64, 0x65):
+            base = 0
+        offset = hv.hv_vcpu_read_register(vcpu, index) & insn.mask
+        return (base + offset) & wrap
+
+    pieces = _physical(memory, vcpu, linear(hv.HV_X86_RSI, insn.segment), insn.element)
+    pieces += _physical(memory, vcpu, linear(hv.HV_X86_RDI, 0x26), insn.element)
+    return pieces
 
 
 def _write_count(vcpu: int, mask: int, value: int) -> None:
@@ -163,20 +212,17 @@ def _write_count(vcpu: int, mask: int, value: int) -> None:
     hv.hv_vcpu_write_register(vcpu, hv.HV_X86_RCX, (rcx & ~mask) | (value & mask))
 
 
-def start_one_iteration(memory: GuestMemory, vcpu: int) -> RepIteration | None:
-    """If the instruction at RIP is a REP string instruction with a count above 1, set its
-    count register to 1 (the step runs one iteration) and return what ``finish_iteration``
-    needs; else None."""
-    rip = hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RIP)
-    mode = code_mode(vcpu)
-    instruction = decode_rep_string(_code_at_rip(memory, vcpu, mode, rip), mode)
-    if instruction is None:
+def start_one_iteration(vcpu: int, insn: StringInstruction) -> RepIteration | None:
+    """If ``insn`` (at RIP) is a REP string instruction with a count above 1, set its count
+    register to 1 (the step runs one iteration) and return what ``finish_iteration`` needs;
+    else None."""
+    if not insn.rep:
         return None
-    count = hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RCX) & instruction.mask
+    count = hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RCX) & insn.mask
     if count <= 1:
         return None
-    _write_count(vcpu, instruction.mask, 1)
-    return RepIteration(rip, instruction, count)
+    _write_count(vcpu, insn.mask, 1)
+    return RepIteration(hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RIP), insn, count)
 
 
 def finish_iteration(vcpu: int, rep: RepIteration) -> None:
@@ -340,10 +386,18 @@ class PageWatch:
         if not fetch:  # (a fetch is not a data access)
             # the access size, where the backend knows it (KVM's software CPU), else any
             # access of up to 8 bytes counts
-            size = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.GDBSTUB_VMCS_MMIO_SIZE) or 8
-            hit = self._hit(gpa, size, is_write)
+            accesses = [(gpa, hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.GDBSTUB_VMCS_MMIO_SIZE) or 8)]
             if not state.reprotect and state.rep is None:  # the instruction's first fault
-                state.rep = start_one_iteration(self.memory, vcpu)
+                insn = string_at_rip(self.memory, vcpu)
+                if insn is not None:
+                    if not is_write:  # CMPS: its other read of this page is not seen once open
+                        accesses += [
+                            a
+                            for a in compare_reads(self.memory, vcpu, insn)
+                            if a[0] & ~(PAGE - 1) == page
+                        ]
+                    state.rep = start_one_iteration(vcpu, insn)
+            hit = next(filter(None, (self._hit(a, n, is_write) for a, n in accesses)), None)
         # a read opens the page for reading only: a write of the same instruction (movsb)
         # still exits and is seen
         opened = hv.HV_MEMORY_READ | hv.HV_MEMORY_EXEC

@@ -7,6 +7,11 @@ instructions (``sbyte``, ``dbyte``, next to that code). Each case breaks at a bl
 watchpoint, then every ``continue`` must stop just after the next access to the watched data
 (``after_*`` labels; inside a ``rep movsb`` at the repeated instruction or just after it), with
 the value gdb shows, until the guest exits.
+
+tests/guests/watch_rep_kernel.asm has REP string instructions reading watched data
+(``rep movsb``, ``repe cmpsb`` and ``repne scasb`` ending on ZF, ``rep movsb`` with address
+size 32): a stop after each iteration that read it, with the count register as hardware
+leaves it.
 """
 
 from __future__ import annotations
@@ -85,17 +90,28 @@ def _run(cmd: list[str]) -> None:
     assert proc.returncode == 0, f"{' '.join(cmd)}:\n{proc.stdout}{proc.stderr}"
 
 
-@pytest.fixture(scope="module")
-def kernel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """watch_kernel.asm, built as the plain ELF64 kernels are (elf64.ld)."""
-    out = tmp_path_factory.mktemp("watch_kernel")
-    obj, elf = out / "watch_kernel.o", out / "watch_kernel.elf"
-    src = GUESTS_DIR / "watch_kernel.asm"
+def _build(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """tests/guests/NAME.asm, built as the plain ELF64 kernels are (elf64.ld)."""
+    out = tmp_path_factory.mktemp(name)
+    obj, elf = out / f"{name}.o", out / f"{name}.elf"
+    src = GUESTS_DIR / f"{name}.asm"
     _run(["nasm", "-f", "elf64", "-I", f"{GUESTS_DIR}/", "-o", str(obj), str(src)])
     _run(["ld", "-m", "elf_x86_64", "-nostdlib", "-static", "-z", "max-page-size=0x1000",
           "-z", "noexecstack", "--no-warn-rwx-segments", "-T", str(GUESTS_DIR / "elf64.ld"),
           "-o", str(elf), str(obj)])  # fmt: skip
     return elf
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """watch_kernel.asm."""
+    return _build(tmp_path_factory, "watch_kernel")
+
+
+@pytest.fixture(scope="module")
+def rep_kernel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """watch_rep_kernel.asm."""
+    return _build(tmp_path_factory, "watch_rep_kernel")
 
 
 def _check_stop(gdb: Gdb, out: str, number: int, hit: Hit, step: int) -> None:
@@ -129,5 +145,86 @@ def test_watchpoint_reports_every_access(
         assert match, out
         for step, hit in enumerate(hits):
             _check_stop(gdb, gdb.cmd("continue", timeout=30), int(match.group(1)), hit, step)
+        out = gdb.cmd("continue", timeout=30)
+        assert "exited with code 041" in out, f"after the last access: {out}"
+
+
+def _qword(text: bytes) -> int:
+    return int.from_bytes(text, "little", signed=True)
+
+
+# One expected stop inside a REP string instruction: (labels where RIP may be, the value gdb
+# shows, the count register left); hardware's data breakpoint after an iteration: RIP at the
+# instruction and the count decremented, after it once ZF ended it; after the last iteration
+# RIP is after it, or at it with a count of 0 (the same state: the CPU goes on with a REP of
+# no iterations).
+RepStop = tuple[tuple[str, ...], int, int]
+LOW = "0x7fffffff"  # mask of the identity-mapped alias of a kernel address
+
+REP_CASES: dict[str, tuple[str, str, str, list[RepStop]]] = {
+    # name: (gdb command, where to set it, count register, every stop until the guest exits)
+    "rwatch-rep-movsb-each-byte": (
+        "rwatch *(int*)&rbuf",
+        "movs_block",
+        "$rcx",
+        [(("rep_movs",), 0x24232221, n) for n in (4, 3, 2, 1)],
+    ),
+    "rwatch-repe-cmpsb-ends-on-zf": (
+        "rwatch *(long*)&left",
+        "cmps_block",
+        "$rcx",
+        [*[(("rep_cmps",), _qword(b"abcXwxyz"), n) for n in (7, 6, 5)],
+         (("after_rep_cmps",), _qword(b"abcXwxyz"), 4)],
+    ),
+    "awatch-repne-scasb-ends-on-zf": (
+        "awatch *(long*)&sbuf",
+        "scas_block",
+        "$rcx",
+        [*[(("rep_scas",), _qword(b"xy\0zzzzz"), n) for n in (7, 6)],
+         (("after_rep_scas",), _qword(b"xy\0zzzzz"), 5)],
+    ),
+    "rwatch-a32-rep-movsb-counts-ecx": (
+        f"rwatch *(short*)((long)&abuf & {LOW})",
+        "a32_block",
+        "$ecx",
+        [(("rep_a32",), 0x4241, 1), (("rep_a32", "after_rep_a32"), 0x4241, 0)],
+    ),
+}  # fmt: skip
+
+
+def _rep_params() -> list[object]:
+    return [
+        pytest.param(backend, name, id=f"{backend}-{name}")
+        for backend in backends()
+        if backend != "hvf-shim"  # (SHIM_MMIO)
+        for name in REP_CASES
+    ]
+
+
+@pytest.mark.parametrize("backend, case", _rep_params())
+def test_rep_string_watchpoint_stops_after_each_iteration(
+    rep_kernel: Path, backend: str, case: str, tmp_path: Path
+) -> None:
+    """A read or access watchpoint on data a REP string instruction reads stops after each
+    iteration that touched it, as hardware does: RIP at the instruction with the count
+    decremented, after it at the last iteration; a REPE/REPNE CMPS/SCAS ends on ZF and reads
+    nothing more; with address size 32 the count is ECX alone."""
+    command, start, count, stops = REP_CASES[case]
+    with session(rep_kernel, backend, tmp_path) as (_stub, gdb):
+        assert "Breakpoint 1" in gdb.cmd(f"break *{start}")
+        out = gdb.cmd("continue")
+        assert "Breakpoint 1," in out, out
+        gdb.cmd("delete")
+        out = gdb.cmd(command)
+        match = re.search(r"atchpoint (\d+): ", out)
+        assert match, out
+        for step, (labels, value, left) in enumerate(stops):
+            out = gdb.cmd("continue", timeout=30)
+            where = f"stop {step}: {out}"
+            assert re.search(rf"atchpoint {match.group(1)}: ", out), where
+            assert re.search(rf"\bValue = {value}\b", out), where
+            rip = gdb.value("$rip")
+            assert rip in {gdb.value(f"&{label}") for label in labels}, f"{where}\nrip {rip:#x}"
+            assert gdb.value(count) == left, f"{where}\n{count} = {gdb.value(count)}, not {left}"
         out = gdb.cmd("continue", timeout=30)
         assert "exited with code 041" in out, f"after the last access: {out}"

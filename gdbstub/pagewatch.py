@@ -31,9 +31,10 @@ that was the last iteration or a REPE/REPNE CMPS/SCAS ended on ZF, RIP goes back
 instruction, whose next iteration faults on the page again. This is what hardware shows at a
 data breakpoint inside a REP string instruction: RIP at the instruction, the count already
 decremented. An iteration that did not run (an event was delivered first, or it faulted) gets
-its whole count back. While such a step is pending, the VMM is asked not to inject interrupts
-(``step_pending``), and a run that ends before the step does (``abandon``: Ctrl-C, a VMM
-stop) puts the pages and the count back, so the instruction simply faults again when resumed.
+its whole count back. While such a step is pending (``WatchStep.pending``), HvTarget asks the
+VMM not to inject interrupts (``step=True`` to its ``before_entry``), and a run that ends
+before the step does (``abandon``: Ctrl-C, a VMM stop) puts the pages and the count back, so
+the instruction simply faults again when resumed.
 """
 
 from __future__ import annotations

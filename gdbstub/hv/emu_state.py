@@ -91,13 +91,21 @@ def ar_to_flags(ar: int) -> int:
     return (ar & 0xFF) << 8 | ((ar >> 12) & 0xF) << 20
 
 
-def flags_to_ar(flags: int) -> int:
+TR_INDEX = 7  # VMCS segment order: ES, CS, SS, DS, FS, GS, LDTR, TR
+TSS_AVAILABLE = (1, 9)  # 16- and 32/64-bit available TSS types; busy is the same | 2
+
+
+def flags_to_ar(flags: int, tr: bool = False) -> int:
     """VMCS access rights of a segment cache QEMU loaded. A code or data segment has its
     accessed bit set, as the processor sets it in the descriptor when it loads one (QEMU's far
-    JMP/CALL leave it clear in the cache, and VM entry refuses a CS without it)."""
+    JMP/CALL leave it clear in the cache, and VM entry refuses a CS without it). TR's TSS is
+    busy, as LTR marks it (QEMU's LTR sets the busy bit in the descriptor but caches the type
+    it read, and VM entry refuses a TR that is not busy)."""
     if not flags & DESC_P:
         return 0x10000
     ar = (flags >> 8) & 0xFF | ((flags >> 20) & 0xF) << 12
+    if tr and ar & 0xF in TSS_AVAILABLE:
+        return ar | 2
     return ar | 1 if ar & 0x10 else ar
 
 
@@ -358,7 +366,7 @@ class CpuState(common.FrameworkBooks["Space", "Vcpu"]):
         written = vcpu.seg_ar.get(index)
         if written is not None and written[0] == (selector, base, limit, flags):
             return selector & 0xFFFF, base, limit, written[1]
-        return selector & 0xFFFF, base, limit, flags_to_ar(flags)
+        return selector & 0xFFFF, base, limit, flags_to_ar(flags, index == TR_INDEX)
 
     def _table(self, vcpu: Vcpu, which: int) -> tuple[int, int]:
         off = self._env + (ENV_GDT if which == 0 else ENV_IDT)

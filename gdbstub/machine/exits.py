@@ -40,6 +40,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .. import hv, vmxsetup
+from ..hv import vmx_rules
 from ..vcpu import Stop
 from . import cpuid as cpuid_model
 from .bus import GuestExit, GuestPowerOff, GuestReset
@@ -53,13 +54,30 @@ log = logging.getLogger(__name__)
 SIGTRAP, SIGSEGV, SIGILL, SIGABRT = 5, 11, 4, 6
 
 
+def _why_entry_failed(vcpu: int) -> str:
+    """The VMX rule the vCPU's state breaks, as ``vmx_rules`` reads the SDM (the framework
+    only says that the entry failed; this names the check, on every backend)."""
+    try:
+        caps = vmx_rules.Capabilities.read(hv.hv_vmx_read_capability)
+        view = vmx_rules.VmcsView(lambda field: hv.hv_vmx_vcpu_read_vmcs(vcpu, field))
+        failure = vmx_rules.check_entry(view, caps)
+    except hv.HvError:
+        return ""
+    if failure is None:
+        return ""
+    field = hv.VMCS_FIELD_NAMES.get(failure.field if failure.field is not None else -1)
+    return f"; {failure.rule}{f' ({field})' if field else ''}: {failure.message}"
+
+
 def handle_exit(machine: Machine, vcpu: int) -> Stop | None:
     """Handle the exit ``vcpu`` just took; None to keep running, or why the run ends."""
     reason = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_RO_EXIT_REASON)
     if reason & hv.VMX_EXIT_REASON_FAILED_ENTRY:
         qual = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_RO_EXIT_QUALIFIC)
         return machine.fault(
-            f"VM entry failed (exit reason {reason:#x}, detail {qual:#x})", SIGABRT, vcpu
+            f"VM entry failed (exit reason {reason:#x}, detail {qual:#x}){_why_entry_failed(vcpu)}",
+            SIGABRT,
+            vcpu,
         )
     vmxsetup.reinject_event(vcpu)
     handler = HANDLERS.get(reason & 0xFFFF)

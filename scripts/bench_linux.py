@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from debian_kernel import (  # noqa: E402  (tests/ is put on the path above)
     INIT_MARKER,
+    SHELL_PROMPT,
     busybox_initramfs,
     cached_busybox,
     cached_debian_kernel,
@@ -40,7 +41,7 @@ from debian_kernel import (  # noqa: E402  (tests/ is put on the path above)
 )
 
 CMDLINE = "console=ttyS0 nokaslr panic=-1 quiet"
-PROMPT = re.compile(r"[#$] $")
+PROMPT = re.compile(SHELL_PROMPT)
 RUNNERS = ("gdbstub-emu", "gdbstub-emu-pvh", "gdbstub-kvm", "qemu-tcg", "qemu-kvm")
 
 

@@ -37,6 +37,8 @@ from gdbstub.machine.boot.common import BootError
 from gdbstub.machine.boot.payload import vmlinux_of_bzimage
 
 INIT_MARKER = "gdbstub-initramfs: init is running"
+# busybox ash's prompt as the console shows it: it may ask for the cursor position right after
+SHELL_PROMPT = r"[#$] (\x1b\[6n)?$"
 KERNEL_META_PACKAGE = "linux-image-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 

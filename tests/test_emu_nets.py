@@ -208,3 +208,48 @@ l:      add qword [0x3000], 1
     assert time.monotonic() - start < 1.5
     assert u64(vm, 0x3000) == 2_000_000
     assert reg(vcpu, hv.HV_X86_RFLAGS) & 0x200
+
+
+def test_guest_code_written_over_a_scanned_page_exits_when_it_runs(vm: dict[str, object]) -> None:
+    """A page of the scanned chunk that the guest filled with data (rewritten wholesale) is
+    forgotten at the next entry; code the guest then writes there is scanned when it runs, so
+    its RDMSR exits (it is not one of the instructions the safety nets catch)."""
+    source = f"""
+        mov rdi, {KERNEL + 0x2000}
+        mov ecx, 4096
+        mov al, 0x90
+        rep stosb
+        cpuid
+        mov rdi, {KERNEL + 0x2100}
+        lea rsi, [rel payload]
+        mov ecx, payload_end - payload
+        rep movsb
+        mov rax, {KERNEL + 0x2100}
+        jmp rax
+payload:
+        mov ecx, 0x12345
+        rdmsr
+        jmp $
+payload_end:
+"""
+    vcpu = kernel_vcpu(vm, source)
+    assert run(vcpu) == hv.VMX_REASON_CPUID
+    hv.hv_vcpu_write_register(vcpu, hv.HV_X86_RIP, reg(vcpu, hv.HV_X86_RIP) + 2)
+    assert run(vcpu) == hv.VMX_REASON_RDMSR
+    assert reg(vcpu, hv.HV_X86_RIP) == KERNEL + 0x2100 + 5  # after mov ecx, imm32
+
+
+def test_host_rewrites_a_chunk_page_wholesale(vm: dict[str, object]) -> None:
+    """The VMM writes a new program over scanned chunk code: the old sites are gone and the
+    new program's exit where they now are, before they execute."""
+    vcpu = kernel_vcpu(vm, "mov ecx, 0x12345\nrdmsr\njmp $\n")
+    assert run(vcpu) == hv.VMX_REASON_RDMSR and reg(vcpu, hv.HV_X86_RIP) == KERNEL + ORG + 5
+    program = assemble_flat(
+        "times 700 nop\nmov qword [0x3000], 9\nmov ecx, 0x12345\nwrmsr\njmp $\n", 64, 0
+    )
+    page = bytes(range(256)) * 16  # every byte of the page changes
+    vm["ram"][ORG : ORG + 0x1000] = program + page[len(program) :]  # type: ignore[index]
+    hv.hv_vcpu_write_register(vcpu, hv.HV_X86_RIP, KERNEL + ORG)
+    assert run(vcpu) == hv.VMX_REASON_WRMSR
+    assert reg(vcpu, hv.HV_X86_RIP) == KERNEL + ORG + program.index(b"\x0f\x30")
+    assert u64(vm, 0x3000) == 9

@@ -42,16 +42,18 @@ semantics are the KVM backend's (see ``kvm.py``); what unicorn lacks, this modul
   as on the framework. RDMSR/WRMSR exit (31/32) unless the MSR is native or granted; then they
   execute in unicorn. INT3 is not scanned for: it reaches the interrupt hook (below) whenever
   it executes, so an int3 written a moment ago is seen like any other.
-* **Code written by the host** (``emu_code``). The VMM and the debugger write guest RAM through
-  their own buffers, which unicorn never sees. Every guest-physical page holding scanned code
-  is remembered with a copy of its bytes and compared at entries (``hv_vcpu_run``/``run_until``):
-  all of them while they are at most 256 or after the vCPU was out of emulation for 50 ms (a
-  debugger stop), else 16 in rotation, so a kernel's thousands of code pages do not cost
-  megabytes of compares at each of thousands of entries a second. In a changed
-  page the differing bytes are found: the sites there are dropped, chunk pages are searched
-  again there and their translations of those bytes removed, blocks decoded one by one are
-  forgotten and every translation flushed, so the guest runs what the host wrote, as on the
-  framework. A code hook also checks that its instruction is still there.
+* **Code written by the host** (``emu_codewatch``). The VMM and the debugger write guest RAM
+  through their own buffers, which unicorn never sees. Every guest-physical page holding
+  scanned code is remembered with a copy of its bytes and compared at entries
+  (``hv_vcpu_run``/``run_until``): all of them while they are at most 256 or after the vCPU was
+  out of emulation for 50 ms (a debugger stop), else 16 in rotation, so a kernel's thousands of
+  code pages do not cost megabytes of compares at each of thousands of entries a second. In a
+  page where a few bytes changed, the sites there are dropped, chunk pages are searched again
+  there and their translations of those bytes removed; a page rewritten wholesale (data next
+  to code, code a loader unpacked over old code) is forgotten until code runs on it again;
+  blocks decoded one by one are forgotten and every translation flushed, so the guest runs
+  what the host wrote, as on the framework. A code hook also checks that its instruction is
+  still there.
 * **Exceptions** (``emu_events``). Faults and traps reach a UC_HOOK_INTR hook. Vectors set in
   the exception bitmap exit (reason 0 with interruption info and the error code QEMU computed;
   #BP from INT3 as the framework reports it: software exception, RIP back at the int3,
@@ -95,13 +97,14 @@ XSAVE image; hv_vcpu_read_msr/write_msr know only the MSRs unicorn keeps (_KNOWN
 kept here; string I/O (INS/OUTS) exits like other I/O but the VMM has to emulate the memory
 side; SYSCALL outside 64-bit mode behaves as on AMD (CSTAR, STAR[31:0]) where Intel raises #UD.
 Code the guest itself rewrites is searched again when a compare sees it, not at once: an
-RDMSR/WRMSR written into scanned code and run before that executes in unicorn (IN/OUT/CPUID/HLT
-are caught by the nets). Code is scanned by guest-linear address. Spans leave the block hooks
-only where the code is the same in every address space (paging off, or the upper half in long
-mode); elsewhere every block still calls the hook (a process's code, the bzImage decompressor:
-about 1.5 us a block). Every block calls unicorn's hook helper at its start (the stop switch).
-An `inc; jmp` loop runs at about 1.5e8 iterations per second (0.6e6 when every block called the
-block hook). Debian 12's kernel (PVH, busybox initramfs) reaches its shell in about a minute.
+RDMSR/WRMSR patched into scanned code (a few bytes) and run before that executes in unicorn
+(IN/OUT/CPUID/HLT are caught by the nets). Code is scanned by guest-linear address. Spans leave
+the block hooks only where the code is the same in every address space (paging off, the upper
+half in long mode, or 64-bit CPL0 code in the lower half until CR3 changes: the bzImage
+decompressor); elsewhere every block still calls the hook (a process's code: about 1.5 us a
+block). Every block calls unicorn's hook helper at its start (the stop switch). An `inc; jmp`
+loop runs at about 1.5e8 iterations per second (0.6e6 when every block called the block hook).
+Debian 12's kernel (PVH, busybox initramfs) reaches its shell in about a minute.
 """
 
 from __future__ import annotations
@@ -217,6 +220,7 @@ class EmuBackend(TaskSwitches):
         vcpu.forgotten.clear()
         vcpu.unpaged_spans.clear()
         vcpu.low_spans.clear()
+        vcpu.cold.clear()
         vcpu.code.clear()
         vcpu.code_runs = None
         vcpu.check_cursor = 0

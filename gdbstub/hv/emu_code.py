@@ -1,4 +1,4 @@
-"""The emu backend's code scanning: which instructions exit, and code the host rewrites.
+"""The emu backend's code scanning: which instructions exit, found where code runs.
 
 Theory of operation
 -------------------
@@ -27,18 +27,10 @@ address ("site"). Finding them:
   under the block hooks: each block is decoded as it is translated, and a block at an address
   scanned before with the same length is not decoded again (the nets catch what that misses).
 
-The VMM and the debugger write guest RAM through their own buffers, which unicorn never sees.
-Every guest-physical page holding scanned code is remembered with a copy of its bytes, and
-compared at entries: all of them while they are few (``FULL_PAGES``) or when the vCPU stayed
-out of emulation for a while (``HOST_PAUSE_NS``: a debugger stop), else a rotating share
-(``PAGE_BUDGET`` pages an entry), so that a kernel's thousands of code pages do not cost a
-compare of megabytes at each of thousands of entries a second (a host write into one of many
-code pages while the guest runs is seen within a rotation, a few hundred entries). In a
-changed page the differing bytes are found: the sites there are dropped, a chunk-scanned page
-is searched again there (new pattern sites) and its translations of those bytes are removed;
-blocks scanned one by one there are forgotten and every translation is flushed (their
-addresses may belong to another address space now). A code hook also checks that its
-instruction is still there.
+The VMM and the debugger write guest RAM through their own buffers, which unicorn never sees:
+every page of scanned code is watched for changes (``emu_codewatch``), which drop the sites
+and translations of what changed and search it again, or forget a page rewritten wholesale
+until code runs on it again. A code hook also checks that its instruction is still there.
 """
 
 from __future__ import annotations
@@ -47,16 +39,15 @@ import bisect
 import ctypes
 import re
 import struct
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import capstone
 
 from . import common
 from . import constants as C
-from .emu_state import M64, PAGE, CpuState, Space, Vcpu, X, flush_tlb, unicorn
+from .emu_codewatch import CodePage, CodeWatch, merge_spans
+from .emu_state import M64, PAGE, Vcpu, X, flush_tlb, unicorn
 
 # Instructions that exit (or may), found by scanning blocks: capstone id -> kind.
 _SITE_KINDS = {
@@ -185,23 +176,7 @@ _BLOCK_ENDS = frozenset(
 # translator ends a block once it is PAGE - 32 bytes long (plus the instruction that crossed).
 _BLOCK_BYTES = PAGE - 32 + 15
 CHUNK = 64 * PAGE  # shared code is scanned and cut this much at a time (aligned)
-FULL_PAGES = 256  # up to this many code pages, all are compared at every entry
-PAGE_BUDGET = 16  # else this many (in whole runs), in rotation
-HOST_PAUSE_NS = 50_000_000  # out of emulation this long: the host may have written code
 _PTE_NX = 1 << 63
-
-
-def _load_memcmp() -> Callable[[int, bytes, int], int] | None:
-    try:
-        function: Any = ctypes.CDLL(None).memcmp
-    except (OSError, TypeError, AttributeError):  # pragma: no cover - no C library to load
-        return None
-    function.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
-    function.restype = ctypes.c_int
-    return function  # type: ignore[no-any-return]
-
-
-_memcmp = _load_memcmp()
 
 
 def _mov_cr_dr(code: bytes) -> bool:
@@ -260,37 +235,6 @@ def pattern_sites(data: bytes, base: int, long_mode: bool) -> list[tuple[int, st
     return found
 
 
-@dataclass
-class CodePage:
-    """A guest-physical page holding scanned code, watched for writes by the host."""
-
-    view: memoryview | None  # the page in the VMM's buffer (None: no longer mapped)
-    saved: bytes  # its bytes when last checked
-    blocks: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)  # key -> span
-    sites: dict[int, tuple[int, int]] = field(default_factory=dict)  # linear address -> span
-    # where it was scanned as part of a chunk: guest-linear page -> scanned in 64-bit mode
-    # (IRETQ/SYSRETQ patterns); one physical page can be code at several addresses (paging
-    # off, then the upper half)
-    aliases: dict[int, bool] = field(default_factory=dict)
-
-
-@dataclass
-class CodeRun:
-    """Watched pages contiguous in guest and host memory, compared in one go."""
-
-    address: int  # host address (0: no longer mapped)
-    view: memoryview | None
-    saved: bytes  # their bytes when last checked
-    pages: list[int]
-
-    def changed(self) -> bool:
-        if self.view is None:
-            return True
-        if _memcmp is None:  # pragma: no cover - no C library
-            return bytes(self.view) != self.saved
-        return _memcmp(self.address, self.saved, len(self.saved)) != 0
-
-
 class BlockHooks:
     """UC_HOOK_BLOCK hooks over the guest-linear addresses whose code is not scanned yet.
 
@@ -346,36 +290,8 @@ class BlockHooks:
             self._add(x, y - 1)
 
 
-def changed_spans(old: bytes, new: bytes) -> list[tuple[int, int]]:
-    """The byte ranges in which two versions of a page differ (everything if one is missing)."""
-    if len(old) != len(new):
-        return [(0, PAGE)]
-    spans: list[tuple[int, int]] = []
-    for chunk in range(0, len(old), 64):
-        if old[chunk : chunk + 64] == new[chunk : chunk + 64]:
-            continue
-        for i in range(chunk, chunk + 64):
-            if old[i] != new[i]:
-                if spans and spans[-1][1] == i:
-                    spans[-1] = (spans[-1][0], i + 1)
-                else:
-                    spans.append((i, i + 1))
-    return spans
-
-
-def merge_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Sorted, with touching and overlapping spans joined."""
-    merged: list[tuple[int, int]] = []
-    for lo, hi in sorted(spans):
-        if merged and lo <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(hi, merged[-1][1]))
-        else:
-            merged.append((lo, hi))
-    return merged
-
-
-class CodeScan(CpuState):
-    """Scanning, instruction sites and host-written code (see the module docstring)."""
+class CodeScan(CodeWatch):
+    """Scanning and instruction sites (see the module docstring)."""
 
     @staticmethod
     def _uc_perms(flags: int) -> int:
@@ -480,8 +396,9 @@ class CodeScan(CpuState):
         for pattern sites and mark them to be cut out of the block hooks."""
         long_mode = self._cpu_bits(vcpu) == 64
         first = address & ~(CHUNK - 1)
+        vcpu.cold.discard(address & ~0xFFF)  # code runs here now
         for linear, gpa in self._code_pages(vcpu, first, CHUNK // PAGE):
-            if linear in vcpu.spans:
+            if linear in vcpu.spans or linear in vcpu.cold:
                 continue
             page = self._code_page(vcpu, gpa)
             if page is None or page.view is None:
@@ -496,6 +413,10 @@ class CodeScan(CpuState):
                 vcpu.unpaged_spans.add(linear)
             elif shared == "low":
                 vcpu.low_spans.add(linear)
+
+    def _rescan(self, vcpu: Vcpu, page: CodePage, linear: int, data: bytes, lo: int) -> None:
+        for site, kind in pattern_sites(data, linear + lo, page.aliases[linear]):
+            self._pattern_site(vcpu, page, linear, site, kind)
 
     @staticmethod
     def _pattern_site(vcpu: Vcpu, page: CodePage, base: int, address: int, kind: str) -> None:
@@ -596,126 +517,6 @@ class CodeScan(CpuState):
             want = 64
         complete = end < limit and not self._read_linear(vcpu, end, 1)  # readable code ended
         return insns, max(end, address + max(size, 1)), complete
-
-    def _code_page(self, vcpu: Vcpu, gpa: int) -> CodePage | None:
-        page = vcpu.code.get(gpa)
-        if page is None:
-            view = self._page_view(vcpu.space, gpa)
-            if view is None:
-                return None
-            page = vcpu.code[gpa] = CodePage(view, bytes(view))
-            vcpu.code_runs = None
-        return page
-
-    def _page_view(self, space: Space, gpa: int) -> memoryview | None:
-        region = common.region_at(space.regions, gpa)
-        if region is None:
-            return None
-        array = (ctypes.c_char * PAGE).from_address(region.uva + (gpa - region.gpa))
-        return memoryview(array).cast("B")
-
-    # --- code the host writes --------------------------------------------------------------------
-
-    def _code_runs(self, vcpu: Vcpu) -> list[CodeRun]:
-        """The watched pages as runs contiguous in guest and host memory."""
-        groups: list[tuple[int, list[int]]] = []
-        runs: list[CodeRun] = []
-        for gpa in sorted(vcpu.code):
-            region = common.region_at(vcpu.space.regions, gpa)
-            if region is None or vcpu.code[gpa].view is None:
-                runs.append(CodeRun(0, None, b"", [gpa]))
-                continue
-            uva = region.uva + (gpa - region.gpa)
-            if groups:
-                start, pages = groups[-1]
-                contiguous = pages[-1] + PAGE == gpa and start + PAGE * len(pages) == uva
-                if contiguous and len(pages) < PAGE_BUDGET:  # runs fit the budget
-                    pages.append(gpa)
-                    continue
-            groups.append((uva, [gpa]))
-        for start, pages in groups:
-            array = (ctypes.c_char * (PAGE * len(pages))).from_address(start)
-            saved = b"".join(vcpu.code[gpa].saved for gpa in pages)
-            runs.append(CodeRun(start, memoryview(array).cast("B"), saved, pages))
-        return runs
-
-    def _check_code(self, vcpu: Vcpu) -> None:
-        """See what the host wrote into scanned code since the last entry (the VMM and the
-        debugger write guest RAM through their own buffers, behind unicorn's back): drop the
-        sites and translations of the changed bytes, search chunk pages again there, forget
-        blocks scanned one by one (see the module docstring for which pages are compared)."""
-        if vcpu.code_runs is None:
-            vcpu.code_runs = self._code_runs(vcpu)
-        runs = vcpu.code_runs
-        if not runs:
-            return
-        if len(vcpu.code) <= FULL_PAGES or time.monotonic_ns() - vcpu.left_ns > HOST_PAUSE_NS:
-            changed = [run for run in runs if run.changed()]
-        else:
-            changed = []
-            budget, index = PAGE_BUDGET, vcpu.check_cursor % len(runs)
-            for _ in range(len(runs)):
-                run = runs[index]
-                index = (index + 1) % len(runs)
-                if run.changed():
-                    changed.append(run)
-                budget -= len(run.pages)
-                if budget <= 0:
-                    break
-            vcpu.check_cursor = index
-        if changed:
-            self._code_changed(vcpu, [gpa for run in changed for gpa in run.pages])
-            for run in changed:
-                if run.view is None or any(gpa not in vcpu.code for gpa in run.pages):
-                    vcpu.code_runs = None
-                else:
-                    run.saved = bytes(run.view)
-
-    def _code_changed(self, vcpu: Vcpu, suspects: list[int]) -> None:
-        stale = False
-        removals: list[tuple[int, int]] = []
-        for gpa in suspects:
-            page = vcpu.code.get(gpa)
-            if page is None:
-                continue
-            current = b"" if page.view is None else bytes(page.view)
-            if current == page.saved:
-                continue
-            changed = changed_spans(page.saved, current)
-            page.saved = current
-            for key, (lo, hi) in list(page.blocks.items()):
-                if any(a < hi and lo < b for a, b in changed):
-                    del page.blocks[key]
-                    vcpu.scanned.discard(key)
-                    stale = True
-            for address, (lo, hi) in list(page.sites.items()):
-                if any(a < hi and lo < b for a, b in changed):
-                    del page.sites[address]
-                    vcpu.sites.pop(address, None)
-                    vcpu.new_sites.pop(address, None)
-                    hook = vcpu.site_hooks.pop(address, None)
-                    if hook is not None:
-                        self._quiet(vcpu, vcpu.uc.hook_del, hook)
-            for linear, long_mode in page.aliases.items():
-                if page.view is None:  # unmapped: scanned again once mapped and run
-                    span = vcpu.spans.pop(linear, None)
-                    if span is not None:
-                        vcpu.forgotten.append(span)
-                        stale = True
-                    continue
-                for lo, hi in changed:
-                    a, b = max(0, lo - 1), min(PAGE, hi + 1)
-                    for site, kind in pattern_sites(current[a:b], linear + a, long_mode):
-                        self._pattern_site(vcpu, page, linear, site, kind)
-                    removals.append((linear + lo, linear + hi))
-            if page.view is None or (not page.blocks and not page.aliases):
-                del vcpu.code[gpa]
-                vcpu.code_runs = None
-        if stale:
-            vcpu.uc.ctl_flush_tb()
-        else:
-            for lo, hi in merge_spans(removals):
-                self._quiet(vcpu, vcpu.uc.ctl_remove_cache, lo, hi)
 
     # --- instruction sites -----------------------------------------------------------------------
 
@@ -829,20 +630,6 @@ class CodeScan(CpuState):
         vcpu.exit[C.VMCS_RO_IO_RSI] = int(uc.reg_read(X.UC_X86_REG_RSI))
         vcpu.exit[C.VMCS_RO_IO_RDI] = int(uc.reg_read(X.UC_X86_REG_RDI))
         vcpu.exit[C.VMCS_RO_IO_RIP] = int(uc.reg_read(X.UC_X86_REG_RIP))
-
-    @staticmethod
-    def _forget_unpaged(vcpu: Vcpu, keys: set[int]) -> None:
-        """Paging is on (``unpaged_spans``), or CR3 changed (``low_spans``): that code is
-        scanned again where it runs now (its linear addresses may mean other memory)."""
-        for key in keys:
-            span = vcpu.spans.pop(key, None)
-            if span is not None:
-                vcpu.forgotten.append(span)
-        for page in vcpu.code.values():
-            for key in keys & page.aliases.keys():
-                del page.aliases[key]
-        keys.clear()
-        vcpu.uc.ctl_flush_tb()
 
     @staticmethod
     def _cut_scanned(vcpu: Vcpu) -> None:

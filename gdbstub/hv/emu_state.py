@@ -36,7 +36,8 @@ from .errors import HvError
 from .vmx_rules import Capabilities, EntryGate, entry_controls_after_exit
 
 if TYPE_CHECKING:
-    from .emu_code import BlockHooks, CodePage, CodeRun
+    from .emu_code import BlockHooks
+    from .emu_codewatch import CodePage, CodeRun
 
 # unicorn ships partial type hints; it is used untyped here.
 unicorn: Any = importlib.import_module("unicorn")
@@ -192,10 +193,13 @@ class Vcpu:
         self.unpaged_spans: set[int] = set()  # pages scanned with paging off
         self.low_spans: set[int] = set()  # 64-bit CPL0 pages of the lower half
         self.low_cr3 = 0  # the CR3 they were scanned with
+        # linear pages forgotten as rewritten wholesale: chunk scans leave them out until code
+        # runs on them (emu_codewatch)
+        self.cold: set[int] = set()
         self.block_hooks: BlockHooks | None = None
         self.code: dict[int, CodePage] = {}  # gpa page -> scanned code on it
         self.code_runs: list[CodeRun] | None = None
-        self.check_cursor = 0  # next run of code pages to compare (emu_code._check_code)
+        self.check_cursor = 0  # next run of code pages to compare (emu_codewatch._check_code)
         self.left_ns = 0  # when the last hv_vcpu_run returned
         # the safety nets (emu_nets): an instruction site that ran without its code hook
         self.recovery: Any = None

@@ -328,7 +328,8 @@ class EmuBackend(TaskSwitches):
         uc.hook_add(unicorn.UC_HOOK_INSN, on_syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
         uc.hook_add(unicorn.UC_HOOK_INSN, on_sysenter, None, 1, 0, X.UC_X86_INS_SYSENTER)
         uc.hook_add(unicorn.UC_HOOK_INSN_INVALID, on_invalid_insn)
-        uc.hook_add(unicorn.UC_HOOK_MEM_INVALID, on_bad_memory)
+        vcpu.bad_memory = on_bad_memory  # hooked where accesses can fail (_remap)
+        vcpu.bad_memory_hooks = []
         self._install_nets(vcpu)
 
     # --- running ---------------------------------------------------------------------------------

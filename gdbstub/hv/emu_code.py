@@ -327,12 +327,38 @@ class CodeScan(CodeWatch):
             watched = common.region_at(vcpu.space.regions, page)
             if watched is not None:
                 uc.mem_protect(page, PAGE, self._uc_perms(watched.flags) & ~remove)
+        self._hook_bad_memory(vcpu)
         flush_tlb(uc)
         uc.ctl_flush_tb()
         for gpa, code in vcpu.code.items():  # the host buffers may have moved
             code.view = self._page_view(vcpu.space, gpa)
         vcpu.code_runs = None
         vcpu.uc_dirty_memory = False
+
+    def _hook_bad_memory(self, vcpu: Vcpu) -> None:
+        """Hook failed accesses only where they can happen: outside the mapped regions, in
+        regions without every permission and on watched pages. unicorn never lets a store to a
+        page back onto its fast path while any memory hook (of these kinds too) covers it, so
+        one hook over all memory made every guest store take the slow path."""
+        uc = vcpu.uc
+        for hook in vcpu.bad_memory_hooks:
+            uc.hook_del(hook)
+        vcpu.bad_memory_hooks = []
+        if vcpu.bad_memory is None:
+            return
+        spans: list[tuple[int, int]] = []
+        end = 0
+        for region in sorted(vcpu.space.regions, key=lambda r: r.gpa):
+            if region.gpa > end:
+                spans.append((end, region.gpa))
+            if self._uc_perms(region.flags) != unicorn.UC_PROT_ALL:
+                spans.append((region.gpa, region.gpa + region.size))
+            end = max(end, region.gpa + region.size)
+        spans.append((end, M64 + 1))
+        spans.extend((page, page + PAGE) for page in vcpu.watch_pages)
+        for lo, hi in merge_spans(spans):
+            hook = uc.hook_add(unicorn.UC_HOOK_MEM_INVALID, vcpu.bad_memory, None, lo, hi - 1)
+            vcpu.bad_memory_hooks.append(hook)
 
     # --- scanning --------------------------------------------------------------------------------
 

@@ -197,6 +197,10 @@ class Vcpu:
         # runs on them (emu_codewatch)
         self.cold: set[int] = set()
         self.block_hooks: BlockHooks | None = None
+        # the UC_HOOK_MEM_INVALID callback and its hooks, over the guest-physical ranges where an
+        # access can fail (emu_code._hook_bad_memory)
+        self.bad_memory: Callable[..., bool] | None = None
+        self.bad_memory_hooks: list[Any] = []
         self.code: dict[int, CodePage] = {}  # gpa page -> scanned code on it
         self.code_runs: list[CodeRun] | None = None
         self.check_cursor = 0  # next run of code pages to compare (emu_codewatch._check_code)

@@ -40,7 +40,7 @@ from debian_kernel import (  # noqa: E402  (tests/ is put on the path above)
     extract_vmlinux,
 )
 
-CMDLINE = "console=ttyS0 nokaslr panic=-1 quiet"
+CMDLINE = "console=ttyS0 earlyprintk=ttyS0 nokaslr panic=-1"  # the log shows how far a boot got
 PROMPT = re.compile(SHELL_PROMPT)
 RUNNERS = ("gdbstub-emu", "gdbstub-emu-pvh", "gdbstub-kvm", "qemu-tcg", "qemu-kvm")
 

@@ -210,35 +210,6 @@ l:      add qword [0x3000], 1
     assert reg(vcpu, hv.HV_X86_RFLAGS) & 0x200
 
 
-def test_guest_code_written_over_a_scanned_page_exits_when_it_runs(vm: dict[str, object]) -> None:
-    """A page of the scanned chunk that the guest filled with data (rewritten wholesale) is
-    forgotten at the next entry; code the guest then writes there is scanned when it runs, so
-    its RDMSR exits (it is not one of the instructions the safety nets catch)."""
-    source = f"""
-        mov rdi, {KERNEL + 0x2000}
-        mov ecx, 4096
-        mov al, 0x90
-        rep stosb
-        cpuid
-        mov rdi, {KERNEL + 0x2100}
-        lea rsi, [rel payload]
-        mov ecx, payload_end - payload
-        rep movsb
-        mov rax, {KERNEL + 0x2100}
-        jmp rax
-payload:
-        mov ecx, 0x12345
-        rdmsr
-        jmp $
-payload_end:
-"""
-    vcpu = kernel_vcpu(vm, source)
-    assert run(vcpu) == hv.VMX_REASON_CPUID
-    hv.hv_vcpu_write_register(vcpu, hv.HV_X86_RIP, reg(vcpu, hv.HV_X86_RIP) + 2)
-    assert run(vcpu) == hv.VMX_REASON_RDMSR
-    assert reg(vcpu, hv.HV_X86_RIP) == KERNEL + 0x2100 + 5  # after mov ecx, imm32
-
-
 def test_host_rewrites_a_chunk_page_wholesale(vm: dict[str, object]) -> None:
     """The VMM writes a new program over scanned chunk code: the old sites are gone and the
     new program's exit where they now are, before they execute."""

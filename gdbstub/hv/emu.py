@@ -50,7 +50,7 @@ semantics are the KVM backend's (see ``kvm.py``); what unicorn lacks, this modul
   code pages do not cost megabytes of compares at each of thousands of entries a second. In a
   page where a few bytes changed, the sites there are dropped, chunk pages are searched again
   there and their translations of those bytes removed; a page rewritten wholesale (data next
-  to code, code a loader unpacked over old code) is forgotten until code runs on it again;
+  to code, code a loader unpacked over old code, patched alternatives) is searched again whole;
   blocks decoded one by one are forgotten and every translation flushed, so the guest runs
   what the host wrote, as on the framework. A code hook also checks that its instruction is
   still there.
@@ -220,7 +220,6 @@ class EmuBackend(TaskSwitches):
         vcpu.forgotten.clear()
         vcpu.unpaged_spans.clear()
         vcpu.low_spans.clear()
-        vcpu.cold.clear()
         vcpu.code.clear()
         vcpu.code_runs = None
         vcpu.check_cursor = 0

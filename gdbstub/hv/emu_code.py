@@ -29,8 +29,8 @@ address ("site"). Finding them:
 
 The VMM and the debugger write guest RAM through their own buffers, which unicorn never sees:
 every page of scanned code is watched for changes (``emu_codewatch``), which drop the sites
-and translations of what changed and search it again, or forget a page rewritten wholesale
-until code runs on it again. A code hook also checks that its instruction is still there.
+and translations of what changed and search it again (a page rewritten wholesale as a
+whole). A code hook also checks that its instruction is still there.
 """
 
 from __future__ import annotations
@@ -422,9 +422,8 @@ class CodeScan(CodeWatch):
         for pattern sites and mark them to be cut out of the block hooks."""
         long_mode = self._cpu_bits(vcpu) == 64
         first = address & ~(CHUNK - 1)
-        vcpu.cold.discard(address & ~0xFFF)  # code runs here now
         for linear, gpa in self._code_pages(vcpu, first, CHUNK // PAGE):
-            if linear in vcpu.spans or linear in vcpu.cold:
+            if linear in vcpu.spans:
                 continue
             page = self._code_page(vcpu, gpa)
             if page is None or page.view is None:

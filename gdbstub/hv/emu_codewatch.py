@@ -21,12 +21,12 @@ much changed:
   there are dropped, a chunk-scanned page is searched again there (new pattern sites) and its
   translations of those bytes are removed.
 * **Rewritten wholesale** (more pieces differ: data that happened to share a scanned chunk with
-  code, such as the bzImage decompressor's heap, or code overwritten by what a loader or
-  decompressor unpacked over it): the page is forgotten, not searched again. Its sites are
-  dropped, every translation of it is removed, its chunk spans go back under the block hooks
-  and it leaves the compared set. It is scanned again only when code runs on it again (a block
-  hook fires there); until then a chunk scan of its neighbours leaves it out (``Vcpu.cold``),
-  so a page of data written at every entry costs one compare, not a search at each entry.
+  code, such as the bzImage decompressor's heap, written at every entry, or a kernel page whose
+  alternatives were patched): no byte-by-byte diff and no search per changed span (hundreds of
+  them, 25 ms an entry on the decompressor's heap); all its sites are dropped, the whole page is
+  searched again in one go and every translation of it removed with one call. (Forgetting such
+  pages instead, back under the block hooks until code runs there, split the block hooks into
+  hundreds of ranges during a kernel's boot, which unicorn walks at every block.)
 
 Either way, blocks scanned one by one on a changed page are forgotten and every translation is
 flushed (their addresses may belong to another address space now). A code hook also checks that
@@ -218,11 +218,14 @@ class CodeWatch(CpuState):
             current = b"" if page.view is None else bytes(page.view)
             if current == page.saved:
                 continue
-            changed = changed_spans(page.saved, current)
-            if changed is None:
-                stale |= self._forget_page(vcpu, gpa, page, removals)
+            if page.view is None:  # unmapped: scanned again once mapped and run
+                stale |= self._forget_page(vcpu, gpa, page)
                 continue
+            changed = changed_spans(page.saved, current)
             page.saved = current
+            if changed is None:
+                stale |= self._rewritten(vcpu, gpa, page, current, removals)
+                continue
             for key, (lo, hi) in list(page.blocks.items()):
                 if any(a < hi and lo < b for a, b in changed):
                     del page.blocks[key]
@@ -253,28 +256,47 @@ class CodeWatch(CpuState):
         if hook is not None:
             self._quiet(vcpu, vcpu.uc.hook_del, hook)
 
-    def _forget_page(
-        self, vcpu: Vcpu, gpa: int, page: CodePage, removals: list[tuple[int, int]]
+    def _rewritten(
+        self,
+        vcpu: Vcpu,
+        gpa: int,
+        page: CodePage,
+        current: bytes,
+        removals: list[tuple[int, int]],
     ) -> bool:
-        """Forget a page rewritten wholesale (or unmapped): its sites, its blocks, its chunk
-        spans (hooked again at the next entry; left out of chunk scans until code runs there)
-        and its translations (``removals``). Whether every translation must be flushed."""
+        """A page rewritten wholesale: search it again as a whole (its translations go with
+        ``removals``). Whether every translation must be flushed (it held blocks)."""
+        for address in page.sites:
+            self._drop_site(vcpu, address)
+        page.sites.clear()
+        for key in page.blocks:
+            vcpu.scanned.discard(key)
+        stale = bool(page.blocks)
+        page.blocks.clear()
+        for linear in page.aliases:
+            self._rescan(vcpu, page, linear, current + self._read_linear(vcpu, linear + PAGE, 1), 0)
+            removals.append((linear, linear + PAGE))
+        if not page.aliases:
+            del vcpu.code[gpa]
+            vcpu.code_runs = None
+        return stale
+
+    def _forget_page(self, vcpu: Vcpu, gpa: int, page: CodePage) -> bool:
+        """Forget a page no longer mapped: its sites, its blocks and its chunk spans (hooked
+        again at the next entry). Whether every translation must be flushed."""
         for address in page.sites:
             self._drop_site(vcpu, address)
         for key in page.blocks:
             vcpu.scanned.discard(key)
-        stale = bool(page.blocks) or page.view is None
         for linear in page.aliases:
             span = vcpu.spans.pop(linear, None)
             if span is not None:
                 vcpu.forgotten.append(span)
             vcpu.unpaged_spans.discard(linear)
             vcpu.low_spans.discard(linear)
-            vcpu.cold.add(linear)
-            removals.append((linear, linear + PAGE))
         del vcpu.code[gpa]
         vcpu.code_runs = None
-        return stale
+        return True
 
     def _forget_unpaged(self, vcpu: Vcpu, keys: set[int]) -> None:
         """Paging is on (``unpaged_spans``), or CR3 changed (``low_spans``): that code is
@@ -292,5 +314,4 @@ class CodeWatch(CpuState):
                 del vcpu.code[gpa]
                 vcpu.code_runs = None
         keys.clear()
-        vcpu.cold.clear()
         vcpu.uc.ctl_flush_tb()

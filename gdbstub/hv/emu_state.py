@@ -193,9 +193,6 @@ class Vcpu:
         self.unpaged_spans: set[int] = set()  # pages scanned with paging off
         self.low_spans: set[int] = set()  # 64-bit CPL0 pages of the lower half
         self.low_cr3 = 0  # the CR3 they were scanned with
-        # linear pages forgotten as rewritten wholesale: chunk scans leave them out until code
-        # runs on them (emu_codewatch)
-        self.cold: set[int] = set()
         self.block_hooks: BlockHooks | None = None
         # the UC_HOOK_MEM_INVALID callback and its hooks, over the guest-physical ranges where an
         # access can fail (emu_code._hook_bad_memory)

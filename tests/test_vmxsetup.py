@@ -104,8 +104,6 @@ def test_the_guest_reads_cr4_from_the_shadow(hv_vm: Vm) -> None:
     cr4 = hv.CR4_OSFXSR | hv.CR4_OSXMMEXCPT
     assert vmcs(vcpu, hv.VMCS_GUEST_CR4) == cr4 | hv.CR4_VMXE
     seen = _ports(vcpu, 2)[1]
-    if backend_kind() == "emu" and seen == (0x11, cr4 | hv.CR4_VMXE):
-        pytest.xfail("emu gives the guest the real CR4 until its masks and shadows land")
     assert seen == (0x11, cr4)
     assert vmxsetup.read_cr4(vcpu) == cr4
 
@@ -123,8 +121,8 @@ def test_cr0_the_guest_wrote_is_its_view_the_real_one_has_the_fixed_bits(hv_vm: 
     if backend_kind() in ("kvm", "hvf-shim"):
         # KVM runs and shows the guest the real CR0 (docs/library.md): no CR0 shadow there
         assert cr0 == hv.CR0_PE | hv.CR0_ET | hv.CR0_NE
-    elif cr0 != guest:
-        pytest.xfail("emu gives the guest the real CR0 until its masks and shadows land")
+    else:  # emu shows the guest the shadow in the masked bits, as VMX does
+        assert cr0 == guest
 
 
 ENTER_LONG_MODE = asm(
@@ -205,8 +203,6 @@ def test_a_guest_turning_on_paging_with_lme_enters_long_mode(hv_vm: Vm) -> None:
     assert vmxsetup.read_cr0(vcpu) & cr0 == cr0
     assert vmcs(vcpu, hv.VMCS_GUEST_TR_AR) & 0xF == 11
     assert entry_failure(vcpu) is None
-    if backend_kind() == "emu" and (-1, 0) not in seen:
-        pytest.xfail("emu switches to long mode itself until it raises exit 28 for masked bits")
     if backend_kind() == "emu":
         assert (-1, 0) in seen  # the VMM saw the MOV to CR0 that set PG
 
@@ -264,8 +260,6 @@ def test_a_masked_cr0_write_is_completed_by_the_vmm(hv_vm: Vm) -> None:
     vcpu = hv_vm.vcpu("protected", CR_EXITS)
     seen = run_like_a_framework_vmm(vcpu, hv_vm.mem)
     if (-1, 0) not in seen:
-        if backend_kind() == "emu":
-            pytest.xfail("emu loads CR0 itself until it raises exit 28 for masked bits")
         assert backend_kind() in ("kvm", "hvf-shim")  # KVM completes MOV to CR0 itself
         return
     assert vmcs(vcpu, hv.VMCS_CTRL_CR0_SHADOW) & hv.CR0_CD

@@ -579,6 +579,11 @@ def initial_controls() -> dict[int, int]:
         C.VMCS_CTRL_PF_ERROR_MATCH: 0,
         C.VMCS_GUEST_DEBUG_EXC: 0,
         C.VMCS_GUEST_LINK_POINTER: (1 << 64) - 1,
+        # PAE PDPTEs: kept as the VMM wrote them (KVM and unicorn load theirs from CR3)
+        C.VMCS_GUEST_PDPTE0: 0,
+        C.VMCS_GUEST_PDPTE1: 0,
+        C.VMCS_GUEST_PDPTE2: 0,
+        C.VMCS_GUEST_PDPTE3: 0,
         C.VMCS_GUEST_ACTIVITY_STATE: C.GUEST_ACTIVITY_ACTIVE,
     }
 

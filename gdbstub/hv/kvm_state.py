@@ -40,7 +40,6 @@ PAGE = 4096
 MASK64 = (1 << 64) - 1
 _pack_u64 = struct.Struct("<Q").pack_into
 
-_PDPTE_FIELDS = (C.VMCS_GUEST_PDPTE0, C.VMCS_GUEST_PDPTE1, C.VMCS_GUEST_PDPTE2, C.VMCS_GUEST_PDPTE3)
 """PAE page-directory-pointer entries: kept for read-back; KVM loads its own from CR3."""
 
 _GET_REQUESTS = {
@@ -149,8 +148,6 @@ class Vcpu:
         # the VMM wrote the VM-entry controls since the last entry: they read back as
         # written; otherwise as the processor leaves them at an exit (IA-32e = EFER.LMA)
         self.entry_written = False
-        for pdpte in _PDPTE_FIELDS:
-            self.controls[pdpte] = 0
 
 
 class KvmState(common.FrameworkBooks[Space, Vcpu]):

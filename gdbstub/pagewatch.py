@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from . import hv, paging
+from . import hv, paging, vmxsetup
 from .breakpoints import STOP_REASONS, Breakpoint
 from .memory import GuestMemory
 from .vcpu import Stop
@@ -152,17 +152,6 @@ def decode_string(code: bytes, mode: int) -> StringInstruction | None:
     )
 
 
-def code_mode(vcpu: int) -> int:
-    """16, 32 or 64: the mode of the code ``vcpu`` runs."""
-    efer = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_GUEST_IA32_EFER)
-    cs_ar = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_GUEST_CS_AR)
-    if efer & hv.EFER_LMA and cs_ar & (1 << 13):
-        return 64
-    if hv.hv_vcpu_read_register(vcpu, hv.HV_X86_CR0) & 1 and cs_ar & (1 << 14):
-        return 32
-    return 16
-
-
 def _paging_state(vcpu: int) -> paging.PagingState:
     return paging.PagingState(
         cr0=hv.hv_vcpu_read_register(vcpu, hv.HV_X86_CR0),
@@ -180,7 +169,7 @@ def _physical(memory: GuestMemory, vcpu: int, linear: int, size: int) -> list[tu
 def string_at_rip(memory: GuestMemory, vcpu: int) -> StringInstruction | None:
     """The string instruction at CS:RIP, or None for any other instruction."""
     rip = hv.hv_vcpu_read_register(vcpu, hv.HV_X86_RIP)
-    mode = code_mode(vcpu)
+    mode = vmxsetup.code_mode(vcpu)
     base = 0 if mode == 64 else hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_GUEST_CS_BASE)
     linear = (base + rip) & ((1 << 64) - 1 if mode == 64 else 0xFFFFFFFF)
     code = b"".join(memory.read(gpa, size) for gpa, size in _physical(memory, vcpu, linear, 15))
@@ -192,7 +181,7 @@ def compare_reads(memory: GuestMemory, vcpu: int, insn: StringInstruction) -> li
     operand), for an instruction that reads two operands; empty for the others."""
     if insn.opcode not in _CMPS:
         return []
-    mode_64 = code_mode(vcpu) == 64
+    mode_64 = vmxsetup.code_mode(vcpu) == 64
     wrap = (1 << 64) - 1 if mode_64 else 0xFFFFFFFF
 
     def linear(index: int, segment: int) -> int:

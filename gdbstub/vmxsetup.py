@@ -74,6 +74,18 @@ GPRS = (
 )
 """``hv_x86_reg_t`` of each general register in x86 encoding order (exit qualifications)."""
 
+
+def code_mode(vcpu: int) -> int:
+    """16, 32 or 64: the mode of the code ``vcpu`` runs."""
+    efer = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_GUEST_IA32_EFER)
+    cs_ar = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_GUEST_CS_AR)
+    if efer & hv.EFER_LMA and cs_ar & (1 << 13):
+        return 64
+    if hv.hv_vcpu_read_register(vcpu, hv.HV_X86_CR0) & 1 and cs_ar & (1 << 14):
+        return 32
+    return 16
+
+
 CR_MOV_TO, CR_MOV_FROM, CR_CLTS, CR_LMSW = range(4)
 _PDPTES = (hv.VMCS_GUEST_PDPTE0, hv.VMCS_GUEST_PDPTE1, hv.VMCS_GUEST_PDPTE2, hv.VMCS_GUEST_PDPTE3)
 _SOFTWARE_EVENTS = (hv.IRQ_INFO_SOFT_IRQ, hv.IRQ_INFO_PRIV_SOFT_EXC, hv.IRQ_INFO_SOFT_EXC)

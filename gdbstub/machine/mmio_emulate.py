@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .. import hv, paging
+from .. import hv, paging, vmxsetup
 from ..vcpu import Stop
 from .bus import MmioDevice
 from .firmware import layout
@@ -23,25 +23,6 @@ if TYPE_CHECKING:
 
 SIGSEGV, SIGILL = 11, 4
 
-_GPRS = (
-    hv.HV_X86_RAX,
-    hv.HV_X86_RCX,
-    hv.HV_X86_RDX,
-    hv.HV_X86_RBX,
-    hv.HV_X86_RSP,
-    hv.HV_X86_RBP,
-    hv.HV_X86_RSI,
-    hv.HV_X86_RDI,
-    hv.HV_X86_R8,
-    hv.HV_X86_R9,
-    hv.HV_X86_R10,
-    hv.HV_X86_R11,
-    hv.HV_X86_R12,
-    hv.HV_X86_R13,
-    hv.HV_X86_R14,
-    hv.HV_X86_R15,
-)
-
 
 class _VcpuRegisters:
     """``mmio.MmioCpu`` over a vCPU's registers (owner thread)."""
@@ -50,27 +31,16 @@ class _VcpuRegisters:
         self.vcpu = vcpu
 
     def read_gpr(self, index: int) -> int:
-        return hv.hv_vcpu_read_register(self.vcpu, _GPRS[index])
+        return hv.hv_vcpu_read_register(self.vcpu, vmxsetup.GPRS[index])
 
     def write_gpr(self, index: int, value: int) -> None:
-        hv.hv_vcpu_write_register(self.vcpu, _GPRS[index], value & (1 << 64) - 1)
+        hv.hv_vcpu_write_register(self.vcpu, vmxsetup.GPRS[index], value & (1 << 64) - 1)
 
     def read_rflags(self) -> int:
         return hv.hv_vcpu_read_register(self.vcpu, hv.HV_X86_RFLAGS)
 
     def write_rflags(self, value: int) -> None:
         hv.hv_vcpu_write_register(self.vcpu, hv.HV_X86_RFLAGS, value)
-
-
-def code_mode(vcpu: int) -> int:
-    """16, 32 or 64: the mode of the code ``vcpu`` runs."""
-    efer = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_GUEST_IA32_EFER)
-    cs_ar = hv.hv_vmx_vcpu_read_vmcs(vcpu, hv.VMCS_GUEST_CS_AR)
-    if efer & hv.EFER_LMA and cs_ar & (1 << 13):
-        return 64
-    if hv.hv_vcpu_read_register(vcpu, hv.HV_X86_CR0) & 1 and cs_ar & (1 << 14):
-        return 32
-    return 16
 
 
 def fetch_code(machine: Machine, vcpu: int, mode: int) -> tuple[int, bytes]:
@@ -104,7 +74,7 @@ def emulate_mmio(machine: Machine, vcpu: int, gpa: int, qual: int) -> Stop | Non
     """Perform the MMIO access at RIP against the device at ``gpa`` and advance RIP."""
     if qual & hv.EPT_VIOLATION_INST_FETCH:
         return machine.fault(f"the guest executes outside RAM at {gpa:#x}", SIGSEGV, vcpu)
-    mode = code_mode(vcpu)
+    mode = vmxsetup.code_mode(vcpu)
     rip, code = fetch_code(machine, vcpu, mode)
     instruction = decode(code, mode, rip)
     if instruction is None:

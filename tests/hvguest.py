@@ -371,6 +371,18 @@ def tear_down(vm: Vm, start_over: Callable[[], None]) -> None:
         start_over()
 
 
+def emu_vm() -> Iterator[Vm]:
+    """A fresh VM on the emu backend for a fixture (``yield from emu_vm()``), torn down after."""
+    hv._reset_for_tests()
+    hv.select_backend("emu")
+    machine = new_vm()
+    try:
+        yield machine
+    finally:
+        tear_down(machine, hv._reset_for_tests)
+        hv._reset_for_tests()
+
+
 @pytest.fixture
 def hv_vm(hv_backend: str) -> Iterator[Vm]:
     """The process's VM with RAM_SIZE bytes of RWX memory at GPA 0."""

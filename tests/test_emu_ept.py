@@ -20,13 +20,12 @@ from hvguest import (
     RWX,
     Vm,
     asm,
-    new_vm,
+    emu_vm,
     pte_address,
     reg,
     run_to_exit,
     set_reg,
     set_vmcs,
-    tear_down,
     vmcs,
 )
 
@@ -44,14 +43,7 @@ GLA_BITS = hv.EPT_VIOLATION_GLA_VALID | hv.EPT_VIOLATION_XLAT_VALID
 
 @pytest.fixture
 def vm() -> Iterator[Vm]:
-    hv._reset_for_tests()
-    hv.select_backend("emu")
-    machine = new_vm()
-    try:
-        yield machine
-    finally:
-        tear_down(machine, hv._reset_for_tests)
-        hv._reset_for_tests()
+    yield from emu_vm()
 
 
 def window_vcpu(vm: Vm, source: str, gpa: int = MMIO_GPA) -> int:

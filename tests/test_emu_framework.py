@@ -16,13 +16,12 @@ from hvguest import (
     GDT,
     Vm,
     asm,
+    emu_vm,
     exit_reason,
-    new_vm,
     reg,
     run_to_exit,
     set_reg,
     set_vmcs,
-    tear_down,
     vmcs,
 )
 
@@ -35,14 +34,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture
 def vm() -> Iterator[Vm]:
-    hv._reset_for_tests()
-    hv.select_backend("emu")
-    machine = new_vm()
-    try:
-        yield machine
-    finally:
-        tear_down(machine, hv._reset_for_tests)
-        hv._reset_for_tests()
+    yield from emu_vm()
 
 
 def long_vcpu(vm: Vm, source: str) -> int:

@@ -21,12 +21,11 @@ from hvguest import (
     IDT,
     Vm,
     asm,
-    new_vm,
+    emu_vm,
     reg,
     run_to_exit,
     set_reg,
     set_vmcs,
-    tear_down,
     vmcs,
 )
 
@@ -45,14 +44,7 @@ MODES = ["protected", "paged32"]
 
 @pytest.fixture
 def vm() -> Iterator[Vm]:
-    hv._reset_for_tests()
-    hv.select_backend("emu")
-    machine = new_vm()
-    try:
-        yield machine
-    finally:
-        tear_down(machine, hv._reset_for_tests)
-        hv._reset_for_tests()
+    yield from emu_vm()
 
 
 def task_vcpu(vm: Vm, mode: str, source: str) -> int:

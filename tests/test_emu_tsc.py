@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from hvguest import Vm, asm, new_vm, reg, run_to_exit, skip_instruction, tear_down, vmcs
+from hvguest import Vm, asm, emu_vm, reg, run_to_exit, skip_instruction, vmcs
 
 from gdbstub import hv
 
@@ -31,14 +31,7 @@ SECOND = 10**10  # a second of TSC ticks on any host (< 10 GHz)
 
 @pytest.fixture
 def vm() -> Iterator[Vm]:
-    hv._reset_for_tests()
-    hv.select_backend("emu")
-    machine = new_vm()
-    try:
-        yield machine
-    finally:
-        tear_down(machine, hv._reset_for_tests)
-        hv._reset_for_tests()
+    yield from emu_vm()
 
 
 def tsc_at(vcpu: int, port: int) -> int:
